@@ -1,0 +1,41 @@
+"""Shared test plumbing: root/CI rules, and a leak check for namespaces and processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from udpflannel.lab.netns import leftover_namespaces
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip locally, but fail loudly in CI: nothing may be skipped there for lack of root or a tool."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def root_lab_tools() -> None:
+    require(os.geteuid() == 0, "needs root (network namespaces, TUN devices)")
+    for tool in ("ip", "ping"):
+        require(shutil.which(tool) is not None, f"needs `{tool}` (./dev setup installs it)")
+    require(os.path.exists("/dev/net/tun"), "needs /dev/net/tun")
+
+
+@pytest.fixture
+def lab(root_lab_tools):
+    """A fresh namespace lab, always torn down; the test fails if it leaked a namespace."""
+    from udpflannel.lab.netns import Lab
+
+    before = set(leftover_namespaces())
+    with Lab() as lab:
+        yield lab
+    leaked = set(leftover_namespaces()) - before
+    assert not leaked, f"namespaces left behind: {leaked}"

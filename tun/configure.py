@@ -1,0 +1,54 @@
+"""Configure the TUN exactly as flanneld does (reference §7.1), through netlink (pyroute2).
+
+- address: the lease's *network* address as a /32 (``10.5.35.0/32``): no broadcast route, and
+  host-originated overlay traffic gets a source inside the overlay;
+- MTU: external interface MTU − 28 (20 bytes outer IPv4 + 8 bytes UDP);
+- link up;
+- one route for the whole overlay network via the device (``EEXIST`` tolerated), no per-peer routes:
+  the daemon, not the kernel, picks the peer.
+"""
+
+from __future__ import annotations
+
+import errno
+from ipaddress import IPv4Network
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from udpflannel.errors import SetupError
+
+ENCAP_OVERHEAD = 28  # outer IPv4 header (20) + UDP header (8)
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise SetupError(f"interface {ifname!r} does not exist")
+    return found[0]
+
+
+def external_mtu(ifname: str) -> int:
+    """The MTU of the external (underlay) interface, read once at start-up like flanneld."""
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, ifname))[0]
+        mtu = link.get_attr("IFLA_MTU")
+    if not mtu:
+        raise SetupError(f"interface {ifname!r} has MTU 0")
+    return int(mtu)
+
+
+def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, mtu: int) -> None:
+    """Address, MTU, up, overlay route. ``mtu`` is the TUN MTU (already minus the overhead)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        try:
+            ipr.addr("add", index=idx, address=str(lease_subnet.network_address), prefixlen=32)
+        except NetlinkError as exc:
+            raise SetupError(f"cannot add {lease_subnet.network_address}/32 to {ifname}: {exc}") from exc
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+        try:
+            ipr.route("add", dst=str(network), oif=idx, scope=0)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise SetupError(f"cannot add route {network} dev {ifname}: {exc}") from exc

@@ -1,0 +1,3 @@
+from udpflannel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Command line: ``udpflannel [flanneld flags]`` runs the daemon; subcommands do the rest.
+
+    udpflannel static ...   the dataplane with routes from the command line (no etcd)
+    udpflannel demo         a local multi-node cluster in network namespaces on an embedded etcd
+    udpflannel status       what a running daemon holds: lease, peers, counters
+
+Errors map to exit codes by class (``UdpflannelError.exit_code``): 2 for bad configuration, 1 for
+set-up failures, 0 after a clean stop on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import uvloop
+
+from udpflannel import __version__
+from udpflannel.engine import DEFAULT_BUDGET
+from udpflannel.errors import UdpflannelError
+
+log = logging.getLogger("udpflannel")
+
+
+def setup_logging(verbosity: int, trace: bool = False) -> None:
+    level = logging.DEBUG if verbosity >= 2 or trace else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname).1s %(name)s: %(message)s", stream=sys.stderr)
+    if not trace:
+        logging.getLogger("udpflannel.trace").setLevel(logging.INFO)
+
+
+def add_dataplane_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("dataplane")
+    group.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="packets drained per fd wake-up (default %(default)s)")
+    group.add_argument(
+        "--accept-any-inner-source", action="store_true",
+        help="accept a peer's datagrams whatever their inner source address (default: only sources in that peer's subnet)",
+    )
+    group.add_argument("--trace", action="store_true", help="log one line per packet with its verdict (slow; for learning)")
+
+
+def static_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="udpflannel static", description="Run the flannel0 dataplane with static routes, no etcd.")
+    p.add_argument("--iface", action="append", default=[], help="external interface (name or IPv4 address); repeatable")
+    p.add_argument("--public-ip", default="", help="address peers send to, if not the interface address")
+    p.add_argument("--subnet", required=True, help="this node's subnet, e.g. 10.5.1.0/24")
+    p.add_argument("--network", required=True, help="the whole overlay network, e.g. 10.5.0.0/16")
+    p.add_argument("--route", action="append", default=[], metavar="SUBNET=PUBLIC_IP", help="a peer; repeatable")
+    p.add_argument("--port", type=int, default=8285, help="UDP port, the same on every node (default %(default)s)")
+    p.add_argument("--subnet-file", default="", help="write a flannel subnet.env here once the dataplane is up")
+    p.add_argument("--ip-masq", action="store_true", help="only recorded in subnet.env (FLANNEL_IPMASQ)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    add_dataplane_flags(p)
+    return p
+
+
+async def run_static(args: argparse.Namespace) -> int:
+    from udpflannel.iface import select_interface
+    from udpflannel.node import bring_up, wait_for_stop_signal
+    from udpflannel.static import check_static_layout, parse_network, parse_route
+
+    subnet = parse_network("--subnet", args.subnet)
+    network = parse_network("--network", args.network)
+    routes = [parse_route(spec) for spec in args.route]
+    check_static_layout(subnet, network, routes)
+    if not 0 < args.port < 65536:
+        from udpflannel.errors import ConfigError
+
+        raise ConfigError("--port", f"{args.port} is not a UDP port (1-65535)")
+    iface = await asyncio.to_thread(select_interface, args.iface, public_ip=args.public_ip or None)
+    node = await asyncio.to_thread(bring_up, iface, subnet, network, args.port, budget=args.budget,
+                                   check_source=not args.accept_any_inner_source, trace=args.trace)
+    try:
+        for route in routes:
+            node.dataplane.apply(route)
+            log.info("route %s via %s:%d", route.subnet, route.public_ip, args.port)
+        node.dataplane.attach()
+        if args.subnet_file:
+            from lease.subnetenv import SubnetEnv, write_subnet_env
+
+            write_subnet_env(args.subnet_file, SubnetEnv(network=network, subnet=subnet, mtu=node.tun_mtu, ipmasq=args.ip_masq))
+        log.info("static dataplane running on %s (%d routes)", node.tun.name, len(routes))
+        sig = await wait_for_stop_signal()
+        log.info("signal %d: stopping; counters %s", sig, json.dumps(node.dataplane.counters.as_dict()))
+    finally:
+        node.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(__version__)
+        return 0
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    try:
+        if command == "static":
+            args = static_parser().parse_args(argv[1:])
+            setup_logging(args.verbose, args.trace)
+            return uvloop.run(run_static(args))
+        if command == "demo":
+            from udpflannel.demo import main as demo_main
+
+            return demo_main(argv[1:])
+        print("usage: udpflannel static|demo ...  (see udpflannel static --help)", file=sys.stderr)
+        return 2
+    except UdpflannelError as exc:
+        log.error("%s", exc)
+        print(f"udpflannel: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Namespace labs and an embedded etcd: what the demo, the tests and the benchmarks run on."""

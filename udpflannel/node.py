@@ -1,0 +1,96 @@
+"""Bringing one node's dataplane up and down: TUN, sockets, engine. Shared by the daemon and static mode.
+
+Order as flanneld's ``RegisterNetwork``: create and configure the TUN, then bind the UDP socket (a bind
+failure is fatal). Closing the TUN fd removes the device and its route, as with flannel.
+
+Call ``bring_up`` (and ``udpflannel.iface.select_interface``) through ``asyncio.to_thread``: pyroute2's
+synchronous API runs an asyncio loop of its own, which cannot nest inside ours, and uvloop cannot
+open netlink endpoints for its async API. Netlink is only used at start-up, never on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from tun import TunDevice, configure_tun, open_tun
+from tun.configure import ENCAP_OVERHEAD
+from udpflannel.engine import DEFAULT_BUDGET, Dataplane
+from udpflannel.iface import ExternalInterface
+from udpflannel.sockets import open_icmp_socket, open_udp_socket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeDataplane:
+    """Everything that owns a file descriptor on this node, closed together."""
+
+    iface: ExternalInterface
+    subnet: IPv4Network
+    network: IPv4Network
+    port: int
+    tun: TunDevice
+    dataplane: Dataplane
+    closers: list = field(default_factory=list)
+
+    @property
+    def tun_mtu(self) -> int:
+        return self.dataplane.tun_mtu
+
+    def close(self) -> None:
+        self.dataplane.detach()
+        for close in reversed(self.closers):
+            with contextlib.suppress(OSError):
+                close()
+        self.closers.clear()
+
+
+def bring_up(
+    iface: ExternalInterface,
+    subnet: IPv4Network,
+    network: IPv4Network,
+    port: int,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    check_source: bool = True,
+    trace: bool = False,
+) -> NodeDataplane:
+    """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine."""
+    tun_mtu = iface.mtu - ENCAP_OVERHEAD
+    closers = []
+    try:
+        tun = open_tun()
+        closers.append(tun.close)
+        configure_tun(tun.name, subnet, network, tun_mtu)
+        udp = open_udp_socket(str(iface.iface_addr), port)
+        closers.append(udp.close)
+        icmp_sock = open_icmp_socket()
+        closers.append(icmp_sock.close)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    dataplane = Dataplane(
+        tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
+        port=port, budget=budget, check_source=check_source, trace=trace,
+    )
+    log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
+    return NodeDataplane(iface=iface, subnet=subnet, network=network, port=port, tun=tun, dataplane=dataplane, closers=closers)
+
+
+async def wait_for_stop_signal() -> int:
+    """Block until SIGTERM or SIGINT; return the signal number."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[int] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s))
+    try:
+        return await received
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
