@@ -79,9 +79,9 @@ async def run_static(args: argparse.Namespace) -> int:
             log.info("route %s via %s:%d", route.subnet, route.public_ip, args.port)
         node.dataplane.attach()
         if args.subnet_file:
-            from lease.subnetenv import SubnetEnv, write_subnet_env
+            from lease.subnetenv import format_subnet_env, write_subnet_env
 
-            write_subnet_env(args.subnet_file, SubnetEnv(network=network, subnet=subnet, mtu=node.tun_mtu, ipmasq=args.ip_masq))
+            write_subnet_env(args.subnet_file, format_subnet_env(network=network, subnet=subnet, mtu=node.tun_mtu, ip_masq=args.ip_masq))
         log.info("static dataplane running on %s (%d routes)", node.tun.name, len(routes))
         sig = await wait_for_stop_signal()
         log.info("signal %d: stopping; counters %s", sig, json.dumps(node.dataplane.counters.as_dict()))
