@@ -1,0 +1,116 @@
+"""The daemon's small HTTP surface: ``/healthz``, ``/readyz`` (flanneld's texts), ``/metrics``, ``/status``.
+
+Served on ``--healthz-ip:--healthz-port`` when the port is non-zero (flanneld's default is off), and
+always on a unix control socket, which ``udpflannel status`` reads. GET only, one request per
+connection, bounded in size and time: this is a health endpoint, not a web server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 8192
+REQUEST_TIMEOUT = 5.0
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Handler = Callable[[], Response | Awaitable[Response]]
+REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
+
+
+def json_response(value: object, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, indent=2, sort_keys=True).encode() + b"\n", "application/json")
+
+
+class HttpApi:
+    """Routes paths to handlers; start TCP and/or unix listeners; ``close()`` stops them."""
+
+    def __init__(self, routes: dict[str, Handler]) -> None:
+        self.routes = routes
+        self.servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+
+    async def serve_tcp(self, host: str, port: int) -> None:
+        self.servers.append(await asyncio.start_server(self._handle, host, port))
+        log.info("health/metrics on http://%s:%d/", host, port)
+
+    async def serve_unix(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.servers.append(await asyncio.start_unix_server(self._handle, path))
+        os.chmod(path, 0o600)
+        self._unix_paths.append(path)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.servers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            response = await self._respond(head[:MAX_REQUEST])
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            response = Response(400, b"bad request\n")
+        try:
+            writer.write(
+                f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
+                f"Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
+                "Connection: close\r\n\r\n".encode() + response.body
+            )
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, head: bytes) -> Response:
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3:
+            return Response(400, b"bad request\n")
+        method, target = parts[0], parts[1].decode("latin-1").split("?", 1)[0]
+        handler = self.routes.get(target)
+        if handler is None:
+            return Response(404, b"not found\n")
+        if method not in (b"GET", b"HEAD"):
+            return Response(405, b"method not allowed\n")
+        result = handler()
+        return await result if asyncio.iscoroutine(result) else result  # type: ignore[return-value]
+
+
+async def get(path: str, *, unix_socket: str | None = None, host: str = "127.0.0.1", port: int = 0,
+              timeout: float = 5.0) -> tuple[int, bytes]:
+    """A minimal client for ``udpflannel status`` and the tests: (status code, body)."""
+    if unix_socket:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(unix_socket), timeout)
+    else:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: udpflannel\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body

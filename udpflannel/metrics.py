@@ -1,0 +1,75 @@
+"""Prometheus exposition of the dataplane counters (prometheus-client, text format).
+
+The hot path only bumps plain integers (``udpflannel.counters``); this collector turns them into
+metric families when scraped, so scraping costs nothing per packet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from udpflannel.counters import Counters
+from udpflannel.packet import Verdict
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class DataplaneCollector:
+    """Reads ``Counters`` (and a few gauges supplied by the daemon) at scrape time."""
+
+    def __init__(self, counters: Callable[[], Counters], gauges: Callable[[], dict[str, float]]) -> None:
+        self._counters = counters
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counters()
+        packets = CounterMetricFamily("udpflannel_packets", "Packets read, by direction", labels=["direction"])
+        packets.add_metric(["tun_to_udp"], c.tun_packets)
+        packets.add_metric(["udp_to_tun"], c.udp_packets)
+        yield packets
+        forwarded = CounterMetricFamily("udpflannel_forwarded_packets", "Packets forwarded, by direction", labels=["direction"])
+        forwarded.add_metric(["tun_to_udp"], c.sent_packets)
+        forwarded.add_metric(["udp_to_tun"], c.delivered_packets)
+        yield forwarded
+        bytes_ = CounterMetricFamily("udpflannel_bytes", "Bytes read, by direction", labels=["direction"])
+        bytes_.add_metric(["tun_to_udp"], c.tun_bytes)
+        bytes_.add_metric(["udp_to_tun"], c.udp_bytes)
+        yield bytes_
+        drops = CounterMetricFamily("udpflannel_drops", "Packets dropped, by reason (a Verdict)", labels=["reason"])
+        for verdict in Verdict:
+            if verdict != Verdict.FORWARD:
+                drops.add_metric([verdict.name.lower()], c.drops[verdict])
+        yield drops
+        wakeups = CounterMetricFamily("udpflannel_wakeups", "Event-loop wake-ups, by file descriptor", labels=["fd"])
+        wakeups.add_metric(["tun"], c.tun_wakeups)
+        wakeups.add_metric(["udp"], c.udp_wakeups)
+        yield wakeups
+        syscalls = CounterMetricFamily("udpflannel_syscalls", "Data-path system calls (EAGAIN included)", labels=["call"])
+        for label, value in (("tun_read", c.tun_reads), ("tun_write", c.tun_writes), ("udp_recv", c.udp_recvs), ("udp_send", c.udp_sends)):
+            syscalls.add_metric([label], value)
+        yield syscalls
+        yield CounterMetricFamily("udpflannel_icmp_sent", "ICMP errors originated", value=c.icmp_sent)
+        yield CounterMetricFamily("udpflannel_icmp_rate_limited", "ICMP errors suppressed by the rate limit", value=c.icmp_rate_limited)
+        yield CounterMetricFamily("udpflannel_send_errors", "UDP sends that failed", value=c.send_errors)
+        yield CounterMetricFamily("udpflannel_backpressure_pauses", "Times a full queue paused reading", value=c.backpressure_pauses)
+        per_wakeup = GaugeMetricFamily("udpflannel_packets_per_wakeup", "Mean packets handled per wake-up", labels=["fd"])
+        per_wakeup.add_metric(["tun"], c.tun_packets / c.tun_wakeups if c.tun_wakeups else 0.0)
+        per_wakeup.add_metric(["udp"], c.udp_packets / c.udp_wakeups if c.udp_wakeups else 0.0)
+        yield per_wakeup
+        yield GaugeMetricFamily("udpflannel_syscalls_per_packet", "Data-path system calls per packet read",
+                                value=c.syscalls / c.packets if c.packets else 0.0)
+        for name, value in self._gauges().items():
+            yield GaugeMetricFamily(f"udpflannel_{name}", name.replace("_", " "), value=value)
+
+
+def make_registry(counters: Callable[[], Counters], gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DataplaneCollector(counters, gauges))  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
