@@ -52,3 +52,15 @@ def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, 
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise SetupError(f"cannot add route {network} dev {ifname}: {exc}") from exc
+
+
+def readdress_tun(ifname: str, old: IPv4Network, new: IPv4Network) -> None:
+    """Move the TUN to a new lease (our subnet changed after losing the old lease)."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        try:
+            ipr.addr("del", index=idx, address=str(old.network_address), prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code != errno.EADDRNOTAVAIL:
+                raise SetupError(f"cannot remove {old.network_address}/32 from {ifname}: {exc}") from exc
+        ipr.addr("add", index=idx, address=str(new.network_address), prefixlen=32)

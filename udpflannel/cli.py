@@ -90,6 +90,64 @@ async def run_static(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_daemon(argv: list[str]) -> int:
+    from udpflannel.daemon import Daemon
+    from udpflannel.flags import daemon_parser, parse_daemon_args
+
+    parser = daemon_parser()
+    add_dataplane_flags(parser)
+    args = parse_daemon_args(argv, parser=parser)
+    setup_logging(args.verbosity, args.trace)
+    return uvloop.run(Daemon(args).run())
+
+
+def status_main(argv: list[str]) -> int:
+    """Print a running daemon's lease, peers and counters (from its control socket)."""
+    from udpflannel.flags import DEFAULT_CONTROL_SOCKET
+    from udpflannel.httpapi import get
+
+    p = argparse.ArgumentParser(prog="udpflannel status", description=status_main.__doc__)
+    p.add_argument("--control-socket", default=DEFAULT_CONTROL_SOCKET)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    args = p.parse_args(argv)
+    try:
+        code, body = asyncio.run(get("/status", unix_socket=args.control_socket))
+    except OSError as exc:
+        print(f"udpflannel status: no daemon answers on {args.control_socket}: {exc}", file=sys.stderr)
+        return 1
+    status = json.loads(body)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if code == 200 else 1
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    lease = status.get("lease") or {}
+    lines = [
+        f"lease    {lease.get('subnet', '-')}  public ip {lease.get('public_ip', '-')}  ready {status.get('ready')}",
+        f"network  {status.get('network') or '-'}  tun {(status.get('tun') or {}).get('name', '-')}"
+        f" mtu {(status.get('tun') or {}).get('mtu', '-')}",
+        "",
+        f"{'SUBNET':<20} {'PUBLIC IP':<16} {'PORT':>5} {'RX PKTS':>10} {'LAST SEEN':>10}",
+    ]
+    for peer in status.get("peers", []):
+        seen = peer["last_seen_seconds_ago"]
+        lines.append(f"{peer['subnet']:<20} {peer['public_ip']:<16} {peer['port']:>5} {peer['rx_packets']:>10} "
+                     f"{'never' if seen is None else f'{seen:.0f}s ago':>10}")
+    counters = status.get("counters") or {}
+    drops = {k: v for k, v in (counters.get("drops") or {}).items() if v}
+    lines += [
+        "",
+        f"tun->udp {counters.get('sent_packets', 0)} pkts  udp->tun {counters.get('delivered_packets', 0)} pkts  "
+        f"syscalls/pkt {counters.get('syscalls_per_packet', 0)}  pkts/wakeup tun {counters.get('packets_per_tun_wakeup', 0)}"
+        f" udp {counters.get('packets_per_udp_wakeup', 0)}",
+        "drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"),
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
@@ -105,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             from udpflannel.demo import main as demo_main
 
             return demo_main(argv[1:])
-        print("usage: udpflannel static|demo ...  (see udpflannel static --help)", file=sys.stderr)
-        return 2
+        if command == "status":
+            return status_main(argv[1:])
+        return run_daemon(argv)
     except UdpflannelError as exc:
         log.error("%s", exc)
         print(f"udpflannel: {exc}", file=sys.stderr)

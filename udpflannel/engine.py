@@ -81,6 +81,7 @@ class Dataplane:
         self._udp_buf = bytearray(RECV_BUFFER)
         self._pending_send: tuple[bytes, NextHop] | None = None
         self._pending_write: bytes | None = None
+        self.peer_rx: dict[NextHop, int] = {}  # datagrams accepted per peer; ``status`` derives "last seen"
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- control plane -> routes -----------------------------------------------------------------
@@ -171,7 +172,7 @@ class Dataplane:
         buf, fd, routes = self._udp_buf, self.tun_fd, self.routes
         view = memoryview(buf)
         recv, write = self.udp.recvfrom_into, os.write
-        tun_mtu, check_source = self.tun_mtu, self.check_source
+        tun_mtu, check_source, peer_rx = self.tun_mtu, self.check_source, self.peer_rx
         for _ in range(self.budget):
             c.udp_recvs += 1
             try:
@@ -191,6 +192,7 @@ class Dataplane:
             if verdict:
                 self._drop(verdict, buf, n)
                 continue
+            peer_rx[peer] = peer_rx.get(peer, 0) + 1
             c.tun_writes += 1
             try:
                 write(fd, view[:n])

@@ -94,8 +94,9 @@ def env_defaults(argv: list[str], parser: argparse.ArgumentParser, environ: dict
     return extra + argv
 
 
-def parse_daemon_args(argv: list[str], environ: dict[str, str] | None = None) -> argparse.Namespace:
-    parser = daemon_parser()
+def parse_daemon_args(argv: list[str], environ: dict[str, str] | None = None,
+                      parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    parser = parser or daemon_parser()
     argv = normalize_go_flags(argv, parser)
     args = parser.parse_args(env_defaults(argv, parser, environ))
     if not 1 <= args.subnet_lease_renew_margin <= 1439:

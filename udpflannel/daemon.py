@@ -1,0 +1,222 @@
+"""The daemon: flanneld's start-up order (reference §9.2) with the UDP backend in Python.
+
+config (retry every 1 s while missing or invalid) → interface → lease → TUN → UDP socket →
+subnet.env → ready → run (dataplane + lease events) until SIGTERM/SIGINT.
+
+The dataplane never waits on etcd: routes are cached in the engine, and the lease manager's event
+stream reconnects on its own, so a dead etcd stops route *changes*, not forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from argparse import Namespace
+from ipaddress import IPv4Network
+
+from lease.manager import SubnetManager
+from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
+from tun.configure import readdress_tun
+from udpflannel.counters import Counters
+from udpflannel.errors import ConfigError, EtcdUnavailable
+from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
+from udpflannel.httpapi import HttpApi, Response, json_response
+from udpflannel.iface import select_interface
+from udpflannel.metrics import CONTENT_TYPE, make_registry, render
+from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
+
+log = logging.getLogger(__name__)
+
+CONFIG_RETRY = 1.0
+LAST_SEEN_PERIOD = 1.0
+
+
+class Daemon:
+    def __init__(self, args: Namespace) -> None:
+        self.args = args
+        self.ready = False
+        self.node: NodeDataplane | None = None
+        self.manager: SubnetManager | None = None
+        self.lease = None
+        self.config = None
+        self.last_seen: dict[tuple[str, int], float] = {}
+        self._rx_seen: dict[tuple[str, int], int] = {}
+        self.api = HttpApi({
+            "/healthz": lambda: Response(200, b"flanneld is running"),
+            "/readyz": lambda: Response(200, b"flanneld is ready") if self.ready else Response(503, b"flanneld is not ready yet"),
+            "/metrics": self._metrics,
+            "/status": lambda: json_response(self.status()),
+        })
+        self._registry = make_registry(lambda: self.node.dataplane.counters if self.node else Counters(), self._gauges)
+
+    # -- HTTP views -----------------------------------------------------------------------------------
+    def _metrics(self) -> Response:
+        return Response(200, render(self._registry), CONTENT_TYPE)
+
+    def _gauges(self) -> dict[str, float]:
+        gauges = {"peers": float(len(self.node.dataplane.routes)) if self.node else 0.0, "ready": float(self.ready)}
+        expires = getattr(self.manager, "expires_at_unix", None) if self.manager else None
+        if expires:
+            gauges["lease_expiry_timestamp_seconds"] = float(expires)
+        return gauges
+
+    def status(self) -> dict[str, object]:
+        now = time.time()
+        node = self.node
+        peers = []
+        if node is not None:
+            for subnet, hop in sorted(node.dataplane.routes.entries()):
+                seen = self.last_seen.get(hop)
+                peers.append({
+                    "subnet": str(subnet), "public_ip": hop[0], "port": hop[1],
+                    "rx_packets": node.dataplane.peer_rx.get(hop, 0),
+                    "last_seen_seconds_ago": round(now - seen, 1) if seen else None,
+                })
+        lease = self.lease
+        return {
+            "ready": self.ready,
+            "lease": None if lease is None else {
+                "subnet": str(lease.subnet), "public_ip": str(lease.public_ip), "key": lease.key,
+                "expires_at": getattr(self.manager, "expires_at_unix", None),
+            },
+            "network": str(self.config.network) if self.config else None,
+            "tun": None if node is None else {"name": node.tun.name, "mtu": node.tun_mtu, "address": str(node.subnet.network_address)},
+            "iface": None if node is None else {"name": node.iface.name, "address": str(node.iface.iface_addr), "public_ip": str(node.iface.ext_addr)},
+            "peers": peers,
+            "counters": node.dataplane.counters.as_dict() if node else {},
+        }
+
+    async def _track_last_seen(self) -> None:
+        """Turn per-peer packet counts into 'last seen' times once a second (nothing per packet)."""
+        while True:
+            await asyncio.sleep(LAST_SEEN_PERIOD)
+            if self.node is None:
+                continue
+            now = time.time()
+            for peer, count in self.node.dataplane.peer_rx.items():
+                if self._rx_seen.get(peer) != count:
+                    self._rx_seen[peer] = count
+                    self.last_seen[peer] = now
+
+    # -- start-up ---------------------------------------------------------------------------------------
+    async def _get_config(self):
+        """flanneld retries forever, once a second; so do we, with the reason in the log."""
+        assert self.manager is not None
+        last_error = ""
+        while True:
+            try:
+                return await self.manager.get_config()
+            except (ConfigError, EtcdUnavailable) as exc:
+                if str(exc) != last_error:
+                    log.warning("Couldn't fetch network config: %s (retrying every %.0f s)", exc, CONFIG_RETRY)
+                    last_error = str(exc)
+            await asyncio.sleep(CONFIG_RETRY)
+
+    def _write_subnet_env(self) -> None:
+        assert self.node is not None and self.config is not None
+        text = format_subnet_env(network=self.config.network, subnet=self.node.subnet, mtu=self.node.tun_mtu, ip_masq=self.args.ip_masq)
+        write_subnet_env(self.args.subnet_file, text)
+
+    async def run(self) -> int:
+        a = self.args
+        stop = asyncio.ensure_future(wait_for_stop_signal())
+        tasks: list[asyncio.Task] = []
+        try:
+            if a.healthz_port:
+                await self.api.serve_tcp(a.healthz_ip, a.healthz_port)
+            await self.api.serve_unix(a.control_socket)
+            iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
+            log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
+            self.manager = SubnetManager(
+                endpoints=a.etcd_endpoints, prefix=a.etcd_prefix, keyfile=a.etcd_keyfile or None, certfile=a.etcd_certfile or None,
+                cafile=a.etcd_cafile or None, username=a.etcd_username or None, password=a.etcd_password or None,
+                public_ip=iface.ext_addr, previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
+            )
+            startup = asyncio.ensure_future(self._start(iface))
+            done, _ = await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                startup.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await startup
+                return 0
+            startup.result()
+            tasks.append(asyncio.ensure_future(self._follow_events()))
+            tasks.append(asyncio.ensure_future(self._track_last_seen()))
+            done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop:
+                    task.result()  # an unexpected end of a worker is an error
+            log.info("Exiting cleanly...")
+            return 0
+        finally:
+            await self._shutdown(stop, tasks)
+
+    async def _start(self, iface) -> None:
+        assert self.manager is not None
+        self.config = await self._get_config()
+        self.lease = await self.manager.acquire()
+        log.info("Acquired lease %s (public ip %s)", self.lease.subnet, self.lease.public_ip)
+        self.node = await asyncio.to_thread(
+            bring_up, iface, self.lease.subnet, self.config.network, self.config.port,
+            budget=self.args.budget, check_source=not self.args.accept_any_inner_source, trace=self.args.trace,
+        )
+        self.node.dataplane.attach()
+        self._write_subnet_env()
+        self.ready = True
+        log.info("Wrote %s; ready", self.args.subnet_file)
+
+    async def _follow_events(self) -> None:
+        assert self.manager is not None and self.node is not None
+        async for event in self.manager.events():
+            if isinstance(event, LeaseAcquired):
+                await self._own_lease(event)
+            elif isinstance(event, LeaseLost):
+                log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", event.subnet, event.reason)
+            else:
+                self.node.dataplane.apply(event)
+                log.info("%s", describe_event(event))
+
+    async def _own_lease(self, event: LeaseAcquired) -> None:
+        """Re-acquired after a loss: usually the same subnet; if not, move flannel0 and subnet.env."""
+        assert self.node is not None
+        self.lease = getattr(self.manager, "lease", self.lease)
+        if event.subnet == self.node.subnet:
+            log.info("own lease %s held", event.subnet)
+            return
+        old = self.node.subnet
+        await asyncio.to_thread(readdress_tun, self.node.tun.name, old, event.subnet)
+        self.node.subnet = IPv4Network(event.subnet)
+        self.node.dataplane.tun_address = int(event.subnet.network_address)
+        self._write_subnet_env()
+        log.warning("own subnet moved %s -> %s; flannel0 and %s updated", old, event.subnet, self.args.subnet_file)
+
+    async def _shutdown(self, stop: asyncio.Future, tasks: list[asyncio.Task]) -> None:
+        self.ready = False
+        stop.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.node is not None:
+            self.node.close()
+        if self.manager is not None:
+            if self.args.release_lease_on_exit and self.lease is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.manager.release(), 1.0)
+                    log.info("released lease %s", self.lease.subnet)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.manager.close(), 1.0)
+        await self.api.close()
+
+
+
+def describe_event(event: ControlEvent) -> str:
+    """flanneld's log wording, so operators can grep for the same lines."""
+    if isinstance(event, PeerAdded):
+        return f"Subnet added: {event.subnet} via {event.public_ip}"
+    if isinstance(event, PeerRemoved):
+        return f"Subnet removed: {event.subnet}"
+    return f"Resync: {len(event.peers)} peers"  # Snapshot

@@ -1,0 +1,152 @@
+"""An etcd-backed udpflannel cluster in namespaces: etcd on the hub, one daemon per node, pods on cni0.
+
+The demo, the cluster tests and the benchmarks all build the same thing with it::
+
+    with Lab() as lab, Cluster(lab, workdir) as cluster:
+        cluster.put_config({"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}})
+        node = cluster.start_node(1)          # udpflannel with flanneld-style flags
+        env = cluster.wait_ready(1)           # subnet.env as a dict
+        pod = cluster.add_pod(1)              # cni0 = FLANNEL_SUBNET, pod = .2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from udpflannel.lab.etcd import EtcdServer
+from udpflannel.lab.netns import HUB_ADDRESS, Lab, Node, Pod
+
+PREFIX = "/coreos.com/network"
+
+
+@dataclass
+class ClusterNode:
+    index: int
+    node: Node
+    dir: Path
+    proc: subprocess.Popen | None = None
+    pod: Pod | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.dir / "subnet.env"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "udpflannel.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "udpflannel.log"
+
+    def env(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in self.subnet_file.read_text().splitlines() if "=" in line)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+
+
+class Cluster:
+    """Owns etcd and the daemons; the ``Lab`` owns the namespaces."""
+
+    def __init__(self, lab: Lab, workdir: Path, *, healthz_port: int = 8286) -> None:
+        self.lab = lab
+        self.workdir = Path(workdir)
+        self.healthz_port = healthz_port
+        self.hub = lab.hub or lab.add_hub()
+        self.etcd = EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=self.hub.name)
+        self.nodes: dict[int, ClusterNode] = {}
+
+    def __enter__(self) -> Cluster:
+        self.etcd.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            for n in self.nodes.values():
+                self.stop_node(n.index)
+        finally:
+            self.etcd.close()
+
+    @property
+    def endpoint(self) -> str:
+        return self.etcd.endpoint
+
+    def put_config(self, config: dict | str) -> None:
+        value = config if isinstance(config, str) else json.dumps(config)
+        self.etcd.ctl("put", f"{PREFIX}/config", value)
+
+    def leases(self) -> dict[str, str]:
+        """Every key under <prefix>/subnets with its value, as etcdctl prints them."""
+        out = self.etcd.ctl("get", "--prefix", f"{PREFIX}/subnets").splitlines()
+        return dict(zip(out[0::2], out[1::2], strict=False))
+
+    def add_node(self, index: int, *, mtu: int = 1500) -> ClusterNode:
+        node = self.lab.add_node(index, mtu=mtu)
+        directory = self.workdir / f"node{index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.nodes[index] = ClusterNode(index, node, directory)
+        return self.nodes[index]
+
+    def start_node(self, index: int, *extra: str) -> ClusterNode:
+        """Start (or restart) udpflannel on node ``index`` with flanneld's flags."""
+        n = self.nodes.get(index) or self.add_node(index)
+        if extra:
+            n.extra_args = list(extra)
+        args = [
+            sys.executable, "-m", "udpflannel",
+            f"--etcd-endpoints={self.endpoint}", "--iface=eth0",
+            f"--subnet-file={n.subnet_file}", f"--control-socket={n.control_socket}",
+            f"--healthz-port={self.healthz_port}", *n.extra_args,
+        ]
+        log = open(n.log_path, "ab")
+        n.proc = n.node.popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        return n
+
+    def wait_ready(self, index: int, timeout: float = 20.0) -> dict[str, str]:
+        """Until the node's subnet.env appears (flanneld's readiness point); fails if the daemon died."""
+        n = self.nodes[index]
+        deadline = time.monotonic() + timeout
+        while not n.subnet_file.exists():
+            if n.proc is not None and n.proc.poll() is not None:
+                raise RuntimeError(f"udpflannel on node {index} exited {n.proc.returncode}:\n{n.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {index} not ready after {timeout}s:\n{n.log()[-4000:]}")
+            time.sleep(0.05)
+        return n.env()
+
+    def add_pod(self, index: int) -> Pod:
+        """What the CNI bridge plugin does with subnet.env: cni0 = FLANNEL_SUBNET, MTU = FLANNEL_MTU."""
+        n = self.nodes[index]
+        env = n.env()
+        n.pod = self.lab.add_pod(n.node, env["FLANNEL_SUBNET"], mtu=int(env["FLANNEL_MTU"]))
+        return n.pod
+
+    def stop_node(self, index: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
+        """Signal the daemon and wait for it; returns its exit code (None if it was not running)."""
+        n = self.nodes[index]
+        proc, n.proc = n.proc, None
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+            raise
