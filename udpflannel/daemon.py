@@ -63,6 +63,7 @@ class Daemon:
         return gauges
 
     def status(self) -> dict[str, object]:
+        self._update_last_seen()
         now = time.time()
         node = self.node
         peers = []
@@ -88,17 +89,20 @@ class Daemon:
             "counters": node.dataplane.counters.as_dict() if node else {},
         }
 
+    def _update_last_seen(self) -> None:
+        """Turn per-peer packet counts into 'last seen' times (the hot path only counts)."""
+        if self.node is None:
+            return
+        now = time.time()
+        for peer, count in self.node.dataplane.peer_rx.items():
+            if self._rx_seen.get(peer) != count:
+                self._rx_seen[peer] = count
+                self.last_seen[peer] = now
+
     async def _track_last_seen(self) -> None:
-        """Turn per-peer packet counts into 'last seen' times once a second (nothing per packet)."""
         while True:
             await asyncio.sleep(LAST_SEEN_PERIOD)
-            if self.node is None:
-                continue
-            now = time.time()
-            for peer, count in self.node.dataplane.peer_rx.items():
-                if self._rx_seen.get(peer) != count:
-                    self._rx_seen[peer] = count
-                    self.last_seen[peer] = now
+            self._update_last_seen()
 
     # -- start-up ---------------------------------------------------------------------------------------
     async def _get_config(self):
