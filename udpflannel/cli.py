@@ -137,7 +137,8 @@ def format_status(status: dict) -> str:
         lines.append(f"{peer['subnet']:<20} {peer['public_ip']:<16} {peer['port']:>5} {peer['rx_packets']:>10} "
                      f"{'never' if seen is None else f'{seen:.0f}s ago':>10}")
     counters = status.get("counters") or {}
-    drops = {k: v for k, v in (counters.get("drops") or {}).items() if v}
+    drops = {f"{reason} ({direction})": v for direction, reasons in (counters.get("drops") or {}).items()
+             for reason, v in reasons.items() if v}
     lines += [
         "",
         f"tun->udp {counters.get('sent_packets', 0)} pkts  udp->tun {counters.get('delivered_packets', 0)} pkts  "

@@ -1,7 +1,8 @@
 """Plain-integer counters the hot path bumps; everything else (Prometheus, ``status``) reads them.
 
 Attribute increments on a slotted object are the cheapest bookkeeping Python has (~20 ns), so the
-per-packet cost of honest accounting stays small. ``drops`` is a list indexed by ``Verdict``.
+per-packet cost of honest accounting stays small. ``tun_drops`` (packets read from the TUN) and
+``udp_drops`` (datagrams from the socket) are lists indexed by ``Verdict``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ class Counters:
         "udp_wakeups", "udp_recvs", "udp_packets", "udp_bytes", "udp_sends",
         "sent_packets", "sent_bytes", "delivered_packets", "delivered_bytes",
         "send_errors", "tun_write_errors", "backpressure_pauses",
-        "icmp_sent", "icmp_rate_limited", "drops",
+        "icmp_sent", "icmp_rate_limited", "tun_drops", "udp_drops",
     )
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
-        self.drops: list[int] = [0] * (max(Verdict) + 1)
+        self.tun_drops: list[int] = [0] * (max(Verdict) + 1)
+        self.udp_drops: list[int] = [0] * (max(Verdict) + 1)
 
     # -- derived figures: what the brief calls "overhead per packet as a number" -------------------
     @property
@@ -33,8 +35,11 @@ class Counters:
         return self.tun_packets + self.udp_packets
 
     def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {n: getattr(self, n) for n in self.__slots__ if n != "drops"}
-        out["drops"] = {Verdict(i).name.lower(): c for i, c in enumerate(self.drops) if i != Verdict.FORWARD}
+        out: dict[str, object] = {n: getattr(self, n) for n in self.__slots__ if not n.endswith("_drops")}
+        out["drops"] = {
+            direction: {Verdict(i).name.lower(): c for i, c in enumerate(drops) if i != Verdict.FORWARD}
+            for direction, drops in (("tun_to_udp", self.tun_drops), ("udp_to_tun", self.udp_drops))
+        }
         packets = self.packets
         out["syscalls_per_packet"] = round(self.syscalls / packets, 3) if packets else 0.0
         out["packets_per_tun_wakeup"] = round(self.tun_packets / self.tun_wakeups, 2) if self.tun_wakeups else 0.0

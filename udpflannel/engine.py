@@ -133,7 +133,7 @@ class Dataplane:
             if self.trace:
                 trace_log.debug("tun>udp %s -> %s %s", describe(buf, n), verdict.name, hop)
             if verdict:
-                self._drop(verdict, buf, n)
+                self._drop(verdict, buf, n, c.tun_drops)
                 continue
             c.udp_sends += 1
             try:
@@ -190,7 +190,7 @@ class Dataplane:
             if self.trace:
                 trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(buf, n), verdict.name)
             if verdict:
-                self._drop(verdict, buf, n)
+                self._drop(verdict, buf, n, c.udp_drops)
                 continue
             peer_rx[peer] = peer_rx.get(peer, 0) + 1
             c.tun_writes += 1
@@ -235,9 +235,9 @@ class Dataplane:
         self._loop.remove_writer(write_fd)
         self._loop.add_reader(read_fd, on_readable)
 
-    def _drop(self, verdict: Verdict, buf: bytearray, n: int) -> None:
+    def _drop(self, verdict: Verdict, buf: bytearray, n: int, drops: list[int]) -> None:
         """Count the drop; answer with ICMP where a router would (no route, TTL expired)."""
-        self.counters.drops[verdict] += 1
+        drops[verdict] += 1
         if verdict == Verdict.NO_ROUTE:
             self._send_icmp(icmp.net_unreachable(buf, n, src=self.tun_address))
         elif verdict == Verdict.TTL_EXPIRED:

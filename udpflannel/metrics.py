@@ -38,10 +38,12 @@ class DataplaneCollector:
         bytes_.add_metric(["tun_to_udp"], c.tun_bytes)
         bytes_.add_metric(["udp_to_tun"], c.udp_bytes)
         yield bytes_
-        drops = CounterMetricFamily("udpflannel_drops", "Packets dropped, by reason (a Verdict)", labels=["reason"])
-        for verdict in Verdict:
-            if verdict != Verdict.FORWARD:
-                drops.add_metric([verdict.name.lower()], c.drops[verdict])
+        drops = CounterMetricFamily("udpflannel_drops", "Packets dropped, by direction and reason (a Verdict)",
+                                    labels=["direction", "reason"])
+        for direction, counts in (("tun_to_udp", c.tun_drops), ("udp_to_tun", c.udp_drops)):
+            for verdict in Verdict:
+                if verdict != Verdict.FORWARD:
+                    drops.add_metric([direction, verdict.name.lower()], counts[verdict])
         yield drops
         wakeups = CounterMetricFamily("udpflannel_wakeups", "Event-loop wake-ups, by file descriptor", labels=["fd"])
         wakeups.add_metric(["tun"], c.tun_wakeups)
