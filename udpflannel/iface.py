@@ -97,8 +97,8 @@ def select_interface(
                 if rx.search(str(addr)):
                     found = (msg["index"], addr)
                     break
-            else:
-                found = next(((i, None) for i, (name, _) in links.items() if rx.search(name)), None)
+            else:  # by name: the first matching interface that has a usable IPv4 address
+                found = next(((i, None) for i, (name, _) in links.items() if rx.search(name) and _usable_addresses(ipr, i)), None)
             if found:
                 break
         if not found and can_reach:

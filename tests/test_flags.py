@@ -1,0 +1,60 @@
+"""flanneld's command line: Go-style spellings, FLANNELD_* environment, and refusals naming the flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from udpflannel.errors import ConfigError
+from udpflannel.flags import DEFAULT_ENDPOINTS, parse_daemon_args
+
+
+def test_defaults_match_flanneld():
+    args = parse_daemon_args([], environ={})
+    assert args.etcd_endpoints == DEFAULT_ENDPOINTS.split(",")
+    assert args.etcd_prefix == "/coreos.com/network"
+    assert args.subnet_file == "/run/flannel/subnet.env"
+    assert args.subnet_lease_renew_margin == 60
+    assert (args.ip_masq, args.healthz_ip, args.healthz_port) == (False, "0.0.0.0", 0)
+    assert args.iface == [] and args.iface_regex == []
+
+
+def test_go_style_spellings():
+    args = parse_daemon_args(
+        ["-etcd-endpoints=http://10.0.0.1:2379,http://10.0.0.2:2379", "-iface", "eth0", "--iface=10.1.2.3",
+         "--ip-masq", "-v=2", "--subnet-lease-renew-margin=30", "-release-lease-on-exit=true"],
+        environ={},
+    )
+    assert args.etcd_endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    assert args.iface == ["eth0", "10.1.2.3"]
+    assert args.ip_masq is True and args.verbosity == 2 and args.subnet_lease_renew_margin == 30
+    assert args.release_lease_on_exit is True
+    assert parse_daemon_args(["--ip-masq=false"], environ={}).ip_masq is False
+
+
+def test_environment_fills_only_flags_not_given():
+    env = {"FLANNELD_ETCD_PREFIX": "/my/net", "FLANNELD_IFACE": "ens3", "FLANNELD_IP_MASQ": "true",
+           "FLANNELD_SUBNET_FILE": "/tmp/x.env", "FLANNELD_HEALTHZ_PORT": "8471"}
+    args = parse_daemon_args(["--subnet-file=/run/cmdline.env"], environ=env)
+    assert args.etcd_prefix == "/my/net"
+    assert args.iface == ["ens3"]
+    assert args.ip_masq is True
+    assert args.healthz_port == 8471
+    assert args.subnet_file == "/run/cmdline.env"  # the command line wins
+
+
+@pytest.mark.parametrize(("argv", "field"), [
+    (["--subnet-lease-renew-margin=0"], "--subnet-lease-renew-margin"),
+    (["--subnet-lease-renew-margin=1440"], "--subnet-lease-renew-margin"),
+    (["--healthz-port=70000"], "--healthz-port"),
+    (["--etcd-endpoints=,"], "--etcd-endpoints"),
+    (["--etcd-keyfile=/k.pem"], "--etcd-keyfile"),
+])
+def test_bad_values_are_refused_naming_the_flag(argv, field):
+    with pytest.raises(ConfigError) as err:
+        parse_daemon_args(argv, environ={})
+    assert err.value.field == field
+
+
+def test_bad_boolean_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        parse_daemon_args(["--ip-masq=maybe"], environ={})
