@@ -34,8 +34,7 @@ def lab(root_lab_tools):
     """A fresh namespace lab, always torn down; the test fails if it leaked a namespace."""
     from udpflannel.lab.netns import Lab
 
-    before = set(leftover_namespaces())
     with Lab() as lab:
         yield lab
-    leaked = set(leftover_namespaces()) - before
+    leaked = leftover_namespaces(lab.tag)
     assert not leaked, f"namespaces left behind: {leaked}"

@@ -20,10 +20,11 @@ from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
 from tun.configure import readdress_tun
 from udpflannel.counters import Counters
-from udpflannel.errors import ConfigError, EtcdUnavailable
+from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
 from udpflannel.httpapi import HttpApi, Response, json_response
 from udpflannel.iface import select_interface
+from udpflannel.masq import Iptables, RuleSet, forward_rules, keep_rules, masq_rules
 from udpflannel.metrics import CONTENT_TYPE, make_registry, render
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
 
@@ -43,6 +44,8 @@ class Daemon:
         self.config = None
         self.last_seen: dict[tuple[str, int], float] = {}
         self._rx_seen: dict[tuple[str, int], int] = {}
+        self.iptables: Iptables | None = None
+        self.rulesets: list[RuleSet] = []
         self.api = HttpApi({
             "/healthz": lambda: Response(200, b"flanneld is running"),
             "/readyz": lambda: Response(200, b"flanneld is ready") if self.ready else Response(503, b"flanneld is not ready yet"),
@@ -148,6 +151,8 @@ class Daemon:
             startup.result()
             tasks.append(asyncio.ensure_future(self._follow_events()))
             tasks.append(asyncio.ensure_future(self._track_last_seen()))
+            if self.rulesets and self.iptables is not None:
+                tasks.append(asyncio.ensure_future(keep_rules(self.iptables, self.rulesets, period=a.iptables_resync)))
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop:
@@ -167,9 +172,33 @@ class Daemon:
             budget=self.args.budget, check_source=not self.args.accept_any_inner_source, trace=self.args.trace,
         )
         self.node.dataplane.attach()
+        await asyncio.to_thread(self._install_rules)
         self._write_subnet_env()
         self.ready = True
         log.info("Wrote %s; ready", self.args.subnet_file)
+
+    def _install_rules(self) -> None:
+        """Step 10 of flanneld's start-up: masquerade (with --ip-masq) and forward rules."""
+        assert self.node is not None and self.config is not None
+        a = self.args
+        if not (a.ip_masq or a.iptables_forward_rules):
+            return
+        try:
+            self.iptables = Iptables()
+        except SetupError:
+            if a.ip_masq:
+                raise
+            log.warning("iptables not found: FORWARD accept rules not installed (--iptables-forward-rules=false silences this)")
+            return
+        self.rulesets = []
+        if a.ip_masq:
+            random_fully = self.iptables.has_random_fully() and not a.ip_masq_fully_random_disable
+            self.rulesets.append(masq_rules(self.config.network, self.node.subnet, random_fully=random_fully))
+        if a.iptables_forward_rules:
+            self.rulesets.append(forward_rules(self.config.network))
+        for ruleset in self.rulesets:
+            self.iptables.apply(ruleset)
+            log.info("iptables: %s in place (%d rules)", ruleset.own_chain, len(ruleset.rules))
 
     async def _follow_events(self) -> None:
         assert self.manager is not None and self.node is not None
@@ -193,6 +222,8 @@ class Daemon:
         await asyncio.to_thread(readdress_tun, self.node.tun.name, old, event.subnet)
         self.node.subnet = IPv4Network(event.subnet)
         self.node.dataplane.tun_address = int(event.subnet.network_address)
+        if self.rulesets:
+            await asyncio.to_thread(self._install_rules)
         self._write_subnet_env()
         log.warning("own subnet moved %s -> %s; flannel0 and %s updated", old, event.subnet, self.args.subnet_file)
 

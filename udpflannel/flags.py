@@ -51,7 +51,13 @@ def daemon_parser() -> argparse.ArgumentParser:
     node = p.add_argument_group("node")
     node.add_argument("--subnet-file", default=DEFAULT_SUBNET_FILE, help="filename where env variables are written (default %(default)s)")
     node.add_argument("--subnet-lease-renew-margin", type=int, default=60, help="minutes before expiry to renew the lease, 1-1439 (default %(default)s)")
-    node.add_argument("--ip-masq", type=go_bool, nargs="?", const=True, default=False, help="recorded in subnet.env as FLANNEL_IPMASQ")
+    node.add_argument("--ip-masq", type=go_bool, nargs="?", const=True, default=False,
+                      help="set up IP masquerade rules for traffic leaving the flannel network")
+    node.add_argument("--ip-masq-fully-random-disable", type=go_bool, nargs="?", const=True, default=False,
+                      help="don't add --random-fully to the MASQUERADE rules")
+    node.add_argument("--iptables-resync", type=int, default=5, help="seconds between iptables rule checks (default %(default)s)")
+    node.add_argument("--iptables-forward-rules", type=go_bool, nargs="?", const=True, default=True,
+                      help="add FORWARD accept rules for the network (default %(default)s)")
     node.add_argument("--healthz-ip", default="0.0.0.0", help="the IP address for the healthz server to listen on (default %(default)s)")
     node.add_argument("--healthz-port", type=int, default=0, help="the port for the healthz server; 0 disables it (default %(default)s)")
     node.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log level: 1 more, 2 debug")
@@ -101,6 +107,8 @@ def parse_daemon_args(argv: list[str], environ: dict[str, str] | None = None,
     args = parser.parse_args(env_defaults(argv, parser, environ))
     if not 1 <= args.subnet_lease_renew_margin <= 1439:
         raise ConfigError("--subnet-lease-renew-margin", f"{args.subnet_lease_renew_margin} is outside 1-1439 minutes")
+    if args.iptables_resync < 1:
+        raise ConfigError("--iptables-resync", f"{args.iptables_resync} must be at least 1 second")
     if not 0 <= args.healthz_port <= 65535:
         raise ConfigError("--healthz-port", f"{args.healthz_port} is not a TCP port")
     args.etcd_endpoints = [e.strip() for e in args.etcd_endpoints.split(",") if e.strip()]

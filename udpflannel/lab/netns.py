@@ -156,10 +156,15 @@ class Lab:
         try:
             self.stop_processes()
         finally:
+            failed = []
             for ns in reversed(self.namespaces):
                 _kill_namespace_pids(ns.name)
-                sh("ip", "netns", "del", ns.name, check=False)
+                result = sh("ip", "netns", "del", ns.name, check=False)
+                if result.returncode != 0:
+                    failed.append(f"{ns.name}: {result.stderr.strip()}")
             self.namespaces.clear()
+            if failed:
+                raise RuntimeError("could not delete namespaces: " + "; ".join(failed))
 
     def __enter__(self) -> Lab:
         return self
