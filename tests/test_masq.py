@@ -61,7 +61,7 @@ def masq_cluster(lab: Lab, tmp_path: Path):
         c.start_node(2)
         for i in (1, 2):
             c.wait_ready(i)
-            c.add_pod(i)
+            c.add_pod(i, cni=False)  # flannel's own rules only: no bridge-plugin masquerade
         yield c
 
 

@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 from udpflannel.lab.etcd import EtcdServer
 from udpflannel.lab.netns import HUB_ADDRESS, Lab, Node, Pod
 
 PREFIX = "/coreos.com/network"
+CNI_PATH = "/usr/lib/cni:/opt/cni/bin"  # Debian's containernetworking-plugins, then the usual place
+HOST_LOCAL_DIR = "/var/lib/cni/networks"
+
+
+def cni_plugin_command() -> list[str]:
+    """The installed ``udpflannel-cni`` next to this interpreter, else the module."""
+    script = Path(sys.executable).parent / "udpflannel-cni"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "udpflannel.cni"]
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Cluster:
         self.hub = lab.hub or lab.add_hub()
         self.etcd = EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=self.hub.name)
         self.nodes: dict[int, ClusterNode] = {}
+        self.cni_network = f"{lab.tag}-cbr0"  # host-local keeps its leases under /var/lib/cni/networks/<name>
 
     def __enter__(self) -> Cluster:
         self.etcd.start()
@@ -81,6 +92,7 @@ class Cluster:
                 self.stop_node(n.index)
         finally:
             self.etcd.close()
+            shutil.rmtree(Path(HOST_LOCAL_DIR) / self.cni_network, ignore_errors=True)
 
     @property
     def endpoint(self) -> str:
@@ -130,12 +142,37 @@ class Cluster:
             time.sleep(0.05)
         return n.env()
 
-    def add_pod(self, index: int) -> Pod:
-        """What the CNI bridge plugin does with subnet.env: cni0 = FLANNEL_SUBNET, MTU = FLANNEL_MTU."""
+    def add_pod(self, index: int, *, cni: bool = True) -> Pod:
+        """A pod on node ``index``, wired as kubelet would: udpflannel-cni delegating to bridge + host-local.
+
+        ``cni=False`` builds the same cni0/veth by hand (no bridge-plugin masquerade rules).
+        """
         n = self.nodes[index]
         env = n.env()
-        n.pod = self.lab.add_pod(n.node, env["FLANNEL_SUBNET"], mtu=int(env["FLANNEL_MTU"]))
-        return n.pod
+        if not cni:
+            n.pod = self.lab.add_pod(n.node, env["FLANNEL_SUBNET"], mtu=int(env["FLANNEL_MTU"]))
+            return n.pod
+        pod = self.lab.add_netns(f"n{index}p2", Pod, node=n.node)
+        result = json.loads(self.cni(index, "ADD", pod.name))
+        pod.address = IPv4Interface(result["ips"][0]["address"]).ip
+        n.pod = pod
+        return pod
+
+    def cni(self, index: int, command: str, container: str) -> str:
+        """Run udpflannel-cni in node ``index`` as a container runtime would; returns its stdout."""
+        n = self.nodes[index]
+        netconf = {
+            "cniVersion": "1.0.0", "name": self.cni_network, "type": "flannel",
+            "subnetFile": str(n.subnet_file), "dataDir": str(n.dir / "cni"),
+            "delegate": {"hairpinMode": True, "isDefaultGateway": True},
+        }
+        env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": f"/var/run/netns/{container}",
+               "CNI_IFNAME": "eth0", "CNI_PATH": CNI_PATH}
+        proc = subprocess.run(["ip", "netns", "exec", n.node.name, *cni_plugin_command()], input=json.dumps(netconf),
+                              capture_output=True, text=True, env=env, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"udpflannel-cni {command} on node {index} failed: {proc.stdout} {proc.stderr}")
+        return proc.stdout
 
     def stop_node(self, index: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
         """Signal the daemon and wait for it; returns its exit code (None if it was not running)."""

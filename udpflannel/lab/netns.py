@@ -85,6 +85,10 @@ class Lab:
         self.hub: Netns | None = None
 
     # -- building -------------------------------------------------------------------------
+    def add_netns(self, suffix: str, cls: type = Netns, **kw) -> Netns:
+        """A bare namespace named ``<tag>-<suffix>`` with loopback up (a pod before CNI runs, say)."""
+        return self._netns(suffix, cls, **kw)
+
     def _netns(self, suffix: str, cls: type = Netns, **kw) -> Netns:
         name = f"{self.tag}-{suffix}"
         sh("ip", "netns", "add", name)
