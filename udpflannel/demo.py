@@ -76,7 +76,7 @@ def run_demo(lab: Lab, cluster: Cluster, args: argparse.Namespace) -> None:
     step("subnet.env on node 1")
     say(cluster.nodes[1].subnet_file.read_text().rstrip())
 
-    step("a pod behind cni0 on every node")
+    step("a pod on every node, added by udpflannel-cni (bridge cni0 + host-local IPAM from subnet.env)")
     for i in cluster.nodes:
         pod = cluster.add_pod(i)
         say(f"pod {pod.name}: {pod.address}")
