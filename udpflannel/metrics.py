@@ -26,18 +26,12 @@ class DataplaneCollector:
 
     def collect(self) -> Iterator[Metric]:
         c = self._counters()
-        packets = CounterMetricFamily("udpflannel_packets", "Packets read, by direction", labels=["direction"])
-        packets.add_metric(["tun_to_udp"], c.tun_packets)
-        packets.add_metric(["udp_to_tun"], c.udp_packets)
-        yield packets
-        forwarded = CounterMetricFamily("udpflannel_forwarded_packets", "Packets forwarded, by direction", labels=["direction"])
-        forwarded.add_metric(["tun_to_udp"], c.sent_packets)
-        forwarded.add_metric(["udp_to_tun"], c.delivered_packets)
-        yield forwarded
-        bytes_ = CounterMetricFamily("udpflannel_bytes", "Bytes read, by direction", labels=["direction"])
-        bytes_.add_metric(["tun_to_udp"], c.tun_bytes)
-        bytes_.add_metric(["udp_to_tun"], c.udp_bytes)
-        yield bytes_
+        yield _labelled("udpflannel_packets", "Packets read, by direction", "direction",
+                        {"tun_to_udp": c.tun_packets, "udp_to_tun": c.udp_packets})
+        yield _labelled("udpflannel_forwarded_packets", "Packets forwarded, by direction", "direction",
+                        {"tun_to_udp": c.sent_packets, "udp_to_tun": c.delivered_packets})
+        yield _labelled("udpflannel_bytes", "Bytes read, by direction", "direction",
+                        {"tun_to_udp": c.tun_bytes, "udp_to_tun": c.udp_bytes})
         drops = CounterMetricFamily("udpflannel_drops", "Packets dropped, by direction and reason (a Verdict)",
                                     labels=["direction", "reason"])
         for direction, counts in (("tun_to_udp", c.tun_drops), ("udp_to_tun", c.udp_drops)):
@@ -45,14 +39,10 @@ class DataplaneCollector:
                 if verdict != Verdict.FORWARD:
                     drops.add_metric([direction, verdict.name.lower()], counts[verdict])
         yield drops
-        wakeups = CounterMetricFamily("udpflannel_wakeups", "Event-loop wake-ups, by file descriptor", labels=["fd"])
-        wakeups.add_metric(["tun"], c.tun_wakeups)
-        wakeups.add_metric(["udp"], c.udp_wakeups)
-        yield wakeups
-        syscalls = CounterMetricFamily("udpflannel_syscalls", "Data-path system calls (EAGAIN included)", labels=["call"])
-        for label, value in (("tun_read", c.tun_reads), ("tun_write", c.tun_writes), ("udp_recv", c.udp_recvs), ("udp_send", c.udp_sends)):
-            syscalls.add_metric([label], value)
-        yield syscalls
+        yield _labelled("udpflannel_wakeups", "Event-loop wake-ups, by file descriptor", "fd",
+                        {"tun": c.tun_wakeups, "udp": c.udp_wakeups})
+        yield _labelled("udpflannel_syscalls", "Data-path system calls (EAGAIN included)", "call",
+                        {"tun_read": c.tun_reads, "tun_write": c.tun_writes, "udp_recv": c.udp_recvs, "udp_send": c.udp_sends})
         yield CounterMetricFamily("udpflannel_icmp_sent", "ICMP errors originated", value=c.icmp_sent)
         yield CounterMetricFamily("udpflannel_icmp_rate_limited", "ICMP errors suppressed by the rate limit", value=c.icmp_rate_limited)
         yield CounterMetricFamily("udpflannel_send_errors", "UDP sends that failed", value=c.send_errors)
@@ -65,6 +55,13 @@ class DataplaneCollector:
                                 value=c.syscalls / c.packets if c.packets else 0.0)
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"udpflannel_{name}", name.replace("_", " "), value=value)
+
+
+def _labelled(name: str, documentation: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value_label, value in values.items():
+        family.add_metric([value_label], value)
+    return family
 
 
 def make_registry(counters: Callable[[], Counters], gauges: Callable[[], dict[str, float]]) -> CollectorRegistry:
