@@ -111,8 +111,23 @@ def _route_gone(cluster: Cluster, index: int, subnet_env_value: str) -> bool:
     return all(peer["subnet"] != subnet for peer in status["peers"])
 
 
+def http_get(cluster: Cluster, index: int, path: str) -> tuple[int, str]:
+    code = (
+        "import urllib.request,urllib.error\n"
+        f"try: r=urllib.request.urlopen('http://127.0.0.1:{cluster.healthz_port}{path}',timeout=5); print(r.status, r.read().decode())\n"
+        "except urllib.error.HTTPError as e: print(e.code, e.read().decode())"
+    )
+    status, _, body = cluster.nodes[index].node.run(sys.executable, "-c", code).stdout.strip().partition(" ")
+    return int(status), body
+
+
 def test_sigterm_stops_within_2s_and_removes_the_tun(cluster: Cluster):
     start(cluster, 1, pods=False)
+    assert http_get(cluster, 1, "/healthz") == (200, "flanneld is running")
+    assert http_get(cluster, 1, "/readyz") == (200, "flanneld is ready")
+    status = cluster.nodes[1].node.run(sys.executable, "-m", "udpflannel", "status",
+                                       "--control-socket", str(cluster.nodes[1].control_socket)).stdout
+    assert status.startswith("lease    10.5.") and "ready True" in status
     node = cluster.nodes[1].node
     assert "flannel0" in node.ip("link", "show").stdout
     t0 = time.monotonic()
@@ -171,8 +186,15 @@ def test_metrics_move_with_traffic(cluster: Cluster):
     assert after[("udpflannel_lease_expiry_timestamp_seconds", ())] > time.time() + 23 * 3600
 
 
-def test_etcd_down_15s_forwarding_continues_then_reconnects(cluster: Cluster):
-    start(cluster, 1, 2)
+def test_not_ready_until_config_then_etcd_down_15s_forwarding_continues(cluster: Cluster):
+    cluster.etcd.ctl("del", f"{PREFIX}/config")
+    cluster.start_node(1)
+    wait_for(lambda: "Couldn't fetch network config" in cluster.nodes[1].log(), timeout=10, what="the config retry log line")
+    assert http_get(cluster, 1, "/readyz") == (503, "flanneld is not ready yet")
+    cluster.put_config(CONFIG)
+    cluster.wait_ready(1)
+    cluster.add_pod(1)
+    start(cluster, 2)
     pod1, pod2 = cluster.nodes[1].pod, cluster.nodes[2].pod
     pinger = pod1.popen(["ping", "-n", "-q", "-c", "90", "-i", "0.2", "-W", "1", str(pod2.address)],
                         stdout=subprocess.PIPE, text=True)
