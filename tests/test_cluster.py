@@ -191,6 +191,10 @@ def test_not_ready_until_config_then_etcd_down_15s_forwarding_continues(cluster:
     cluster.start_node(1)
     wait_for(lambda: "Couldn't fetch network config" in cluster.nodes[1].log(), timeout=10, what="the config retry log line")
     assert http_get(cluster, 1, "/readyz") == (503, "flanneld is not ready yet")
+    cluster.put_config({"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Port": 0}})  # flannel accepts port 0
+    wait_for(lambda: "Backend.Port: must be between 1 and 65535" in cluster.nodes[1].log(), timeout=10,
+             what="the bad config refused, naming the field")
+    assert http_get(cluster, 1, "/readyz")[0] == 503
     cluster.put_config(CONFIG)
     cluster.wait_ready(1)
     cluster.add_pod(1)
