@@ -1,0 +1,418 @@
+"""The two-node benchmark lab and the dataplanes measured on it.
+
+Every row of the benchmark is a :class:`Dataplane` set up on a fresh two-node lab with the same
+topology (``udpflannel.lab.netns``: an underlay bridge in a hub namespace, two nodes, one pod behind
+``cni0`` on each)::
+
+    pod n1p2 10.5.1.2 ── cni0 ── node n1 198.18.0.1 ══ underlay br0 ══ node n2 198.18.0.2 ── cni0 ── pod n2p2 10.5.2.2
+
+A dataplane only decides how node 1 reaches ``10.5.2.0/24`` and back, and which MTU the pods get:
+
+- :class:`KernelVxlan` — exactly flannel's vxlan backend: ``flannel.1``, VNI 1, port 8472, no learning,
+  a permanent neighbour and FDB entry per peer, ``10.5.2.0/24 via 10.5.2.0 dev flannel.1 onlink``, MTU − 50;
+- :class:`HostGw` — flannel's host-gw backend: ``10.5.2.0/24 via 198.18.0.2``, MTU unchanged;
+- :class:`UdpflannelStatic` — ``python -m udpflannel static`` on each node (one row per set of extra flags,
+  e.g. a future ``--no-fast-path``);
+- :class:`External` — any command started on each node with placeholders filled in.
+
+The lifecycle the harness drives: ``setup(topo)`` (kernel configuration, before the pods exist),
+``start()`` (processes; the pod MTU is known afterwards), then per traffic group ``start()`` if not
+``running``, measure, ``stop()`` — which for a dataplane with counters ends the processes and returns
+the counters of that group (kernel dataplanes keep running and return ``None``). ``pids()`` are the
+processes whose CPU time and context switches are charged to the dataplane.
+
+To add the etcd-backed daemon as a row: a subclass whose ``setup`` starts etcd in ``topo.hub`` and whose
+``start`` runs ``udpflannel --etcd-endpoints ...`` on each node, registered in :func:`builtin_dataplanes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from udpflannel.lab.netns import Lab, Netns, Node, Pod
+
+NETWORK = IPv4Network("10.5.0.0/16")
+SUBNETS = {1: IPv4Network("10.5.1.0/24"), 2: IPv4Network("10.5.2.0/24")}
+UNDERLAY_MTU = 1500
+FLANNEL_UDP_PORT = 8285
+VXLAN_PORT = 8472
+VXLAN_VNI = 1
+VXLAN_OVERHEAD = 50
+UDP_OVERHEAD = 28
+
+
+class DataplaneError(RuntimeError):
+    """A dataplane could not be set up or started; its row is reported as unsupported with this reason."""
+
+
+@dataclass
+class Topology:
+    """Two nodes (and, once the MTU is known, two pods) in one lab; ``workdir`` holds logs."""
+
+    lab: Lab
+    nodes: dict[int, Node]
+    workdir: Path
+    pods: dict[int, Pod] = field(default_factory=dict)
+
+    @property
+    def hub(self) -> Netns:
+        assert self.lab.hub is not None
+        return self.lab.hub
+
+    @staticmethod
+    def peer(index: int) -> int:
+        return 3 - index
+
+
+def build_nodes(lab: Lab, workdir: Path) -> Topology:
+    lab.add_hub()
+    nodes = {i: lab.add_node(i, mtu=UNDERLAY_MTU) for i in (1, 2)}
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Topology(lab=lab, nodes=nodes, workdir=workdir)
+
+
+def add_pods(topo: Topology, mtu: int) -> None:
+    """One pod behind ``cni0`` on each node, with the MTU the dataplane asks for (as the CNI plugin would)."""
+    for i, node in topo.nodes.items():
+        gateway = f"{SUBNETS[i].network_address + 1}/{SUBNETS[i].prefixlen}"
+        topo.pods[i] = topo.lab.add_pod(node, gateway, mtu=mtu)
+
+
+def wait_reachable(topo: Topology, *, timeout: float = 15.0) -> None:
+    """Pod 1 pings pod 2 until one reply comes back (bounded by ``timeout``)."""
+    target = str(topo.pods[2].address)
+    deadline = time.monotonic() + timeout
+    last = ""
+    for _ in range(int(timeout / 0.2) + 1):
+        proc = topo.pods[1].run("ping", "-n", "-c", "1", "-W", "1", target, check=False, timeout=5)
+        if proc.returncode == 0:
+            return
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    raise DataplaneError(f"pod {topo.pods[1].address} cannot reach {target} after {timeout:.0f}s ({last[0]})")
+
+
+class Dataplane:
+    """One row of the benchmark. Subclasses override what they need; the defaults suit kernel dataplanes."""
+
+    kind = "kernel"  # "kernel" (softirq, no process) or "userspace" (processes we can account for)
+    has_counters = False  # stop() returns per-group counters (so the harness restarts it per group)
+
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        self.description = description
+        self.pod_mtu = UNDERLAY_MTU
+        self.topo: Topology | None = None
+
+    @property
+    def running(self) -> bool:
+        return True
+
+    def setup(self, topo: Topology) -> None:
+        self.topo = topo
+
+    def start(self) -> None:
+        """Start the dataplane's processes (no-op for kernel dataplanes)."""
+
+    def stop(self) -> dict | None:
+        """Stop the processes; return ``{"nodes": {i: counters}, "total": counters}`` or ``None``."""
+        return None
+
+    def pids(self) -> list[int]:
+        return []
+
+    def node_pids(self, index: int) -> list[int]:
+        return []
+
+    def teardown(self) -> None:
+        """Stop everything; the lab deletes the namespaces (and with them every device and route)."""
+        if self.running and self.kind != "kernel":
+            self.stop()
+
+
+class HostGw(Dataplane):
+    """flannel's host-gw backend: a plain route to each peer's subnet via its underlay address."""
+
+    def __init__(self, name: str = "host-gw") -> None:
+        super().__init__(name, "kernel routing, no encapsulation (flannel host-gw)")
+
+    def setup(self, topo: Topology) -> None:
+        super().setup(topo)
+        self.pod_mtu = UNDERLAY_MTU
+        for i, node in topo.nodes.items():
+            peer = topo.nodes[topo.peer(i)]
+            node.ip("route", "replace", str(SUBNETS[topo.peer(i)]), "via", str(peer.address), "dev", "eth0")
+
+
+def vtep_mac(index: int) -> str:
+    """flannel picks a random locally administered MAC; a fixed one per node keeps the lab reproducible."""
+    return f"0e:f1:a0:00:00:{index:02x}"
+
+
+class KernelVxlan(Dataplane):
+    """flannel's vxlan backend (``pkg/backend/vxlan``), configured with ``ip`` and ``bridge``.
+
+    Device ``flannel.1`` (VNI 1, ``local`` = the node's address, ``dev eth0``, ``dstport 8472``,
+    ``nolearning``, MTU = eth0 MTU − 50, the lease's network address as /32, ``accept_ra`` 0); per peer
+    a permanent neighbour entry (peer's flannel.1 address → peer's VTEP MAC), a permanent FDB entry
+    (VTEP MAC → peer's underlay address) and ``<peer subnet> via <peer subnet address> dev flannel.1 onlink``.
+    """
+
+    def __init__(self, name: str = "vxlan") -> None:
+        super().__init__(name, "kernel VXLAN exactly as flannel's vxlan backend")
+
+    def setup(self, topo: Topology) -> None:
+        super().setup(topo)
+        self.pod_mtu = UNDERLAY_MTU - VXLAN_OVERHEAD
+        for i, node in topo.nodes.items():
+            node.ip("link", "add", "flannel.1", "address", vtep_mac(i), "mtu", str(self.pod_mtu), "type", "vxlan",
+                    "id", str(VXLAN_VNI), "local", str(node.address), "dev", "eth0", "dstport", str(VXLAN_PORT),
+                    "nolearning")
+            node.sysctl("net.ipv6.conf.flannel/1.accept_ra", "0")  # '/' stands for the '.' in the device name
+            node.ip("addr", "add", f"{SUBNETS[i].network_address}/32", "dev", "flannel.1")
+            node.ip("link", "set", "flannel.1", "up")
+        for i, node in topo.nodes.items():
+            j = topo.peer(i)
+            peer_vtep = str(SUBNETS[j].network_address)
+            node.ip("neigh", "replace", peer_vtep, "lladdr", vtep_mac(j), "dev", "flannel.1", "nud", "permanent")
+            node.run("bridge", "fdb", "replace", vtep_mac(j), "dev", "flannel.1", "dst", str(topo.nodes[j].address),
+                     "self", "permanent")
+            node.ip("route", "replace", str(SUBNETS[j]), "via", peer_vtep, "dev", "flannel.1", "onlink")
+
+
+def read_subnet_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+class ProcessDataplane(Dataplane):
+    """A dataplane made of one process (tree) per node, started with ``ip netns exec``."""
+
+    kind = "userspace"
+
+    def __init__(self, name: str, description: str) -> None:
+        super().__init__(name, description)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return bool(self.procs) and all(p.poll() is None for p in self.procs.values())
+
+    def command(self, index: int) -> list[str]:
+        raise NotImplementedError
+
+    def subnet_file(self, index: int) -> Path:
+        assert self.topo is not None
+        return self.topo.workdir / f"{self.name}-n{index}.env"
+
+    def ready_file(self, index: int) -> Path | None:
+        """A file the process writes when it is ready (``None``: readiness is a ping through it)."""
+        return None
+
+    def start(self) -> None:
+        assert self.topo is not None
+        self.starts += 1
+        for i, node in self.topo.nodes.items():
+            ready = self.ready_file(i)
+            if ready is not None:
+                ready.unlink(missing_ok=True)
+            self.logs[i] = self.topo.workdir / f"{self.name}-n{i}-{self.starts}.log"
+            with open(self.logs[i], "wb") as log:
+                self.procs[i] = node.popen(self.command(i), stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for i in self.topo.nodes:
+            self._wait_ready(i)
+
+    def _wait_ready(self, index: int, timeout: float = 20.0) -> None:
+        ready = self.ready_file(index)
+        if ready is None:
+            return
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 1):
+            if ready.exists():
+                env = read_subnet_env(ready)
+                if "FLANNEL_MTU" in env:
+                    self.pod_mtu = int(env["FLANNEL_MTU"])
+                return
+            if self.procs[index].poll() is not None:
+                raise DataplaneError(f"{self.name} on node {index} exited {self.procs[index].returncode}: "
+                                     f"{self.log_tail(index)}")
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise DataplaneError(f"{self.name} on node {index} did not write {ready.name} within {timeout:.0f}s: "
+                             f"{self.log_tail(index)}")
+
+    def log_tail(self, index: int, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.logs[index].read_text(errors="replace").strip().splitlines()[-lines:])
+        except (OSError, KeyError):
+            return "(no log)"
+
+    def stop(self) -> dict | None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        for i, proc in self.procs.items():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+                raise DataplaneError(f"{self.name} on node {i} ignored SIGTERM for 5s") from None
+        self.procs.clear()
+        return None
+
+    def node_pids(self, index: int) -> list[int]:
+        proc = self.procs.get(index)
+        return process_tree(proc.pid) if proc is not None and proc.poll() is None else []
+
+    def pids(self) -> list[int]:
+        return [pid for i in sorted(self.procs) for pid in self.node_pids(i)]
+
+
+COUNTERS_LINE = re.compile(r"counters (\{.*\})\s*$", re.MULTILINE)
+COUNTED_SYSCALLS = ("tun_reads", "tun_writes", "udp_recvs", "udp_sends")
+
+
+class UdpflannelStatic(ProcessDataplane):
+    """``python -m udpflannel static`` on both nodes; ``extra_args`` make further rows (fast-path settings)."""
+
+    has_counters = True
+
+    def __init__(self, name: str = "udpflannel", extra_args: list[str] | None = None) -> None:
+        self.extra_args = list(extra_args or [])
+        flags = f" {' '.join(self.extra_args)}" if self.extra_args else ""
+        super().__init__(name, f"udpflannel static mode, per-packet path{flags}")
+        self.pod_mtu = UNDERLAY_MTU - UDP_OVERHEAD
+
+    def ready_file(self, index: int) -> Path | None:
+        return self.subnet_file(index)
+
+    def command(self, index: int) -> list[str]:
+        assert self.topo is not None
+        peer = self.topo.peer(index)
+        return [sys.executable, "-m", "udpflannel", "static", "--iface", "eth0", "--subnet", str(SUBNETS[index]),
+                "--network", str(NETWORK), "--route", f"{SUBNETS[peer]}={self.topo.nodes[peer].address}",
+                "--port", str(FLANNEL_UDP_PORT), "--subnet-file", str(self.subnet_file(index)), *self.extra_args]
+
+    def stop(self) -> dict | None:
+        indices = list(self.procs)
+        super().stop()
+        per_node = {i: parse_counters(self.logs[i]) for i in indices}
+        missing = [i for i, c in per_node.items() if c is None]
+        if missing:
+            raise DataplaneError(f"{self.name}: no counters line in the log of node(s) {missing}: {self.log_tail(missing[0])}")
+        return {"nodes": per_node, "total": sum_counters(list(per_node.values()))}
+
+
+def parse_counters(log: Path) -> dict | None:
+    """The JSON counters udpflannel logs when it stops (``... stopping; counters {...}``)."""
+    matches = COUNTERS_LINE.findall(log.read_text(errors="replace"))
+    return json.loads(matches[-1]) if matches else None
+
+
+def sum_counters(items: list[dict]) -> dict:
+    """Sum the integer counters of several nodes; ``syscalls`` and ``packets`` as udpflannel defines them."""
+    total: dict[str, int] = {}
+    for item in items:
+        for key, value in item.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    total["syscalls"] = sum(total.get(k, 0) for k in COUNTED_SYSCALLS)
+    total["packets"] = total.get("tun_packets", 0) + total.get("udp_packets", 0)
+    return total
+
+
+PLACEHOLDERS = ("node", "index", "iface", "address", "subnet", "network", "peer_subnet", "peer_address",
+                "port", "subnet_file", "mtu")
+
+
+class External(ProcessDataplane):
+    """Any dataplane started by a command line, run (through ``sh -c``) inside each node's namespace.
+
+    Placeholders: ``{node}`` namespace name, ``{index}`` 1 or 2, ``{iface}`` eth0, ``{address}`` the node's
+    underlay address, ``{subnet}``/``{peer_subnet}`` the two pod subnets, ``{peer_address}``, ``{network}``
+    10.5.0.0/16, ``{port}`` 8285, ``{mtu}`` the underlay MTU, ``{subnet_file}`` a path: if the command
+    uses it, the harness waits for that file and takes the pod MTU from its ``FLANNEL_MTU``; otherwise
+    the pods get ``default_mtu`` and readiness is a ping from pod to pod.
+    """
+
+    def __init__(self, name: str, template: str, default_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD) -> None:
+        super().__init__(name, f"external command: {template}")
+        self.template = template
+        self.pod_mtu = default_mtu
+        try:
+            self.template.format(**{k: "" for k in PLACEHOLDERS})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataplaneError(f"--external {name}: bad placeholder {exc}; known: {', '.join(PLACEHOLDERS)}") from exc
+
+    def ready_file(self, index: int) -> Path | None:
+        return self.subnet_file(index) if "{subnet_file}" in self.template else None
+
+    def command(self, index: int) -> list[str]:
+        assert self.topo is not None
+        node, peer = self.topo.nodes[index], self.topo.peer(index)
+        values = {
+            "node": node.name, "index": index, "iface": "eth0", "address": node.address, "subnet": SUBNETS[index],
+            "network": NETWORK, "peer_subnet": SUBNETS[peer], "peer_address": self.topo.nodes[peer].address,
+            "port": FLANNEL_UDP_PORT, "subnet_file": self.subnet_file(index), "mtu": node.mtu,
+        }
+        return ["sh", "-c", "exec " + self.template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})]
+
+
+def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: dict[str, str] | None = None,
+                       external_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD) -> dict[str, Dataplane]:
+    """The rows by name, in table order: udpflannel (and its variants), externals, then the references."""
+    rows: dict[str, Dataplane] = {"udpflannel": UdpflannelStatic()}
+    for name, args in (variants or {}).items():
+        rows[name] = UdpflannelStatic(name, args)
+    for name, template in (externals or {}).items():
+        rows[name] = External(name, template, external_mtu)
+    rows["vxlan"] = KernelVxlan()
+    rows["host-gw"] = HostGw()
+    return rows
+
+
+# -- processes --------------------------------------------------------------------------------------------
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants (an external command may fork workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    for _ in range(10000):  # bounded walk
+        if not todo:
+            break
+        pid = todo.pop()
+        if os.path.exists(f"/proc/{pid}"):
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,368 @@
+"""Measurements: traffic generators run in the pods, and counters read from /proc and the interfaces.
+
+Each traffic group (TCP 1 stream, TCP 4 streams, request/response, UDP 64 B, UDP 1400 B) runs between
+two :func:`snapshot` calls; :func:`window` turns the pair into what the dataplane cost in that time:
+
+- CPU: ``utime + stime`` of the dataplane processes (``/proc/<pid>/stat``), and the machine's
+  ``/proc/stat`` split (user, system, softirq, ...). Kernel dataplanes have no process: their
+  comparable figure is system + softirq + irq time of the whole machine, which also contains the
+  traffic generators' own kernel work (stated in the report);
+- context switches: ``voluntary_ctxt_switches`` / ``nonvoluntary_ctxt_switches`` summed over every
+  thread in ``/proc/<pid>/task/*/status``;
+- packets and bytes: ``ip -s -j link`` of both nodes' ``eth0`` (underlay) and both pods' ``eth0``.
+
+Nothing here asserts timing; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.lab import Dataplane, Topology
+from udpflannel.lab.netns import Netns
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+RR_TOOL = Path(__file__).with_name("rr.py")
+IPERF_PORT = 5201
+RR_PORT = 5300
+RR_SIZE = 64
+
+
+class MeasureError(RuntimeError):
+    """One measurement failed; the harness records the reason for that repeat and carries on."""
+
+
+# -- /proc ----------------------------------------------------------------------------------------------------
+def read_cpu_stat() -> dict[str, float]:
+    """The machine's CPU time in seconds since boot, all CPUs summed, by ``/proc/stat`` column."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    return {name: int(v) / CLK_TCK for name, v in zip(STAT_FIELDS, parts[1:], strict=False)}
+
+
+def busy_seconds(stat: dict[str, float]) -> float:
+    """Non-idle CPU time that this machine's own work used (steal and iowait are not)."""
+    return sum(stat.get(k, 0.0) for k in ("user", "nice", "system", "irq", "softirq"))
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """``utime + stime`` of a process (all its threads, live and exited), in seconds; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def proc_ctxsw(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches summed over the process's threads."""
+    vol = invol = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
+
+
+def link_stats(ns: Netns, dev: str = "eth0") -> dict[str, int]:
+    out = ns.ip("-s", "-j", "link", "show", "dev", dev).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return {
+        "rx_packets": stats["rx"]["packets"], "rx_bytes": stats["rx"]["bytes"], "rx_dropped": stats["rx"]["dropped"],
+        "tx_packets": stats["tx"]["packets"], "tx_bytes": stats["tx"]["bytes"], "tx_dropped": stats["tx"]["dropped"],
+    }
+
+
+def machine_busy_fraction(seconds: float = 0.5) -> float:
+    """How busy the machine is before we start (other people's work skews every figure)."""
+    a, t0 = read_cpu_stat(), time.monotonic()
+    time.sleep(seconds)
+    b, t1 = read_cpu_stat(), time.monotonic()
+    return (busy_seconds(b) - busy_seconds(a)) / ((t1 - t0) * (os.cpu_count() or 1))
+
+
+@dataclass
+class Snapshot:
+    time: float
+    cpu: dict[str, float]
+    pids: list[int]
+    proc_cpu: float
+    ctx: tuple[int, int]
+    nodes: dict[int, dict[str, int]]
+    pods: dict[int, dict[str, int]]
+
+
+def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None) -> Snapshot:
+    pids = dp.pids() if pids is None else pids
+    ctx = [proc_ctxsw(p) for p in pids]
+    return Snapshot(
+        time=time.monotonic(), cpu=read_cpu_stat(), pids=pids,
+        proc_cpu=sum(proc_cpu_seconds(p) for p in pids),
+        ctx=(sum(c[0] for c in ctx), sum(c[1] for c in ctx)),
+        nodes={i: link_stats(n) for i, n in topo.nodes.items()},
+        pods={i: link_stats(p) for i, p in topo.pods.items()},
+    )
+
+
+def window(a: Snapshot, b: Snapshot) -> dict:
+    """What happened between two snapshots of the same dataplane processes."""
+    cpu = {k: round(b.cpu[k] - a.cpu[k], 4) for k in a.cpu}
+    return {
+        "seconds": round(b.time - a.time, 4),
+        "machine_cpu": cpu,
+        "machine_busy_s": round(busy_seconds(b.cpu) - busy_seconds(a.cpu), 4),
+        "kernel_cpu_s": round(cpu["system"] + cpu["softirq"] + cpu["irq"], 4),
+        "dataplane_cpu_s": round(b.proc_cpu - a.proc_cpu, 4) if a.pids else None,
+        "ctx_voluntary": b.ctx[0] - a.ctx[0] if a.pids else None,
+        "ctx_involuntary": b.ctx[1] - a.ctx[1] if a.pids else None,
+        "underlay_packets": sum(b.nodes[i][k] - a.nodes[i][k] for i in a.nodes for k in ("rx_packets", "tx_packets")),
+        "underlay_bytes": sum(b.nodes[i][k] - a.nodes[i][k] for i in a.nodes for k in ("rx_bytes", "tx_bytes")),
+        "pod_tx_packets": b.pods[1]["tx_packets"] - a.pods[1]["tx_packets"],
+        "pod_rx_packets": b.pods[2]["rx_packets"] - a.pods[2]["rx_packets"],
+        "pod_rx_bytes": b.pods[2]["rx_bytes"] - a.pods[2]["rx_bytes"],
+    }
+
+
+# -- servers in pod 2 -----------------------------------------------------------------------------------------
+def wait_listening(ns: Netns, port: int, proto: str = "t", timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.05) + 1):
+        out = ns.run("ss", f"-Hln{proto}", "sport", "=", f":{port}", check=False).stdout
+        if out.strip():
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    raise MeasureError(f"nothing listens on port {port} in {ns.name} after {timeout:.0f}s")
+
+
+def start_servers(topo: Topology) -> dict[str, subprocess.Popen]:
+    """iperf3 and the request/response echo server in pod 2, for the lab's lifetime."""
+    pod = topo.pods[2]
+    servers = {
+        "iperf3": pod.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        "rr": pod.popen([sys.executable, str(RR_TOOL), "server", str(RR_PORT), str(RR_SIZE)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    }
+    wait_listening(pod, IPERF_PORT)
+    wait_listening(pod, RR_PORT)
+    return servers
+
+
+def restart_iperf_server(topo: Topology, servers: dict[str, subprocess.Popen]) -> None:
+    """After a failed test iperf3's server can stay busy; a fresh one keeps the next test clean."""
+    old = servers["iperf3"]
+    if old.poll() is None:
+        os.killpg(old.pid, signal.SIGKILL)
+        old.wait(timeout=5)
+    servers["iperf3"] = topo.pods[2].popen(["iperf3", "-s", "-p", str(IPERF_PORT)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(topo.pods[2], IPERF_PORT)
+
+
+# -- generators in pod 1 --------------------------------------------------------------------------------------
+def iperf3(topo: Topology, args: list[str], duration: float) -> dict:
+    target = str(topo.pods[2].address)
+    cmd = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-J", "--connect-timeout", "3000", *args]
+    try:
+        proc = topo.pods[1].run(*cmd, check=False, timeout=duration + 20)
+    except subprocess.TimeoutExpired as exc:
+        raise MeasureError(f"iperf3 {' '.join(args)} did not finish within {duration + 20:.0f}s") from exc
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise MeasureError(f"iperf3 {' '.join(args)} printed no JSON (exit {proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()[:200]}") from exc
+    if data.get("error") or proc.returncode != 0:
+        raise MeasureError(f"iperf3 {' '.join(args)}: {data.get('error') or f'exit {proc.returncode}'}")
+    return data
+
+
+def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int) -> dict:
+    data = iperf3(topo, ["-t", str(duration), "-P", str(streams), "-O", str(omit)], duration + omit)
+    end = data["end"]
+    cpu = end.get("cpu_utilization_percent", {})
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "bytes": end["sum_received"]["bytes"],
+        "seconds": end["sum_received"]["seconds"],
+        "retransmits": end["sum_sent"].get("retransmits"),
+        "sender_cpu_pct": cpu.get("host_total"),
+        "receiver_cpu_pct": cpu.get("remote_total"),
+    }
+
+
+def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
+    """iperf3 UDP at full speed (``-b 0``) with ``payload``-byte datagrams; rates counted on the pods' eth0.
+
+    Offered = packets pod 1's eth0 sent; delivered = packets pod 2's eth0 received. If the dataplane
+    delivered ≥ 95 % of what was offered, the generator set the pace: the figure is a lower bound
+    (``generator_limited``). The generator's own CPU (iperf3's ``host_total``) is reported alongside.
+    """
+    before = {1: link_stats(topo.pods[1]), 2: link_stats(topo.pods[2])}
+    data = iperf3(topo, ["-u", "-b", "0", "-l", str(payload), "-t", str(duration)], duration)
+    after = {1: link_stats(topo.pods[1]), 2: link_stats(topo.pods[2])}
+    end = data["end"]
+    seconds = end["sum"]["seconds"] or duration
+    offered = after[1]["tx_packets"] - before[1]["tx_packets"]
+    delivered = after[2]["rx_packets"] - before[2]["rx_packets"]
+    ratio = delivered / offered if offered else 0.0
+    return {
+        "payload": payload,
+        "seconds": seconds,
+        "offered_pps": offered / seconds,
+        "delivered_pps": delivered / seconds,
+        "delivered_fraction": round(ratio, 4),
+        "generator_limited": ratio >= 0.95,
+        "generator_cpu_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
+        "iperf_sent_packets": end["sum"].get("packets"),
+        "iperf_lost_percent": end["sum"].get("lost_percent"),
+    }
+
+
+def generator_ceiling(pod: Netns, payload: int, duration: float) -> dict:
+    """What the UDP generator offers when the path is trivial: iperf3 to a server on loopback in the same pod.
+
+    Compared with a row's offered rate, it tells the generator's own cost from the forwarding work the
+    kernel does synchronously inside the generator's ``sendto`` (on veth, a packet's whole kernel path
+    runs on the sending CPU).
+    """
+    port = IPERF_PORT + 1
+    server = pod.popen(["iperf3", "-s", "-1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(pod, port)
+        cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-J", "-u", "-b", "0", "-l", str(payload), "-t", str(duration)]
+        proc = pod.run(*cmd, check=False, timeout=duration + 20)
+        data = json.loads(proc.stdout or "{}")
+        if data.get("error") or "end" not in data:
+            raise MeasureError(f"iperf3 to loopback: {data.get('error') or proc.stderr.strip()[:200]}")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=5)
+    end = data["end"]
+    return {"payload": payload, "offered_pps": end["sum"]["packets"] / (end["sum"]["seconds"] or duration),
+            "generator_cpu_pct": end.get("cpu_utilization_percent", {}).get("host_total")}
+
+
+def request_response(client: Netns, target: str, count: int, max_seconds: float, warmup: int = 100) -> dict:
+    args = [sys.executable, str(RR_TOOL), "client", target, str(RR_PORT), str(RR_SIZE), str(count), str(warmup),
+            str(max_seconds)]
+    try:
+        proc = client.run(*args, check=False, timeout=max_seconds + 15)
+    except subprocess.TimeoutExpired as exc:
+        raise MeasureError(f"request/response client did not finish within {max_seconds + 15:.0f}s") from exc
+    if proc.returncode != 0:
+        raise MeasureError(f"request/response client exited {proc.returncode}: {proc.stderr.strip()[-200:]}")
+    return json.loads(proc.stdout)
+
+
+# -- strace cross-check ---------------------------------------------------------------------------------------
+DATA_SYSCALLS = ("read", "readv", "write", "writev", "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg")
+STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)\s*$")
+
+
+def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
+    """``strace -c`` table → {syscall: {"calls": n, "errors": e}} (the ``total`` row excluded)."""
+    rows = {}
+    for line in text.splitlines():
+        m = STRACE_ROW.match(line)
+        if m and m.group(3) != "total":
+            rows[m.group(3)] = {"calls": int(m.group(1)), "errors": int(m.group(2) or 0)}
+    return rows
+
+
+def strace_check(dp: Dataplane, topo: Topology, duration: float) -> dict:
+    """Count node 1's dataplane syscalls with ``strace -c -f`` during a TCP transfer; compare to its counters.
+
+    strace slows every syscall down a lot, so the transfer's rate here means nothing; the ratio of
+    syscalls to packets is what is compared. The dataplane is restarted for this, so the counters
+    cover the traced window plus start-up and the readiness ping (a handful of packets).
+    """
+    pids = dp.node_pids(1)
+    if not pids:
+        raise MeasureError("no dataplane process on node 1 to trace")
+    out = topo.workdir / f"strace-{dp.name}.txt"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pids[0]), "-o", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        attached = _wait_for_line(tracer, "attached", timeout=5.0)
+        if not attached:
+            raise MeasureError(f"strace did not attach to pid {pids[0]} within 5s (needs ptrace; "
+                               f"exit {tracer.poll()})")
+        before = link_stats(topo.nodes[1])
+        traffic = tcp_throughput(topo, streams=1, duration=duration, omit=0)
+        after = link_stats(topo.nodes[1])
+    finally:
+        if tracer.poll() is None:
+            tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(tracer.pid, signal.SIGKILL)
+            tracer.wait(timeout=5)
+    counters = dp.stop()
+    rows = parse_strace_summary(out.read_text() if out.exists() else "")
+    if not rows:
+        raise MeasureError(f"strace wrote no summary ({out})")
+    node_counters = counters["nodes"][1] if counters else {}
+    counted = sum(node_counters.get(k, 0) for k in ("tun_reads", "tun_writes", "udp_recvs", "udp_sends"))
+    packets = node_counters.get("tun_packets", 0) + node_counters.get("udp_packets", 0)
+    data_calls = sum(rows[k]["calls"] for k in DATA_SYSCALLS if k in rows)
+    all_calls = sum(r["calls"] for r in rows.values())
+    eth_packets = (after["tx_packets"] - before["tx_packets"]) + (after["rx_packets"] - before["rx_packets"])
+    return {
+        "dataplane": dp.name, "node": 1, "pid": pids[0], "transfer_seconds": traffic["seconds"],
+        "packets_counters": packets, "packets_eth0_window": eth_packets,
+        "syscalls_counters": counted,
+        "syscalls_strace_data": data_calls,
+        "syscalls_strace_all": all_calls,
+        "counters_per_packet": round(counted / packets, 3) if packets else None,
+        "strace_data_per_packet": round(data_calls / packets, 3) if packets else None,
+        "strace_all_per_packet": round(all_calls / packets, 3) if packets else None,
+        "strace_vs_counters": round(data_calls / counted, 4) if counted else None,
+        "by_syscall": {k: v for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["calls"])[:12]},
+    }
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> bool:
+    """Read ``proc``'s stderr until a line contains ``needle`` (bounded by ``timeout``)."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    deadline = time.monotonic() + timeout
+    buf = b""
+    for _ in range(1000):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return False
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return False
+        buf += chunk
+        if needle.encode() in buf:
+            return True
+    return False
