@@ -1,0 +1,223 @@
+"""The run loop: for each repeat, each dataplane on a fresh lab, each traffic group between two snapshots.
+
+Rows are interleaved (the order rotates every repeat), so slow drift of the machine — other work,
+thermal, page cache — spreads over all rows instead of biasing the last one. Every lab is closed in
+``finally``; :data:`OPEN_LABS` lets the signal handler in ``__main__`` close whatever is still open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.lab import Dataplane, DataplaneError, Topology, add_pods, build_nodes, wait_reachable
+from benchmarks.measure import (
+    MeasureError,
+    generator_ceiling,
+    machine_busy_fraction,
+    request_response,
+    restart_iperf_server,
+    snapshot,
+    start_servers,
+    strace_check,
+    tcp_throughput,
+    udp_flood,
+    window,
+)
+from udpflannel.lab.netns import Lab
+
+OPEN_LABS: set[Lab] = set()
+# Namespaces are named <tag>-<host>. Other labs use "uf" + 6 hex digits, so "ufbench" (not hex) never collides.
+LAB_PREFIX = "ufbench"
+GROUPS = ("tcp1", "tcp4", "rr", "udp64", "udp1400")
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeat: int
+    tcp_seconds: int
+    omit: int
+    udp_seconds: int
+    rr_count: int
+    rr_max_seconds: float
+    strace_seconds: int
+
+    def describe(self) -> str:
+        return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
+                f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s)")
+
+
+FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3)
+QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1)
+
+
+class Progress:
+    """One line per step on stderr, with the time since the run started."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.t0 = time.monotonic()
+        self.stream = stream
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {message}", file=self.stream, flush=True)
+
+
+def run_group(name: str, topo: Topology, s: Settings) -> dict:
+    if name == "tcp1":
+        return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit)
+    if name == "tcp4":
+        return tcp_throughput(topo, streams=4, duration=s.tcp_seconds, omit=s.omit)
+    if name == "rr":
+        return request_response(topo.pods[1], str(topo.pods[2].address), s.rr_count, s.rr_max_seconds)
+    if name.startswith("udp"):
+        return udp_flood(topo, int(name[3:]), s.udp_seconds)
+    raise ValueError(name)
+
+
+def summary(name: str, result: dict) -> str:
+    if "error" in result:
+        return f"FAILED: {result['error']}"
+    if name.startswith("tcp"):
+        return f"{result['gbps']:.2f} Gb/s"
+    if name == "rr":
+        return f"p50 {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs ({result['n']} round trips)"
+    limited = ", generator-limited" if result["generator_limited"] else ""
+    return (f"{result['delivered_pps'] / 1e3:.0f} kpps delivered of {result['offered_pps'] / 1e3:.0f} kpps offered"
+            f" (generator CPU {result['generator_cpu_pct'] or 0:.0f}%{limited})")
+
+
+def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress, *, label: str,
+                  strace: bool = False, calibrate: bool = False) -> tuple[dict, dict | None, dict | None]:
+    """One repeat of one row on a fresh lab. Returns (run, strace result, tool calibration)."""
+    run: dict = {"groups": {}, "background_busy_pct": round(machine_busy_fraction(0.3) * 100, 1)}
+    strace_result = calibration = None
+    lab = Lab(tag=f"{LAB_PREFIX}{secrets.token_hex(3)}")
+    run["lab_tag"] = lab.tag
+    OPEN_LABS.add(lab)
+    try:
+        try:
+            topo = build_nodes(lab, workdir / f"{dp.name}-{label}")
+            dp.setup(topo)
+            dp.start()
+            add_pods(topo, dp.pod_mtu)
+            wait_reachable(topo)
+            servers = start_servers(topo)
+        except (DataplaneError, MeasureError, RuntimeError, OSError) as exc:
+            run["setup_error"] = f"{type(exc).__name__}: {exc}"
+            progress(f"{dp.name} {label}: set-up failed: {exc}")
+            return run, None, None
+        run["pod_mtu"] = dp.pod_mtu
+        for name in GROUPS:
+            run["groups"][name] = _measure_group(name, dp, topo, s, servers)
+            progress(f"{dp.name} {label} {name}: {summary(name, run['groups'][name])}")
+        if calibrate:
+            calibration = _calibrate(topo, s, progress)
+        if strace and dp.has_counters:
+            strace_result = _strace(dp, topo, s, progress)
+    finally:
+        with signals_deferred():
+            try:
+                dp.teardown()
+            except DataplaneError as exc:
+                progress(f"{dp.name}: teardown: {exc}")
+            finally:
+                lab.close()
+                OPEN_LABS.discard(lab)
+    return run, strace_result, calibration
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C/SIGTERM while a lab is torn down; a signal that came in is delivered right after."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _calibrate(topo: Topology, s: Settings, progress: Progress) -> dict:
+    """The tools' own limits, inside a pod over loopback: the request/response floor, the UDP generator ceiling."""
+    out: dict = {}
+    try:
+        out["rr"] = request_response(topo.pods[2], "127.0.0.1", s.rr_count, s.rr_max_seconds)
+        for size in (64, 1400):
+            out[f"udp{size}"] = generator_ceiling(topo.pods[1], size, s.udp_seconds)
+    except (MeasureError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        out["error"] = str(exc)
+        progress(f"calibration failed: {exc}")
+        return out
+    progress(f"tool limits over loopback in a pod: request/response p50 {out['rr']['p50_us']:.0f} µs; UDP generator "
+             f"{out['udp64']['offered_pps'] / 1e3:.0f} kpps (64 B), {out['udp1400']['offered_pps'] / 1e3:.0f} kpps (1400 B)")
+    return out
+
+
+def _measure_group(name: str, dp: Dataplane, topo: Topology, s: Settings, servers: dict) -> dict:
+    try:
+        if not dp.running:
+            dp.start()
+            wait_reachable(topo)
+    except DataplaneError as exc:
+        return {"error": f"restart failed: {exc}"}
+    pids = dp.pids()
+    before = snapshot(dp, topo, pids)
+    try:
+        result = run_group(name, topo, s)
+    except (MeasureError, RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+        restart_iperf_server(topo, servers)
+    result["window"] = window(before, snapshot(dp, topo, pids))
+    if dp.has_counters:
+        try:
+            counters = dp.stop()
+            result["counters"] = counters["total"] if counters else None
+        except DataplaneError as exc:
+            result.setdefault("error", str(exc))
+    if dp.kind != "kernel" and not pids:
+        result.setdefault("error", "the dataplane had no live process to account for")
+    return result
+
+
+def _strace(dp: Dataplane, topo: Topology, s: Settings, progress: Progress) -> dict:
+    try:
+        dp.start()
+        wait_reachable(topo)
+        result = strace_check(dp, topo, s.strace_seconds)
+    except (MeasureError, DataplaneError, OSError) as exc:
+        progress(f"strace cross-check failed: {exc}")
+        return {"error": str(exc)}
+    progress(f"strace cross-check: counters {result['counters_per_packet']} syscalls/pkt, strace "
+             f"{result['strace_data_per_packet']} data + all {result['strace_all_per_packet']} per pkt")
+    return result
+
+
+def run_all(dataplanes: dict[str, Dataplane], s: Settings, workdir: Path, progress: Progress) -> dict:
+    raw: dict = {"rows": {name: {"kind": dp.kind, "description": dp.description, "has_counters": dp.has_counters,
+                                 "runs": []} for name, dp in dataplanes.items()},
+                 "strace": None, "calibration": None}
+    names = list(dataplanes)
+    for rep in range(s.repeat):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            dp = dataplanes[name]
+            progress(f"repeat {rep + 1}/{s.repeat}: {name} — {dp.description}")
+            want_strace = raw["strace"] is None and dp.has_counters
+            want_calibration = raw["calibration"] is None
+            run, strace, calibration = run_dataplane(dp, s, workdir, progress, label=f"r{rep + 1}",
+                                                     strace=want_strace, calibrate=want_calibration)
+            raw["rows"][name]["runs"].append(run)
+            if strace is not None:
+                raw["strace"] = strace
+            if calibration is not None:
+                raw["calibration"] = calibration
+    return raw
