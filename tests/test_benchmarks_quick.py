@@ -1,0 +1,129 @@
+"""The benchmark harness: its quick mode end to end (root, namespaces), and its report rules on fake data.
+
+No timing is asserted: the quick run must produce the three outputs with every metric either measured
+or marked unsupported with a reason, fail no metric, and leave no namespace behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.runner import LAB_PREFIX
+from tests.conftest import require
+from udpflannel.lab.netns import leftover_namespaces
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("results.json", "results.md", "throughput.png", "latency.png", "packet_rate.png", "cpu_per_gb.png")
+
+
+def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_tools) -> None:
+    for tool in ("iperf3", "strace", "bridge", "ss"):
+        require(shutil.which(tool) is not None, f"needs `{tool}` (./dev setup installs it)")
+    require(importlib.util.find_spec("matplotlib") is not None, "needs matplotlib (the `bench` extra)")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not leftover_namespaces(LAB_PREFIX), "the benchmark left namespaces behind"
+    for name in OUTPUTS:
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"udpflannel", "vxlan", "host-gw"} <= set(results["rows"])
+    for row, data in results["rows"].items():
+        assert set(data["metrics"]) == {m.key for m in report.METRICS}
+        for key, agg in data["metrics"].items():
+            assert "median" in agg or agg.get("unsupported"), (row, key, agg)
+            assert not agg.get("failed"), (row, key, agg["unsupported"])
+    assert all("median" in agg for agg in results["rows"]["udpflannel"]["metrics"].values())
+    for ref in report.REFERENCES:
+        assert "ratio" in results["ratios"]["udpflannel"][ref]["tcp1_gbps"]
+    strace = results["strace_check"]
+    assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
+
+    md = (tmp_path / "results.md").read_text()
+    assert "| metric | udpflannel | vxlan | host-gw |" in md
+    assert "Ratio to vxlan" in md and "Ratio to host-gw" in md
+    assert "Not available" in md  # the kernel rows' per-process metrics, with their reasons
+
+
+# -- report rules on fake data (no root) -------------------------------------------------------------------
+def window(**kw) -> dict:
+    base = {"seconds": 1.0, "machine_busy_s": 2.0, "kernel_cpu_s": 1.0, "dataplane_cpu_s": 1.5,
+            "ctx_voluntary": 10, "ctx_involuntary": 20, "underlay_packets": 4000, "underlay_bytes": 10**9,
+            "pod_tx_packets": 1000, "pod_rx_packets": 1000, "pod_rx_bytes": 10**9}
+    return {**base, **kw}
+
+
+def fake_run(gbps: float, *, limited: bool = False, counters: bool = False) -> dict:
+    tcp = {"gbps": gbps, "window": window()}
+    if counters:
+        tcp["counters"] = {"packets": 2000, "syscalls": 4100, "tun_packets": 1000, "tun_wakeups": 50,
+                           "udp_packets": 1000, "udp_wakeups": 40}
+    udp = {"delivered_pps": 5e4, "offered_pps": 5e4 if limited else 9e4, "generator_limited": limited,
+           "generator_cpu_pct": 99.0, "window": window()}
+    return {"groups": {"tcp1": tcp, "tcp4": dict(tcp), "rr": {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()},
+                       "udp64": udp, "udp1400": dict(udp)}}
+
+
+def fake_raw() -> dict:
+    return {"rows": {
+        "udpflannel": {"kind": "userspace", "description": "", "has_counters": True,
+                       "runs": [fake_run(0.8, counters=True), fake_run(1.0, counters=True), {"setup_error": "boom"}]},
+        "vxlan": {"kind": "kernel", "description": "", "has_counters": False,
+                  "runs": [fake_run(9.0, limited=True), fake_run(10.0, limited=True), fake_run(11.0, limited=True)]},
+        "host-gw": {"kind": "kernel", "description": "", "has_counters": False, "runs": [fake_run(12.0, limited=True)]},
+    }}
+
+
+META = {"date": "d", "machine": "m", "machine_short": "m", "settings_text": "s", "commit": "c", "cpus": 2,
+        "background_busy_pct": 0.0, "background_busy_pct_max": 0.0, "rr_size": 64, "command": "x"}
+
+
+def test_median_spread_and_failed_repeats() -> None:
+    results = report.build_results(fake_raw(), META)
+    tcp = results["rows"]["udpflannel"]["metrics"]["tcp1_gbps"]
+    assert (tcp["median"], tcp["min"], tcp["max"], tcp["n"]) == (pytest.approx(0.9), 0.8, 1.0, 2)
+    assert tcp["failed_repeats"] == ["boom"]
+    assert results["rows"]["udpflannel"]["metrics"]["syscalls_per_pkt"]["median"] == 4100 / 2000
+    assert results["rows"]["vxlan"]["metrics"]["tcp1_gbps"]["median"] == 10.0
+
+
+def test_kernel_rows_mark_per_process_metrics_unsupported_with_a_reason() -> None:
+    metrics = report.build_results(fake_raw(), META)["rows"]["vxlan"]["metrics"]
+    for key in ("ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt"):
+        assert metrics[key]["unsupported"] and not metrics[key].get("failed")
+    assert "median" in metrics["cpu_s_per_gb"] and "median" in metrics["machine_cpu_s_per_gb"]
+
+
+def test_ratios_are_qualified_by_generator_limits_and_kinds() -> None:
+    ratios = report.build_results(fake_raw(), META)["ratios"]
+    assert ratios["udpflannel"]["vxlan"]["tcp1_gbps"] == {"ratio": pytest.approx(0.09), "qualifier": ""}
+    # vxlan's packet rate is a lower bound, so udpflannel's ratio to it is an upper bound
+    assert ratios["udpflannel"]["vxlan"]["udp64_kpps"]["qualifier"] == "≤"
+    assert ratios["host-gw"]["vxlan"]["udp64_kpps"]["qualifier"] == "~"
+    assert "not comparable" in ratios["udpflannel"]["vxlan"]["cpu_s_per_gb"]["unsupported"]
+    assert "ratio" in ratios["udpflannel"]["vxlan"]["machine_cpu_s_per_gb"]
+
+
+def test_every_metric_failing_is_flagged_as_failed() -> None:
+    raw = fake_raw()
+    raw["rows"]["udpflannel"]["runs"] = [{"setup_error": "no /dev/net/tun"}]
+    tcp = report.build_results(raw, META)["rows"]["udpflannel"]["metrics"]["tcp1_gbps"]
+    assert tcp["failed"] and "no /dev/net/tun" in tcp["unsupported"]
+
+
+def test_markdown_and_plots_render(tmp_path: Path) -> None:
+    require(importlib.util.find_spec("matplotlib") is not None, "needs matplotlib (the `bench` extra)")
+    paths = report.write_all(report.build_results(fake_raw(), META), tmp_path)
+    md = paths["md"].read_text()
+    assert "≥ 10.00" not in md and "0.90 (0.80–1.00) [2 of 3]" in md
+    assert "≥ 50" in md  # generator-limited packet rate is shown as a lower bound
+    assert all(p.stat().st_size > 0 for p in paths.values())
