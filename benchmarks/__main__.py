@@ -24,7 +24,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.lab import DataplaneError, builtin_dataplanes
 from benchmarks.measure import RR_SIZE, machine_busy_fraction
-from benchmarks.runner import FULL, OPEN_LABS, QUICK, Progress, Settings, run_all
+from benchmarks.runner import FULL, OPEN_LABS, QUICK, QUIET, Progress, Settings, run_all
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="an extra row: COMMAND runs in each node's namespace; placeholders {node} {index} {iface} "
                         "{address} {subnet} {peer_subnet} {peer_address} {network} {port} {mtu} {subnet_file}")
     p.add_argument("--external-mtu", type=int, default=1472, help="pod MTU for --external rows that write no subnet file")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each lab, wait up to SECONDS for other work on the machine to drop below 15%% CPU")
     p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     return p.parse_args(argv)
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         repeat=args.repeat or base.repeat, tcp_seconds=args.seconds or base.tcp_seconds, omit=base.omit,
         udp_seconds=args.seconds or base.udp_seconds, rr_count=base.rr_count, rr_max_seconds=base.rr_max_seconds,
-        strace_seconds=base.strace_seconds,
+        strace_seconds=base.strace_seconds, wait_idle=args.wait_idle,
     )
     out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
     workdir = out / "tmp" / "logs"
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True)
         busy = machine_busy_fraction(1.0)
         progress(f"rows: {', '.join(dataplanes)}; {settings.describe()}; machine {busy * 100:.0f}% busy before start")
-        if busy > 0.15:
+        if busy > QUIET:
             progress("warning: the machine is busy with other work; every figure below is skewed by it")
         raw = run_all(dataplanes, settings, workdir, progress)
         long, short = machine_description()

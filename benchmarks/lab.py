@@ -138,8 +138,6 @@ class Dataplane:
 
     def teardown(self) -> None:
         """Stop everything; the lab deletes the namespaces (and with them every device and route)."""
-        if self.running and self.kind != "kernel":
-            self.stop()
 
 
 class HostGw(Dataplane):
@@ -275,6 +273,10 @@ class ProcessDataplane(Dataplane):
                 raise DataplaneError(f"{self.name} on node {i} ignored SIGTERM for 5s") from None
         self.procs.clear()
         return None
+
+    def teardown(self) -> None:
+        if self.procs:
+            ProcessDataplane.stop(self)  # whatever is left, without reading counters
 
     def node_pids(self, index: int) -> list[int]:
         proc = self.procs.get(index)

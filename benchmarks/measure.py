@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -102,23 +103,33 @@ def machine_busy_fraction(seconds: float = 0.5) -> float:
     return (busy_seconds(b) - busy_seconds(a)) / ((t1 - t0) * (os.cpu_count() or 1))
 
 
+def own_cpu_seconds(live_pids: list[int]) -> float:
+    """CPU of this harness and everything it ran: itself, its reaped children (every short-lived
+    ``ip netns exec`` tool, iperf3 clients included) and the long-running processes not yet reaped."""
+    self_, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (self_.ru_utime + self_.ru_stime + children.ru_utime + children.ru_stime
+            + sum(proc_cpu_seconds(p) for p in live_pids))
+
+
 @dataclass
 class Snapshot:
     time: float
     cpu: dict[str, float]
     pids: list[int]
     proc_cpu: float
+    own_cpu: float
     ctx: tuple[int, int]
     nodes: dict[int, dict[str, int]]
     pods: dict[int, dict[str, int]]
 
 
-def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None) -> Snapshot:
+def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None, servers: list[int] = ()) -> Snapshot:
+    """``pids``: the dataplane's processes; ``servers``: our other live processes (for :func:`own_cpu_seconds`)."""
     pids = dp.pids() if pids is None else pids
     ctx = [proc_ctxsw(p) for p in pids]
     return Snapshot(
         time=time.monotonic(), cpu=read_cpu_stat(), pids=pids,
-        proc_cpu=sum(proc_cpu_seconds(p) for p in pids),
+        proc_cpu=sum(proc_cpu_seconds(p) for p in pids), own_cpu=own_cpu_seconds([*pids, *servers]),
         ctx=(sum(c[0] for c in ctx), sum(c[1] for c in ctx)),
         nodes={i: link_stats(n) for i, n in topo.nodes.items()},
         pods={i: link_stats(p) for i, p in topo.pods.items()},
@@ -128,8 +139,13 @@ def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None) -> Sn
 def window(a: Snapshot, b: Snapshot) -> dict:
     """What happened between two snapshots of the same dataplane processes."""
     cpu = {k: round(b.cpu[k] - a.cpu[k], 4) for k in a.cpu}
+    seconds = b.time - a.time
+    busy = busy_seconds(b.cpu) - busy_seconds(a.cpu)
+    # Other people's work: busy time that neither our processes nor the kernel's packet work (softirq) explain.
+    foreign = max(0.0, busy - (b.own_cpu - a.own_cpu) - cpu["softirq"] - cpu["irq"])
     return {
-        "seconds": round(b.time - a.time, 4),
+        "seconds": round(seconds, 4),
+        "foreign_busy_pct": round(foreign / (seconds * (os.cpu_count() or 1)) * 100, 1) if seconds > 0 else None,
         "machine_cpu": cpu,
         "machine_busy_s": round(busy_seconds(b.cpu) - busy_seconds(a.cpu), 4),
         "kernel_cpu_s": round(cpu["system"] + cpu["softirq"] + cpu["irq"], 4),

@@ -260,7 +260,7 @@ def markdown(results: dict, images: list[str]) -> str:
     lines += [f"Machine: {meta['machine']}. ", f"Settings: {meta['settings_text']}. ",
               f"Commit {meta['commit']}; other work on the machine before the run: {meta['background_busy_pct']:.0f}% "
               f"of its CPU (at most {meta['background_busy_pct_max']:.0f}% before any row's lab).", ""]
-    lines += [main_table(results), ""]
+    lines += [main_table(results), "", foreign_line(results), ""]
     for ref in REFERENCES:
         if ref in rows:
             lines += [f"### Ratio to {ref} (same run; median ÷ median)", "", ratio_table(results, ref), ""]
@@ -293,6 +293,22 @@ def main_table(results: dict) -> str:
         better = "↑" if m.better == "higher" else "↓"
         body.append(f"| {m.label}{unit} {better} | " + " | ".join(fmt_cell(rows[n]["metrics"][m.key], m) for n in names) + " |")
     return "\n".join([head, sep, *body])
+
+
+def foreign_load(row: dict) -> list[float]:
+    """Estimated share of the machine other people's work used during each measurement window of a row."""
+    return [g["window"]["foreign_busy_pct"] for run in row["runs"] for g in run.get("groups", {}).values()
+            if g.get("window", {}).get("foreign_busy_pct") is not None]
+
+
+def foreign_line(results: dict) -> str:
+    parts = []
+    for name, row in results["raw"].items():
+        load = foreign_load(row)
+        if load:
+            parts.append(f"{name} {statistics.median(load):.0f}% (max {max(load):.0f}%)")
+    return ("Other work on the machine during the measurements (busy CPU minus this harness's processes and "
+            "softirq, share of all CPUs; median per row): " + (", ".join(parts) or "not measured") + ".")
 
 
 def ratio_table(results: dict, ref: str) -> str:
@@ -355,9 +371,10 @@ def notes(results: dict) -> list[str]:
         "time from /proc/stat, which also holds iperf3's own kernel work — not comparable across kinds.",
         "- ² Whole-machine CPU: all non-idle CPU time (/proc/stat) during the transfer, generators included: "
         "the like-for-like comparison between kernel and userspace rows.",
-        "- Context switches: /proc/<pid>/task/*/status of the dataplane processes, per 1000 packets the "
-        "dataplanes forwarded (both nodes, both directions, from the daemon's counters). Syscalls per "
-        "packet: the daemon's counters (TUN reads/writes + UDP recvs/sends, EAGAIN attempts included).",
+        "- Context switches: /proc/<pid>/task/*/status of the dataplane processes, per 1000 packets they "
+        "handled (the daemons' counters, both nodes, both directions: a pod-to-pod packet is handled once by "
+        "each node, so it counts twice). Syscalls per packet: the daemons' counters (TUN reads/writes + UDP "
+        "recvs/sends, EAGAIN attempts included) over the same packets: 2.0 is one read and one write each.",
         f"- {meta['cpus']} CPUs shared by the generators, both nodes' dataplanes and the kernel: userspace "
         "rows compete with iperf3 for the same cores, which a real two-host deployment would not.",
     ]
@@ -437,7 +454,7 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
         return False
     meta = results["meta"]
     parts = [README_BEGIN, "", f"From `{meta['command']}` on {meta['date']}, {meta['machine']}, commit {meta['commit']}.",
-             "", main_table(results), ""]
+             "", main_table(results), "", foreign_line(results), ""]
     if "vxlan" in results["rows"]:
         parts += ["Ratio to kernel VXLAN from the same run:", "", ratio_table(results, "vxlan"), ""]
     parts += [f"![throughput]({image_prefix}throughput.png) ![latency]({image_prefix}latency.png)", "",

@@ -35,6 +35,7 @@ from udpflannel.lab.netns import Lab
 OPEN_LABS: set[Lab] = set()
 # Namespaces are named <tag>-<host>. Other labs use "uf" + 6 hex digits, so "ufbench" (not hex) never collides.
 LAB_PREFIX = "ufbench"
+QUIET = 0.15  # fraction of the machine's CPU that other work may use before a lab without a warning
 GROUPS = ("tcp1", "tcp4", "rr", "udp64", "udp1400")
 
 
@@ -47,6 +48,7 @@ class Settings:
     rr_count: int
     rr_max_seconds: float
     strace_seconds: int
+    wait_idle: float = 0.0  # seconds to wait, before each lab, for the machine to be < QUIET busy
 
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
@@ -98,7 +100,10 @@ def summary(name: str, result: dict) -> str:
 def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress, *, label: str,
                   strace: bool = False, calibrate: bool = False) -> tuple[dict, dict | None, dict | None]:
     """One repeat of one row on a fresh lab. Returns (run, strace result, tool calibration)."""
-    run: dict = {"groups": {}, "background_busy_pct": round(machine_busy_fraction(0.3) * 100, 1)}
+    busy, waited = wait_for_quiet(s.wait_idle)
+    run: dict = {"groups": {}, "background_busy_pct": round(busy * 100, 1), "waited_for_quiet_s": waited}
+    if waited:
+        progress(f"waited {waited:.0f}s for other work to calm down (now {busy * 100:.0f}% busy)")
     strace_result = calibration = None
     lab = Lab(tag=f"{LAB_PREFIX}{secrets.token_hex(3)}")
     run["lab_tag"] = lab.tag
@@ -133,6 +138,22 @@ def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress,
                 lab.close()
                 OPEN_LABS.discard(lab)
     return run, strace_result, calibration
+
+
+def wait_for_quiet(max_seconds: float, threshold: float = QUIET) -> tuple[float, float]:
+    """Sample how busy the machine is; with ``max_seconds`` > 0 wait (bounded) until it is below ``threshold``.
+
+    Returns (busy fraction of the last sample, seconds waited). Other people's work on a shared machine
+    skews every figure; the harness cannot stop it, only wait for a lull and record what it saw.
+    """
+    t0 = time.monotonic()
+    busy, waited = machine_busy_fraction(0.3), 0.0
+    for _ in range(int(max_seconds) + 1):  # each sample takes 1 s
+        if busy < threshold or waited >= max_seconds:
+            break
+        busy = machine_busy_fraction(1.0)
+        waited = time.monotonic() - t0
+    return busy, round(waited, 1)
 
 
 @contextlib.contextmanager
@@ -170,13 +191,13 @@ def _measure_group(name: str, dp: Dataplane, topo: Topology, s: Settings, server
     except DataplaneError as exc:
         return {"error": f"restart failed: {exc}"}
     pids = dp.pids()
-    before = snapshot(dp, topo, pids)
+    before = snapshot(dp, topo, pids, _server_pids(servers))
     try:
         result = run_group(name, topo, s)
     except (MeasureError, RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
         restart_iperf_server(topo, servers)
-    result["window"] = window(before, snapshot(dp, topo, pids))
+    result["window"] = window(before, snapshot(dp, topo, pids, _server_pids(servers)))
     if dp.has_counters:
         try:
             counters = dp.stop()
@@ -186,6 +207,10 @@ def _measure_group(name: str, dp: Dataplane, topo: Topology, s: Settings, server
     if dp.kind != "kernel" and not pids:
         result.setdefault("error", "the dataplane had no live process to account for")
     return result
+
+
+def _server_pids(servers: dict) -> list[int]:
+    return [p.pid for p in servers.values() if p.poll() is None]
 
 
 def _strace(dp: Dataplane, topo: Topology, s: Settings, progress: Progress) -> dict:
