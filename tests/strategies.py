@@ -111,3 +111,64 @@ crowded_addresses = st.integers(0x09FFFFF0, 0x0A040010) | u32
 next_hops = st.sampled_from(
     [("192.168.0.1", 8285), ("192.168.0.2", 8285), ("192.168.0.3", 8285), ("192.168.0.1", 8286)]
 )
+
+
+# -- super-packets for the GSO split / GRO coalesce tests (tests/test_gso.py) ------------------------
+
+# IP options a receiving kernel accepts as they are: NOP, end-of-list, and one Router Alert (RFC 2113).
+_KERNEL_IP_OPTION_WORDS = [b"\x01\x01\x01\x01", b"\x01\x01\x01\x00", b"\x00\x00\x00\x00"]
+_ROUTER_ALERT = b"\x94\x04\x00\x00"
+
+
+@st.composite
+def ip_option_bytes(draw, *, kernel_valid: bool = False) -> bytes:
+    """0..40 bytes of IPv4 options: random bytes, or (``kernel_valid``) ones ip_rcv_options accepts."""
+    words = draw(st.integers(0, 10))
+    if not kernel_valid:
+        return draw(st.binary(min_size=4 * words, max_size=4 * words))
+    chunks = draw(st.lists(st.sampled_from(_KERNEL_IP_OPTION_WORDS), min_size=words, max_size=words))
+    if words and draw(st.booleans()):
+        chunks[draw(st.integers(0, words - 1))] = _ROUTER_ALERT
+    return b"".join(chunks)
+
+
+segment_sizes = st.one_of(
+    st.integers(1, 64), st.sampled_from([536, 1220, 1400, 1420, 1432, 1448, 1460]), st.integers(1, 9000)
+)
+
+
+@st.composite
+def super_packets(
+    draw, *, protocol: int = 6, kernel_valid: bool = False, src=u32, dst=u32, max_segments: int = 64,
+) -> tuple[bytes, int]:
+    """A TSO (``protocol`` 6) or USO (17) super-packet as a TUN with offloads hands it over, and its
+    gso_size. Headers carry any options, flags and field values; the L4 checksum field holds junk
+    (the kernel leaves a partial sum there, and a split must not depend on it); the payload is
+    pseudo-random bytes from a drawn seed, so 64 KB packets stay cheap to generate."""
+    import random
+
+    options = draw(ip_option_bytes(kernel_valid=kernel_valid))
+    ihl = 5 + len(options) // 4
+    if protocol == 6:
+        tcp_options = draw(st.binary(min_size=0, max_size=40).map(lambda b: b[: len(b) // 4 * 4]))
+        l4_len = 20 + len(tcp_options)
+    else:
+        l4_len = 8
+    header_len = ihl * 4 + l4_len
+    mss = draw(segment_sizes)
+    most = min(0xFFFF - header_len, mss * max_segments)
+    size = draw(st.one_of(st.integers(0, min(most, 3 * mss)), st.integers(0, most), st.just(most)))
+    payload = random.Random(draw(st.integers(0, 2**32 - 1))).randbytes(size)
+    total = header_len + size
+    ip = bytearray(
+        struct.pack("!BBHHHBBHII", 0x40 | ihl, draw(u8), total, draw(u16), draw(st.sampled_from([0, 0x4000])),
+                    draw(st.integers(1, 255)), protocol, 0, draw(src), draw(dst))
+        + options
+    )
+    struct.pack_into("!H", ip, 10, slow_header_checksum(ip))
+    if protocol == 6:
+        l4 = struct.pack("!HHIIBBHHH", draw(u16), draw(u16), draw(u32), draw(u32), (l4_len // 4) << 4,
+                         draw(u8), draw(u16), draw(u16), draw(u16)) + tcp_options
+    else:
+        l4 = struct.pack("!HHHH", draw(u16), draw(u16), min(0xFFFF, l4_len + size), draw(u16))
+    return bytes(ip) + l4 + payload, mss
