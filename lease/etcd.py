@@ -1,0 +1,335 @@
+"""The etcd connection: flanneld-style endpoints, TLS files and username/password, on top of aetcd.
+
+This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
+:meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
+:class:`~udpflannel.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
+one on the next endpoint (fresh channels also re-authenticate, which renews an expired auth token).
+
+Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
+what aetcd hides: header revisions of progress notifications, the compaction revision, and an error
+(not silence) when the server ends the stream. gRPC keepalive pings notice a server that stops answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+import grpc
+import grpc.aio
+from aetcd import rpc
+
+from udpflannel.errors import ConfigError, EtcdUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+
+_CHANNEL_OPTIONS = {
+    # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 2_000,
+}
+
+_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError)
+
+
+class Compacted(EtcdUnavailable):
+    """A watch's start revision was compacted away: the watcher must re-list (resync)."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"watch revision compacted (etcd compacted up to {revision})")
+        self.revision = revision
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+def parse_endpoints(value: str | Sequence[str]) -> tuple[Endpoint, ...]:
+    """``--etcd-endpoints``: a comma-separated string or a list of ``http(s)://host:port`` URLs."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    endpoints = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        url = urlsplit(item if "://" in item else f"http://{item}")
+        if url.scheme not in ("http", "https"):
+            raise ConfigError("etcd-endpoints", f"{item!r}: only http:// and https:// endpoints are supported")
+        try:
+            port = url.port or 2379
+        except ValueError as e:
+            raise ConfigError("etcd-endpoints", f"{item!r}: {e}") from None
+        if not url.hostname:
+            raise ConfigError("etcd-endpoints", f"{item!r} has no host")
+        endpoints.append(Endpoint(url.hostname, port, url.scheme == "https"))
+    if not endpoints:
+        raise ConfigError("etcd-endpoints", "no endpoint given")
+    return tuple(endpoints)
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(flag, f"cannot read {path}: {e.strerror}") from None
+
+
+def tls_credentials(
+    keyfile: str | None, certfile: str | None, cafile: str | None, *, https: bool
+) -> grpc.ChannelCredentials | None:
+    """TLS when an endpoint is https or a client key+cert is given (like flanneld); None for plain http."""
+    if bool(keyfile) != bool(certfile):
+        flag = "etcd-certfile" if keyfile else "etcd-keyfile"
+        raise ConfigError(flag, "--etcd-keyfile and --etcd-certfile must be given together")
+    if not (https or keyfile):
+        if cafile:
+            log.warning("--etcd-cafile is ignored: no https endpoint and no client certificate")
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(cafile, "etcd-cafile"),
+        private_key=_read(keyfile, "etcd-keyfile"),
+        certificate_chain=_read(certfile, "etcd-certfile"),
+    )
+
+
+class _Client(aetcd.Client):
+    """aetcd's client, plus TLS: aetcd 1.0 only opens insecure channels."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            return await super().connect()
+        if self._connected.is_set():
+            return
+        # The same steps as aetcd.Client.connect, over a secure channel.
+        self.channel = grpc.aio.secure_channel(
+            f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
+        )
+        if self._username is not None and self._password is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            resp = await self.auth_stub.Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
+            )
+            self.metadata = (("token", resp.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._connected.set()  # no aetcd watcher: EtcdSession.watch speaks the Watch RPC itself
+
+
+class EtcdSession:
+    """One logical connection to the etcd cluster, failing over between endpoints."""
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str] = DEFAULT_ENDPOINTS,
+        *,
+        keyfile: str | None = None,
+        certfile: str | None = None,
+        cafile: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        if bool(username) != bool(password):
+            raise ConfigError("etcd-password" if username else "etcd-username",
+                              "--etcd-username and --etcd-password must be given together")
+        self._credentials = tls_credentials(
+            keyfile, certfile, cafile, https=any(e.tls for e in self.endpoints)
+        )
+        if self._credentials is None:
+            log.info("connecting to etcd with http (no TLS)")
+        self._username = username or None
+        self._password = password or None
+        self.timeout = timeout
+        self._index = 0
+        self._client: _Client | None = None
+        self._connecting = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._index]
+
+    async def _current(self) -> _Client:
+        async with self._connecting:
+            if self._closed:
+                raise EtcdUnavailable("the etcd session is closed")
+            if self._client is None:
+                ep = self.endpoint
+                client = _Client(
+                    credentials=self._credentials,
+                    host=ep.host,
+                    port=ep.port,
+                    username=self._username,
+                    password=self._password,
+                    timeout=self.timeout,
+                    options=_CHANNEL_OPTIONS,
+                )
+                try:
+                    await _bounded(client.connect(), self.timeout)
+                except _RPC_ERRORS as e:
+                    await _close_quietly(client)
+                    self._index = (self._index + 1) % len(self.endpoints)
+                    raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
+                self._client = client
+            return self._client
+
+    async def _drop(self, client: _Client) -> None:
+        """Forget ``client`` (if still current) and move to the next endpoint."""
+        if self._client is client:
+            self._client = None
+            self._index = (self._index + 1) % len(self.endpoints)
+        await _close_quietly(client)
+
+    async def call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
+        """Run one request; any failure raises :class:`EtcdUnavailable` and drops the channel."""
+        client = await self._current()
+        ep = self.endpoint
+        try:
+            return await _bounded(fn(client), self.timeout + 1)
+        except _RPC_ERRORS as e:
+            await self._drop(client)
+            raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh an etcd lease once (LeaseKeepAlive); returns its new TTL, 0 or less if it is gone."""
+
+        async def once(client: aetcd.Client) -> int:
+            stream = client.leasestub.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout, metadata=client.metadata
+            )
+            try:
+                async for reply in stream:
+                    return reply.TTL
+                raise EtcdUnavailable("keepalive stream ended without an answer")
+            finally:
+                stream.cancel()
+
+        return await self.call(once)
+
+    async def watch(
+        self, key: bytes, *, range_end: bytes | None = None, start_revision: int
+    ) -> AsyncIterator[rpc.WatchResponse]:
+        """Yield the raw responses of one watch; raises :class:`Compacted` or :class:`EtcdUnavailable`.
+
+        Use with ``contextlib.aclosing`` (or cancel the consuming task) so the stream is always closed.
+        """
+        client = await self._current()
+        ep = self.endpoint
+        metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
+        call = rpc.WatchStub(client.channel).Watch(metadata=metadata)
+        create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=True)
+        if range_end is not None:
+            create.range_end = range_end
+        try:
+            await _bounded(call.write(rpc.WatchRequest(create_request=create)), self.timeout, call.cancel)
+            first = True
+            while True:
+                resp = await _bounded(call.read(), self.timeout if first else None, call.cancel)
+                if resp is grpc.aio.EOF:
+                    raise EtcdUnavailable(f"etcd at {ep} ended the watch stream")
+                if first and not resp.created:
+                    raise EtcdUnavailable(f"etcd at {ep} did not confirm the watch")
+                first = False
+                if resp.compact_revision:
+                    raise Compacted(resp.compact_revision)
+                if resp.canceled:
+                    raise EtcdUnavailable(f"etcd at {ep} canceled the watch: {resp.cancel_reason or 'no reason'}")
+                yield resp
+        except _RPC_ERRORS as e:
+            await self._drop(client)
+            raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        async with self._connecting:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            await _close_quietly(client)
+
+
+class Backoff:
+    """Reconnect delays: 100 ms doubling to 5 s (§5.1), back to 100 ms after a success."""
+
+    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+        self.first, self.cap = first, cap
+        self._next = first
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+async def _bounded(aw: Awaitable[T], timeout: float | None, on_abort: Callable[[], object] | None = None) -> T:
+    """Await ``aw`` for at most ``timeout`` seconds (None: no limit), and stay cancellable meanwhile.
+
+    grpc.aio does not always honour a task cancellation while a stream read is pending, so ``aw`` runs
+    in a task of its own which is never awaited after a timeout or a cancellation of ours: it is
+    cancelled and abandoned, after ``on_abort`` (typically the gRPC call's own ``cancel``) has run.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        _abandon(task, on_abort)
+        raise
+    if not done:
+        _abandon(task, on_abort)
+        raise TimeoutError
+    return task.result()
+
+
+def _abandon(task: asyncio.Future, on_abort: Callable[[], object] | None) -> None:
+    if on_abort is not None:
+        on_abort()
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody will read it
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    try:
+        await _bounded(client.close(), 2)
+    except Exception as e:  # closing a broken channel must not hide the original error
+        log.debug("closing etcd channel: %r", e)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__
