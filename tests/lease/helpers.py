@@ -1,0 +1,114 @@
+"""Test helpers: collect a manager's events with bounded waits, and a TCP proxy that can cut etcd off."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from lease.manager import Lease, SubnetManager
+from udpflannel.events import ControlEvent, Snapshot
+
+
+class EventTap:
+    """Consumes ``manager.events()`` in the background; ``wait_for`` waits (bounded) for a matching event."""
+
+    def __init__(self, manager: SubnetManager) -> None:
+        self.events: list[tuple[float, ControlEvent]] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(manager))
+        self.error: BaseException | None = None
+
+    async def _run(self, manager: SubnetManager) -> None:
+        try:
+            async for event in manager.events():
+                self.events.append((time.monotonic(), event))
+                self._changed.set()
+        except BaseException as e:  # the iterator must never raise: remember it for the assertions
+            self.error = e
+            raise
+
+    async def wait_for(self, match: Callable[[ControlEvent], bool], timeout: float, since: int = 0) -> tuple[float, ControlEvent]:
+        """The first event at index >= ``since`` that matches; fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for stamp, event in self.events[since:]:
+                if match(event):
+                    return stamp, event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no matching event within {timeout} s; got {[e for _, e in self.events[since:]]}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def of(self, kind: type) -> list:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> etcd. ``cut()`` drops every connection and refuses new ones until ``restore()``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self._cut = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._cut:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def cut(self) -> None:
+        self._cut = True
+        for w in list(self._writers):
+            w.transport.abort()
+
+    def restore(self) -> None:
+        self._cut = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def start_node(manager: SubnetManager) -> tuple[Lease, EventTap, Snapshot]:
+    """Acquire, start following the events, and wait (bounded) for the first Snapshot."""
+    lease = await manager.acquire()
+    tap = EventTap(manager)
+    _, snapshot = await tap.wait_for(lambda e: isinstance(e, Snapshot), 2)
+    return lease, tap, snapshot
