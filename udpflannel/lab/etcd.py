@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -88,7 +89,7 @@ class EtcdServer:
         netns: str | None = None,
         peer_port: int = 0,
         data_dir: str | os.PathLike[str] | None = None,
-        name: str = "udpflannel-lab",
+        name: str | None = None,
         binary: str | None = None,
     ) -> None:
         self.host = host
@@ -96,7 +97,7 @@ class EtcdServer:
         # In a fresh namespace the standard ports are free; in the root namespace ask the kernel.
         self.port = port or (2379 if netns else free_port(host))
         self.peer_port = peer_port or (2380 if netns else free_port(host))
-        self.name = name
+        self.name = name or f"udpflannel-lab-{secrets.token_hex(4)}"  # unique: healthy() checks it is us
         self.binary = binary or find_binary("etcd")
         self._tmp = tempfile.mkdtemp(prefix="udpflannel-etcd-")
         self.data_dir = Path(data_dir) if data_dir is not None else Path(self._tmp) / "data"
@@ -160,11 +161,12 @@ class EtcdServer:
         raise SetupError(f"etcd did not become healthy within {timeout:.0f} s:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
+        """Does *this* etcd answer (not another one that holds the same address)?"""
         try:
-            self.ctl("endpoint", "health", timeout=3)
-        except (SetupError, subprocess.TimeoutExpired):
+            members = json.loads(self.ctl("member", "list", "-w", "json", timeout=3)).get("members", [])
+        except (SetupError, subprocess.TimeoutExpired, ValueError):
             return False
-        return True
+        return any(m.get("name") == self.name for m in members)
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing answers (a hung etcd)."""
