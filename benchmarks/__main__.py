@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.lab import DataplaneError, builtin_dataplanes
+from benchmarks.lab import DataplaneError, builtin_dataplanes, snapshot_code, static_flags
 from benchmarks.measure import RR_SIZE, machine_busy_fraction
 from benchmarks.runner import FULL, OPEN_LABS, QUICK, QUIET, Progress, Settings, run_all
 
@@ -53,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--external-mtu", type=int, default=1472, help="pod MTU for --external rows that write no subnet file")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each lab, wait up to SECONDS for other work on the machine to drop below 15%% CPU")
+    p.add_argument("--code", metavar="REV", help="run udpflannel from this git revision (default: a copy of the "
+                                                 "working tree taken at start, so edits during the run do not leak in)")
     p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     return p.parse_args(argv)
 
@@ -120,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
     workdir = out / "tmp" / "logs"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
     try:
+        code = snapshot_code(HERE.parent, workdir / "code", args.code)
         dataplanes = builtin_dataplanes(
             variants={k: shlex.split(v) for k, v in split_named(args.variant, "--variant").items()},
-            externals=split_named(args.external, "--external"), external_mtu=args.external_mtu)
-    except DataplaneError as exc:
+            externals=split_named(args.external, "--external"), external_mtu=args.external_mtu,
+            code=Path(code["path"]), static_flags=static_flags(Path(code["path"])))
+    except (DataplaneError, OSError, subprocess.SubprocessError) as exc:
         raise SystemExit(f"benchmarks: {exc}") from exc
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -137,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
         busy = machine_busy_fraction(1.0)
+        progress(f"udpflannel code: {code['source']} (sha256 {code['sha256']} of its .py files)")
         progress(f"rows: {', '.join(dataplanes)}; {settings.describe()}; machine {busy * 100:.0f}% busy before start")
         if busy > QUIET:
             progress("warning: the machine is busy with other work; every figure below is skewed by it")
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
             "quick": args.quick, "settings": settings.__dict__, "settings_text": settings.describe(),
             "background_busy_pct": busy * 100, "background_busy_pct_max": max(busy_runs, default=0.0),
-            "rr_size": RR_SIZE,
+            "rr_size": RR_SIZE, "udpflannel_code": f"{code['source']}, sha256 {code['sha256']} of its .py files",
             "elapsed_s": round(progress.elapsed(), 1),
         }
         results = report.build_results(raw, meta)

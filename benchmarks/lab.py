@@ -27,10 +27,12 @@ To add the etcd-backed daemon as a row: a subclass whose ``setup`` starts etcd i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +114,7 @@ class Dataplane:
 
     def __init__(self, name: str, description: str) -> None:
         self.name = name
+        self.slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")  # for file names
         self.description = description
         self.pod_mtu = UNDERLAY_MTU
         self.topo: Topology | None = None
@@ -212,9 +215,15 @@ class ProcessDataplane(Dataplane):
     def command(self, index: int) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cwd(self) -> str | None:
+        return None
+
     def subnet_file(self, index: int) -> Path:
         assert self.topo is not None
-        return self.topo.workdir / f"{self.name}-n{index}.env"
+        return self.topo.workdir / f"{self.slug}-n{index}.env"
 
     def ready_file(self, index: int) -> Path | None:
         """A file the process writes when it is ready (``None``: readiness is a ping through it)."""
@@ -227,10 +236,10 @@ class ProcessDataplane(Dataplane):
             ready = self.ready_file(i)
             if ready is not None:
                 ready.unlink(missing_ok=True)
-            self.logs[i] = self.topo.workdir / f"{self.name}-n{i}-{self.starts}.log"
+            self.logs[i] = self.topo.workdir / f"{self.slug}-n{i}-{self.starts}.log"
             with open(self.logs[i], "wb") as log:
-                self.procs[i] = node.popen(self.command(i), stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                self.procs[i] = node.popen(self.command(i), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
+                                           cwd=self.cwd())
         for i in self.topo.nodes:
             self._wait_ready(i)
 
@@ -291,15 +300,31 @@ COUNTED_SYSCALLS = ("tun_reads", "tun_writes", "udp_recvs", "udp_sends")
 
 
 class UdpflannelStatic(ProcessDataplane):
-    """``python -m udpflannel static`` on both nodes; ``extra_args`` make further rows (fast-path settings)."""
+    """``python -m udpflannel static`` on both nodes; ``extra_args`` make further rows (fast-path settings).
+
+    ``code`` is a snapshot of the packages (see :func:`snapshot_code`) put first on ``PYTHONPATH``, so
+    every repeat runs the same code even while the shared working tree changes.
+    """
 
     has_counters = True
 
-    def __init__(self, name: str = "udpflannel", extra_args: list[str] | None = None) -> None:
+    def __init__(self, name: str = "udpflannel", extra_args: list[str] | None = None, *,
+                 code: Path | None = None, description: str = "") -> None:
         self.extra_args = list(extra_args or [])
+        self.code = code
         flags = f" {' '.join(self.extra_args)}" if self.extra_args else ""
-        super().__init__(name, f"udpflannel static mode, per-packet path{flags}")
+        super().__init__(name, description or f"udpflannel static mode{flags}")
         self.pod_mtu = UNDERLAY_MTU - UDP_OVERHEAD
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        if self.code is not None:
+            env["PYTHONPATH"] = str(self.code)
+        return env
+
+    def cwd(self) -> str | None:
+        # ``python -m`` puts the working directory first on sys.path: it must not be the live checkout
+        return str(self.code) if self.code is not None else None
 
     def ready_file(self, index: int) -> Path | None:
         return self.subnet_file(index)
@@ -376,17 +401,72 @@ class External(ProcessDataplane):
         return ["sh", "-c", "exec " + self.template.format(**{k: shlex.quote(str(v)) for k, v in values.items()})]
 
 
+NO_FAST_PATH = "--no-fast-path"
+
+
 def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: dict[str, str] | None = None,
-                       external_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD) -> dict[str, Dataplane]:
-    """The rows by name, in table order: udpflannel (and its variants), externals, then the references."""
-    rows: dict[str, Dataplane] = {"udpflannel": UdpflannelStatic()}
+                       external_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD, *, code: Path | None = None,
+                       static_flags: frozenset[str] = frozenset()) -> dict[str, Dataplane]:
+    """The rows by name, in table order: udpflannel (and its variants), externals, then the references.
+
+    ``static_flags``: what ``udpflannel static --help`` of the code snapshot offers; with ``--no-fast-path``
+    the per-packet path gets a row of its own next to the default (fast-path) one.
+    """
+    if NO_FAST_PATH in static_flags:
+        rows: dict[str, Dataplane] = {
+            "udpflannel": UdpflannelStatic(code=code, description="udpflannel static mode, default settings (fast path)"),
+            f"udpflannel {NO_FAST_PATH}": UdpflannelStatic(f"udpflannel {NO_FAST_PATH}", [NO_FAST_PATH], code=code,
+                                                          description="udpflannel static mode, per-packet path"),
+        }
+    else:
+        rows = {"udpflannel": UdpflannelStatic(code=code, description="udpflannel static mode, per-packet path")}
     for name, args in (variants or {}).items():
-        rows[name] = UdpflannelStatic(name, args)
+        rows[name] = UdpflannelStatic(name, args, code=code)
     for name, template in (externals or {}).items():
         rows[name] = External(name, template, external_mtu)
     rows["vxlan"] = KernelVxlan()
     rows["host-gw"] = HostGw()
     return rows
+
+
+# -- the code under test --------------------------------------------------------------------------------------
+CODE_PACKAGES = ("udpflannel", "tun", "lease")
+
+
+def snapshot_code(repo: Path, dest: Path, rev: str | None = None) -> dict:
+    """Copy the dataplane's packages to ``dest`` (from git ``rev``, or the working tree as it is now).
+
+    Returns where the code came from and a digest of its ``.py`` files, so the report says what ran.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev or "HEAD"], capture_output=True,
+                          text=True, timeout=10)
+    if rev is not None:
+        if head.returncode != 0:
+            raise DataplaneError(f"--code {rev}: not a git revision ({head.stderr.strip()})")
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev, *CODE_PACKAGES],
+                                 capture_output=True, timeout=30, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, timeout=30, check=True)
+        source = f"commit {head.stdout.strip()}"
+    else:
+        for package in CODE_PACKAGES:
+            shutil.copytree(repo / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"),
+                            dirs_exist_ok=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", *CODE_PACKAGES],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        source = f"working tree at {head.stdout.strip() or '?'}" + (" with uncommitted changes" if dirty else "")
+    digest = hashlib.sha256()
+    for path in sorted(dest.rglob("*.py")):
+        digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    return {"source": source, "sha256": digest.hexdigest()[:12], "path": str(dest)}
+
+
+def static_flags(code: Path | None) -> frozenset[str]:
+    """The long options ``udpflannel static --help`` lists (to find optional features such as --no-fast-path)."""
+    env = {**os.environ, **({"PYTHONPATH": str(code)} if code else {})}
+    proc = subprocess.run([sys.executable, "-m", "udpflannel", "static", "--help"], capture_output=True, text=True,
+                          timeout=30, env=env, cwd=str(code) if code else None)
+    return frozenset(re.findall(r"(--[a-z][a-z0-9-]+)", proc.stdout))
 
 
 # -- processes --------------------------------------------------------------------------------------------

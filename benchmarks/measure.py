@@ -319,7 +319,7 @@ def strace_check(dp: Dataplane, topo: Topology, duration: float) -> dict:
     pids = dp.node_pids(1)
     if not pids:
         raise MeasureError("no dataplane process on node 1 to trace")
-    out = topo.workdir / f"strace-{dp.name}.txt"
+    out = topo.workdir / f"strace-{dp.slug}.txt"
     tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pids[0]), "-o", str(out)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:

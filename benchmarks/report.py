@@ -258,7 +258,8 @@ def markdown(results: dict, images: list[str]) -> str:
     names = list(rows)
     lines = [f"# udpflannel benchmark — {meta['date']}", ""]
     lines += [f"Machine: {meta['machine']}. ", f"Settings: {meta['settings_text']}. ",
-              f"Commit {meta['commit']}; other work on the machine before the run: {meta['background_busy_pct']:.0f}% "
+              f"udpflannel code: {meta.get('udpflannel_code', meta['commit'])}. ",
+              f"Harness commit {meta['commit']}; other work on the machine before the run: {meta['background_busy_pct']:.0f}% "
               f"of its CPU (at most {meta['background_busy_pct_max']:.0f}% before any row's lab).", ""]
     lines += [main_table(results), "", foreign_line(results), ""]
     for ref in REFERENCES:
@@ -453,7 +454,8 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
     if README_BEGIN not in text or README_END not in text:
         return False
     meta = results["meta"]
-    parts = [README_BEGIN, "", f"From `{meta['command']}` on {meta['date']}, {meta['machine']}, commit {meta['commit']}.",
+    parts = [README_BEGIN, "", f"From `{meta['command']}` on {meta['date']}, {meta['machine']}; udpflannel code: "
+             f"{meta.get('udpflannel_code', meta['commit'])}.",
              "", main_table(results), "", foreign_line(results), ""]
     if "vxlan" in results["rows"]:
         parts += ["Ratio to kernel VXLAN from the same run:", "", ratio_table(results, "vxlan"), ""]

@@ -110,7 +110,7 @@ def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress,
     OPEN_LABS.add(lab)
     try:
         try:
-            topo = build_nodes(lab, workdir / f"{dp.name}-{label}")
+            topo = build_nodes(lab, workdir / f"{dp.slug}-{label}")
             dp.setup(topo)
             dp.start()
             add_pods(topo, dp.pod_mtu)

@@ -49,7 +49,8 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
 
     md = (tmp_path / "results.md").read_text()
-    assert "| metric | udpflannel | vxlan | host-gw |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| metric |"))
+    assert header.startswith("| metric | udpflannel |") and "| vxlan |" in header and "| host-gw |" in header
     assert "Ratio to vxlan" in md and "Ratio to host-gw" in md
     assert "Not available" in md  # the kernel rows' per-process metrics, with their reasons
 
