@@ -211,14 +211,22 @@ class EtcdSession:
         await _close_quietly(client)
 
     async def call(self, fn: Callable[[aetcd.Client], Awaitable[T]]) -> T:
-        """Run one request; any failure raises :class:`EtcdUnavailable` and drops the channel."""
-        client = await self._current()
-        ep = self.endpoint
-        try:
-            return await _bounded(fn(client), self.timeout + 1)
-        except _RPC_ERRORS as e:
-            await self._drop(client)
-            raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
+        """Run one request; any failure raises :class:`EtcdUnavailable` and drops the channel.
+
+        An expired auth token (etcd forgets idle ones after ``--auth-token-ttl``, 5 min by default,
+        and renewals are ~23 h apart) is renewed by logging in again, once, at once.
+        """
+        for attempt in (1, 2):
+            client = await self._current()
+            ep = self.endpoint
+            try:
+                return await _bounded(fn(client), self.timeout + 1)
+            except _RPC_ERRORS as e:
+                await self._drop(client)
+                if attempt == 1 and "invalid auth token" in str(e):
+                    continue
+                raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
+        raise AssertionError("unreachable")
 
     async def keepalive(self, lease_id: int) -> int:
         """Refresh an etcd lease once (LeaseKeepAlive); returns its new TTL, 0 or less if it is gone."""

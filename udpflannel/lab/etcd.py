@@ -91,7 +91,13 @@ class EtcdServer:
         data_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
         binary: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        ca_file: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        """``cert_file``/``key_file`` serve https; ``ca_file`` also requires client certificates from it
+        (etcdctl then presents ``cert_file``/``key_file``, so make that certificate good for clientAuth)."""
         self.host = host
         self.netns = netns
         # In a fresh namespace the standard ports are free; in the root namespace ask the kernel.
@@ -99,6 +105,8 @@ class EtcdServer:
         self.peer_port = peer_port or (2380 if netns else free_port(host))
         self.name = name or f"udpflannel-lab-{secrets.token_hex(4)}"  # unique: healthy() checks it is us
         self.binary = binary or find_binary("etcd")
+        self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
+        self.extra_args = tuple(extra_args)
         self._tmp = tempfile.mkdtemp(prefix="udpflannel-etcd-")
         self.data_dir = Path(data_dir) if data_dir is not None else Path(self._tmp) / "data"
         self.log_path = Path(self._tmp) / "etcd.log"
@@ -110,7 +118,7 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.cert_file else 'http'}://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -139,6 +147,11 @@ class EtcdServer:
             "--log-level", "warn",
             "--unsafe-no-fsync",  # a lab etcd: page cache survives a killed process, which is all we test
         ]
+        if self.cert_file:
+            args += ["--cert-file", self.cert_file, "--key-file", str(self.key_file)]
+        if self.ca_file:
+            args += ["--client-cert-auth", "--trusted-ca-file", self.ca_file]
+        args += self.extra_args
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         log = open(self.log_path, "ab")
         try:
@@ -222,8 +235,13 @@ class EtcdServer:
         """Run ``etcdctl`` against this server (in its namespace); returns stdout, SetupError on failure."""
         cmd = [
             *self._prefix(), find_binary("etcdctl"),
-            f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=3s", *args,
+            f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=3s",
         ]
+        if self.ca_file:
+            cmd += [f"--cacert={self.ca_file}", f"--cert={self.cert_file}", f"--key={self.key_file}"]
+        elif self.cert_file:
+            cmd += ["--insecure-skip-tls-verify"]
+        cmd += args
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input, env=env)
         if proc.returncode != 0:

@@ -1,0 +1,77 @@
+"""lease.manager with flanneld's security flags: TLS client certificates and username/password."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import pytest
+
+from lease.manager import SubnetManager
+from tests.conftest import require
+from tests.lease.conftest import NETWORK_CONFIG, _need_etcd
+from udpflannel.errors import EtcdUnavailable
+from udpflannel.lab.etcd import EtcdServer
+
+pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
+
+ME = "192.168.1.10"
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """A throw-away CA and one certificate for 127.0.0.1, good for both server and client auth."""
+    require(shutil.which("openssl") is not None, "needs the openssl command")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=udpflannel test CA", cwd=tmp_path)
+    openssl("req", *ec, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=127.0.0.1", cwd=tmp_path)
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "node.pem", "-days", "1", "-extfile", "ext.cnf", cwd=tmp_path)
+    return {name: str(tmp_path / name) for name in ("ca.pem", "node.pem", "node.key")}
+
+
+async def test_tls_with_client_certificates(certs):
+    _need_etcd()
+    with EtcdServer(cert_file=certs["node.pem"], key_file=certs["node.key"], ca_file=certs["ca.pem"]) as etcd:
+        etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
+        assert etcd.endpoint.startswith("https://")
+        m = SubnetManager(etcd.endpoint, public_ip=ME, keyfile=certs["node.key"], certfile=certs["node.pem"],
+                          cafile=certs["ca.pem"], request_timeout=2.0)
+        try:
+            lease = await m.acquire()
+            assert etcd.ctl("get", lease.key, "--print-value-only").strip() == '{"PublicIP":"192.168.1.10","PublicIPv6":null}'
+        finally:
+            await m.close()
+        # Without a client certificate the server refuses us: an error, not a hang.
+        anonymous = SubnetManager(etcd.endpoint, public_ip=ME, cafile=certs["ca.pem"], request_timeout=2.0)
+        try:
+            with pytest.raises(EtcdUnavailable):
+                await anonymous.get_config()
+        finally:
+            await anonymous.close()
+
+
+async def test_username_and_password_and_an_expired_token():
+    _need_etcd()
+    with EtcdServer(extra_args=("--auth-token-ttl", "1")) as etcd:  # simple tokens die after 1 s unused
+        etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
+        etcd.ctl("user", "add", "root", "--new-user-password=s3cret")
+        etcd.ctl("auth", "enable")
+        good = SubnetManager(etcd.endpoint, public_ip=ME, username="root", password="s3cret", request_timeout=2.0)
+        bad = SubnetManager(etcd.endpoint, public_ip=ME, username="root", password="wrong", request_timeout=2.0)
+        try:
+            lease = await good.acquire()
+            assert lease.subnet.prefixlen == 24
+            await asyncio.sleep(2.5)  # like the ~23 h between renewals: the token has expired
+            assert (await good.get_config()).network == lease.config.network  # logged in again
+            with pytest.raises(EtcdUnavailable, match="authentication failed"):
+                await bad.get_config()
+        finally:
+            await good.close()
+            await bad.close()
