@@ -17,10 +17,8 @@ from tests.conftest import require
 from udpflannel.errors import SetupError
 from udpflannel.lab.etcd import EtcdServer, find_binary
 
-NETWORK_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
 
-
-def _need_etcd() -> None:
+def need_etcd() -> None:
     try:
         find_binary("etcd")
         find_binary("etcdctl")
@@ -30,14 +28,14 @@ def _need_etcd() -> None:
 
 @pytest.fixture(scope="session")
 def etcd_server():
-    _need_etcd()
+    need_etcd()
     with EtcdServer() as server:
         yield server
 
 
 @pytest.fixture
 def fresh_etcd():
-    _need_etcd()
+    need_etcd()
     with EtcdServer() as server:
         yield server
 

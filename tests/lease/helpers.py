@@ -1,4 +1,5 @@
-"""Test helpers: collect a manager's events with bounded waits, and a TCP proxy that can cut etcd off."""
+"""Test helpers: raw records as flanneld writes them, a manager's events with bounded waits, and a TCP
+proxy that can cut a node off etcd."""
 
 from __future__ import annotations
 
@@ -6,9 +7,35 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from ipaddress import IPv4Network
 
 from lease.manager import Lease, SubnetManager
+from lease.records import make_subnet_key
 from udpflannel.events import ControlEvent, Snapshot
+
+NETWORK_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
+ME = "192.168.1.10"
+FLANNELD_VALUE = b'{"PublicIP":"192.168.1.77","PublicIPv6":null}'
+VXLAN_VALUE = (
+    b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+    b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
+)
+
+
+def net(s: str) -> IPv4Network:
+    return IPv4Network(s)
+
+
+async def put_config(kv, prefix, config=NETWORK_CONFIG):
+    await kv.put(f"{prefix}/config".encode(), config.encode())
+
+
+async def put_record(kv, prefix, subnet, value, ttl=None):
+    """Write a lease record raw, as flanneld (or an operator) would; returns the etcd lease id or 0."""
+    lease_id = (await kv.lease(ttl)).id if ttl else 0
+    key = make_subnet_key(prefix, IPv4Network(subnet)) if "/" in subnet else f"{prefix}/subnets/{subnet}"
+    await kv.put(key.encode(), value, lease=lease_id)
+    return lease_id
 
 
 class EventTap:

@@ -6,44 +6,28 @@ import asyncio
 import logging
 import random
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 
 import pytest
 
 from lease.lifecycle import State
 from lease.records import encode_lease_value, make_subnet_key
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
-from tests.lease.conftest import NETWORK_CONFIG
-from tests.lease.helpers import EventTap, start_node
+from tests.lease.helpers import (
+    FLANNELD_VALUE,
+    ME,
+    VXLAN_VALUE,
+    EventTap,
+    net,
+    put_config,
+    put_record,
+    start_node,
+)
 from udpflannel.errors import ConfigError, EtcdUnavailable, OutOfSubnets
 from udpflannel.events import LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from udpflannel.lab.etcd import free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
-
-ME = "192.168.1.10"
-FLANNELD_VALUE = b'{"PublicIP":"192.168.1.77","PublicIPv6":null}'
-VXLAN_VALUE = (
-    b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
-    b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
-)
-
-
-def net(s: str) -> IPv4Network:
-    return IPv4Network(s)
-
-
-async def put_config(kv, prefix, config=NETWORK_CONFIG):
-    await kv.put(f"{prefix}/config".encode(), config.encode())
-
-
-async def put_record(kv, prefix, subnet, value, ttl=None):
-    """Write a lease record raw, as flanneld (or an operator) would; returns the etcd lease id or 0."""
-    lease_id = (await kv.lease(ttl)).id if ttl else 0
-    key = make_subnet_key(prefix, IPv4Network(subnet)) if "/" in subnet else f"{prefix}/subnets/{subnet}"
-    await kv.put(key.encode(), value, lease=lease_id)
-    return lease_id
-
 
 async def test_written_record_is_byte_identical_to_flanneld(kv, prefix, managers):
     await put_config(kv, prefix)

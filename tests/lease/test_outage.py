@@ -14,8 +14,7 @@ import pytest
 
 from lease.lifecycle import State
 from lease.records import make_subnet_key
-from tests.lease.helpers import TcpProxy, start_node
-from tests.lease.test_manager import FLANNELD_VALUE, ME, net, put_config, put_record
+from tests.lease.helpers import FLANNELD_VALUE, ME, TcpProxy, net, put_config, put_record, start_node
 from udpflannel.events import LeaseLost, PeerAdded, PeerRemoved, Snapshot
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]

@@ -10,7 +10,8 @@ import pytest
 
 from lease.manager import SubnetManager
 from tests.conftest import require
-from tests.lease.conftest import NETWORK_CONFIG, _need_etcd
+from tests.lease.conftest import need_etcd
+from tests.lease.helpers import NETWORK_CONFIG
 from udpflannel.errors import EtcdUnavailable
 from udpflannel.lab.etcd import EtcdServer
 
@@ -37,7 +38,7 @@ def certs(tmp_path):
 
 
 async def test_tls_with_client_certificates(certs):
-    _need_etcd()
+    need_etcd()
     with EtcdServer(cert_file=certs["node.pem"], key_file=certs["node.key"], ca_file=certs["ca.pem"]) as etcd:
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         assert etcd.endpoint.startswith("https://")
@@ -58,7 +59,7 @@ async def test_tls_with_client_certificates(certs):
 
 
 async def test_username_and_password_and_an_expired_token():
-    _need_etcd()
+    need_etcd()
     with EtcdServer(extra_args=("--auth-token-ttl", "1")) as etcd:  # simple tokens die after 1 s unused
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         etcd.ctl("user", "add", "root", "--new-user-password=s3cret")
