@@ -6,6 +6,7 @@ Each test has an etcd of its own (``fresh_etcd``): they stop, freeze or compact 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from ipaddress import IPv4Address
 
@@ -56,27 +57,12 @@ EXPECTED_CHANGES = [
 ]
 
 
-async def test_changes_while_cut_off_arrive_one_by_one_from_the_last_revision(etcd, kv, prefix, managers):
-    proxy = await TcpProxy(etcd.host, etcd.port).start()
-    try:
-        await two_peers(kv, prefix)
-        m = managers(ME, endpoints=proxy.endpoint)
-        _, tap, _ = await start_node(m)
-        seen = len(tap.events)
-        proxy.cut()
-        await change_everything(kv, prefix)
-        await asyncio.sleep(0.5)  # the node retries meanwhile, and is refused
-        proxy.restore()
-        for expected in EXPECTED_CHANGES:
-            await tap.wait_for(lambda e, x=expected: e == x, RECOVERY, since=seen)
-        assert [e for _, e in tap.events[seen:]] == EXPECTED_CHANGES  # no resync was needed
-        assert tap.error is None
-        await tap.close()
-    finally:
-        await proxy.close()
+@contextlib.asynccontextmanager
+async def cut_off_node(etcd, kv, prefix, managers, meanwhile):
+    """A node (through a TcpProxy) with two peers; it is cut off while ``meanwhile()`` changes etcd.
 
-
-async def test_compaction_while_cut_off_is_resynced(etcd, kv, prefix, managers):
+    Yields the manager, its lease, its EventTap and the index of the first event after the cut.
+    """
     proxy = await TcpProxy(etcd.host, etcd.port).start()
     try:
         await two_peers(kv, prefix)
@@ -85,8 +71,30 @@ async def test_compaction_while_cut_off_is_resynced(etcd, kv, prefix, managers):
         seen = len(tap.events)
         proxy.cut()
         await change_everything(kv, prefix)
-        await asyncio.to_thread(etcd.compact)  # the history the node would resume from is gone
+        await meanwhile()
         proxy.restore()
+        yield m, lease, tap, seen
+        assert tap.error is None
+        await tap.close()
+    finally:
+        await proxy.close()
+
+
+async def test_changes_while_cut_off_arrive_one_by_one_from_the_last_revision(etcd, kv, prefix, managers):
+    async def refused():
+        await asyncio.sleep(0.5)  # the node retries meanwhile, and is refused
+
+    async with cut_off_node(etcd, kv, prefix, managers, refused) as (_, _, tap, seen):
+        for expected in EXPECTED_CHANGES:
+            await tap.wait_for(lambda e, x=expected: e == x, RECOVERY, since=seen)
+        assert [e for _, e in tap.events[seen:]] == EXPECTED_CHANGES  # no resync was needed
+
+
+async def test_compaction_while_cut_off_is_resynced(etcd, kv, prefix, managers):
+    async def compact():
+        await asyncio.to_thread(etcd.compact)  # the history the node would resume from is gone
+
+    async with cut_off_node(etcd, kv, prefix, managers, compact) as (m, lease, tap, seen):
         t0 = time.monotonic()
         stamp, snap = await tap.wait_for(lambda e: isinstance(e, Snapshot), RECOVERY, since=seen)
         assert snap == Snapshot((
@@ -100,10 +108,6 @@ async def test_compaction_while_cut_off_is_resynced(etcd, kv, prefix, managers):
         await tap.wait_for(lambda e: e == PeerAdded(net("10.5.13.0/24"), IPv4Address("192.168.1.77")), 1, since=seen)
         # The own-key watch went through the compaction too, and found the key still ours.
         assert tap.of(LeaseLost) == [] and m.state is State.HELD and m.lease == lease
-        assert tap.error is None
-        await tap.close()
-    finally:
-        await proxy.close()
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])
