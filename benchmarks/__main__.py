@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -55,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="before each lab, wait up to SECONDS for other work on the machine to drop below 15%% CPU")
     p.add_argument("--code", metavar="REV", help="run udpflannel from this git revision (default: a copy of the "
                                                  "working tree taken at start, so edits during the run do not leak in)")
+    p.add_argument("--rebuild-report", action="store_true",
+                   help="measure nothing: rebuild the Markdown, plots (and README section) from <out>/results.json")
     p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     return p.parse_args(argv)
 
@@ -106,13 +109,29 @@ def _run_text(cmd: list[str]) -> str:
 
 
 def git_commit() -> str:
+    """HEAD, marked ``+dirty`` if the harness itself (benchmarks/) has uncommitted changes."""
     rev = _run_text(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"]) or "unknown"
-    dirty = _run_text(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"])
+    dirty = _run_text(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no", "--", str(HERE)])
     return rev + ("+dirty" if dirty else "")
+
+
+def rebuild_report(out: Path, update: bool) -> int:
+    """Re-derive every table and plot from the raw data a previous run saved (after a change to report.py)."""
+    saved = json.loads((out / "results.json").read_text())
+    raw = {"rows": saved["raw"], "strace": saved.get("strace_check"), "calibration": saved.get("calibration")}
+    results = report.build_results(raw, saved["meta"])
+    paths = report.write_all(results, out)
+    print(f"rebuilt {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if update and report.update_readme(HERE / "README.md", results, "results/"):
+        print("updated the results section of benchmarks/README.md", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rebuild_report:
+        out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
+        return rebuild_report(out, update=args.out is None and not args.quick and not args.no_readme)
     check_environment()
     base = QUICK if args.quick else FULL
     settings = Settings(

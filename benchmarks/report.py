@@ -359,7 +359,9 @@ def notes(results: dict) -> list[str]:
         "pods behind cni0), interleaved per repeat; cells are median (min–max) over the repeats.",
         f"- TCP: iperf3 pod 1 → pod 2. RTT: {meta['rr_size']} B messages echoed over one TCP connection "
         f"(TCP_NODELAY) by a Python client/server in the pods; the tool's own floor (same pod, loopback) is "
-        f"p50 {rr['p50_us']:.0f} µs / p99 {rr['p99_us']:.0f} µs.",
+        f"p50 {rr['p50_us']:.0f} µs / p99 {rr['p99_us']:.0f} µs. On 2 vCPUs the kernel rows' RTT is bimodal "
+        "(≈ 40 µs when client and server run on the same vCPU, ≈ 95 µs when each wake-up crosses vCPUs), "
+        "so their medians and ratios move by ~2× with the scheduler's placement: read them with the spread.",
         "- UDP forwarding rate: iperf3 `-u -b 0` with 64 B / 1400 B payloads (92 / 1428 B IP packets), counted as "
         f"packets received on pod 2's eth0. {GENERATOR_LIMITED_MARK} = generator-limited: the dataplane delivered "
         "≥ 95 % of what the single-threaded generator offered, so the true capacity is at least this; ratios with "
@@ -459,7 +461,10 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
              "", main_table(results), "", foreign_line(results), ""]
     if "vxlan" in results["rows"]:
         parts += ["Ratio to kernel VXLAN from the same run:", "", ratio_table(results, "vxlan"), ""]
-    parts += [f"![throughput]({image_prefix}throughput.png) ![latency]({image_prefix}latency.png)", "",
+    parts += ["¹ kernel rows: the whole machine's system + softirq + irq time (no process of their own), so not "
+              "compared across kinds; ² all non-idle CPU, generators included; ³ not applicable, reasons in the "
+              "full report; ≥ generator-limited (a lower bound). Medians (min–max) over the repeats.", "",
+              f"![throughput]({image_prefix}throughput.png) ![latency]({image_prefix}latency.png)", "",
               f"Full report with notes: [{image_prefix}results.md]({image_prefix}results.md).", "", README_END]
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
