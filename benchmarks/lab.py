@@ -21,8 +21,7 @@ The lifecycle the harness drives: ``setup(topo)`` (kernel configuration, before 
 the counters of that group (kernel dataplanes keep running and return ``None``). ``pids()`` are the
 processes whose CPU time and context switches are charged to the dataplane.
 
-To add the etcd-backed daemon as a row: a subclass whose ``setup`` starts etcd in ``topo.hub`` and whose
-``start`` runs ``udpflannel --etcd-endpoints ...`` on each node, registered in :func:`builtin_dataplanes`.
+- :class:`UdpflannelDaemon` — the daemon with flanneld's flags on a real etcd in the hub namespace.
 """
 
 from __future__ import annotations
@@ -346,6 +345,72 @@ class UdpflannelStatic(ProcessDataplane):
         return {"nodes": per_node, "total": sum_counters(list(per_node.values()))}
 
 
+class UdpflannelDaemon(UdpflannelStatic):
+    """The real thing: etcd in the hub namespace, ``udpflannel`` with flanneld's flags on each node.
+
+    Each node's subnet.env is pre-seeded with the lab's subnet, so the daemon's own acquisition order
+    (previous subnet from subnet.env) gives the pods the addresses every other row uses.
+    """
+
+    def __init__(self, name: str = "udpflannel daemon", extra_args: list[str] | None = None, *,
+                 code: Path | None = None, description: str = "") -> None:
+        super().__init__(name, extra_args, code=code, description=description or "udpflannel daemon on a real etcd")
+        self.etcd = None
+
+    def setup(self, topo: Topology) -> None:
+        from udpflannel.lab.etcd import EtcdServer
+        from udpflannel.lab.netns import HUB_ADDRESS
+
+        super().setup(topo)
+        self.etcd = EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=topo.hub.name)
+        try:
+            self.etcd.start()
+            self.etcd.ctl("put", "/coreos.com/network/config",
+                          json.dumps({"Network": str(NETWORK), "Backend": {"Type": "udp", "Port": FLANNEL_UDP_PORT}}))
+        except Exception as exc:
+            raise DataplaneError(f"etcd for {self.name} did not start: {exc}") from exc
+
+    def start(self) -> None:
+        assert self.topo is not None
+        for i in self.topo.nodes:  # the previous subnet, as a restarted flanneld node would find it
+            self.subnet_file(i).write_text(f"FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={SUBNETS[i].network_address + 1}/"
+                                           f"{SUBNETS[i].prefixlen}\n")
+        super().start()
+        for i in self.topo.nodes:
+            got = read_subnet_env(self.subnet_file(i)).get("FLANNEL_SUBNET", "")
+            if got != f"{SUBNETS[i].network_address + 1}/{SUBNETS[i].prefixlen}":
+                raise DataplaneError(f"{self.name} on node {i} leased {got}, not {SUBNETS[i]}")
+
+    def ready_file(self, index: int) -> Path | None:
+        return self.subnet_file(index).with_suffix(".ready")
+
+    def _wait_ready(self, index: int, timeout: float = 20.0) -> None:
+        """Ready when subnet.env carries FLANNEL_MTU (the seeded file has none)."""
+        deadline = time.monotonic() + timeout
+        while "FLANNEL_MTU" not in read_subnet_env(self.subnet_file(index)):
+            if self.procs[index].poll() is not None:
+                raise DataplaneError(f"{self.name} on node {index} exited {self.procs[index].returncode}: "
+                                     f"{self.log_tail(index)}")
+            if time.monotonic() > deadline:
+                raise DataplaneError(f"{self.name} on node {index} not ready within {timeout:.0f}s: {self.log_tail(index)}")
+            time.sleep(0.05)
+        self.pod_mtu = int(read_subnet_env(self.subnet_file(index))["FLANNEL_MTU"])
+
+    def command(self, index: int) -> list[str]:
+        assert self.topo is not None and self.etcd is not None
+        return [sys.executable, "-m", "udpflannel", f"--etcd-endpoints={self.etcd.endpoint}", "--iface=eth0",
+                f"--subnet-file={self.subnet_file(index)}", f"--control-socket={self.topo.workdir / f'{self.slug}-n{index}.sock'}",
+                "--iptables-forward-rules=false", *self.extra_args]
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            if self.etcd is not None:
+                self.etcd.close()
+                self.etcd = None
+
+
 def parse_counters(log: Path) -> dict | None:
     """The JSON counters udpflannel logs when it stops (``... stopping; counters {...}``)."""
     matches = COUNTERS_LINE.findall(log.read_text(errors="replace"))
@@ -420,6 +485,7 @@ def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: 
         }
     else:
         rows = {"udpflannel": UdpflannelStatic(code=code, description="udpflannel static mode, per-packet path")}
+    rows["udpflannel daemon"] = UdpflannelDaemon(code=code)
     for name, args in (variants or {}).items():
         rows[name] = UdpflannelStatic(name, args, code=code)
     for name, template in (externals or {}).items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from argparse import Namespace
@@ -170,6 +171,7 @@ class Daemon:
         self.node = await asyncio.to_thread(
             bring_up, iface, self.lease.subnet, self.config.network, self.config.port,
             budget=self.args.budget, check_source=not self.args.accept_any_inner_source, trace=self.args.trace,
+            fast_path=not self.args.no_fast_path,
         )
         self.node.dataplane.attach()
         await asyncio.to_thread(self._install_rules)
@@ -236,6 +238,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.node is not None:
+            log.info("stopping; counters %s", json.dumps(self.node.dataplane.counters.as_dict()))
             self.node.close()
         if self.manager is not None:
             if self.args.release_lease_on_exit and self.lease is not None:
