@@ -25,10 +25,11 @@ DEFAULT_NAME_PATTERN = "flannel%d"
 class TunDevice:
     """Owns the TUN file descriptor. ``fd`` is -1 after ``close()`` so a reused number can't be hit."""
 
-    def __init__(self, dev: pytun.TunTapDevice) -> None:
+    def __init__(self, dev: pytun.TunTapDevice, *, vnet_hdr: bool = False) -> None:
         self._dev = dev
         self.name: str = dev.name
         self.fd: int = dev.fileno()
+        self.vnet_hdr = vnet_hdr  # every read and write carries a virtio_net_hdr (tun/vnet.py)
 
     def close(self) -> None:
         if self.fd != -1:
@@ -45,12 +46,16 @@ class TunDevice:
         return f"TunDevice(name={self.name!r}, fd={self.fd})"
 
 
-def open_tun(name: str = DEFAULT_NAME_PATTERN) -> TunDevice:
-    """Create the device; a ``%d`` in ``name`` lets the kernel pick the lowest free index."""
+def open_tun(name: str = DEFAULT_NAME_PATTERN, *, vnet_hdr: bool = False) -> TunDevice:
+    """Create the device; a ``%d`` in ``name`` lets the kernel pick the lowest free index.
+
+    ``vnet_hdr`` adds ``IFF_VNET_HDR`` for the fast path (offloads are then set by ``tun.offload``).
+    """
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
     try:
-        dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        dev = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
         raise SetupError(f"cannot create TUN device {name!r}: {exc} (is /dev/net/tun there, are you root?)") from exc
     fd = dev.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-    return TunDevice(dev)
+    return TunDevice(dev, vnet_hdr=vnet_hdr)

@@ -40,6 +40,10 @@ def add_dataplane_flags(parser: argparse.ArgumentParser) -> None:
         help="accept a peer's datagrams whatever their inner source address (default: only sources in that peer's subnet)",
     )
     group.add_argument("--trace", action="store_true", help="log one line per packet with its verdict (slow; for learning)")
+    group.add_argument(
+        "--no-fast-path", action="store_true",
+        help="move one packet per syscall even where the kernel offers TUN offloads and UDP GSO/GRO (for teaching and comparison)",
+    )
 
 
 def static_parser() -> argparse.ArgumentParser:
@@ -72,7 +76,8 @@ async def run_static(args: argparse.Namespace) -> int:
         raise ConfigError("--port", f"{args.port} is not a UDP port (1-65535)")
     iface = await asyncio.to_thread(select_interface, args.iface, public_ip=args.public_ip or None)
     node = await asyncio.to_thread(bring_up, iface, subnet, network, args.port, budget=args.budget,
-                                   check_source=not args.accept_any_inner_source, trace=args.trace)
+                                   check_source=not args.accept_any_inner_source, trace=args.trace,
+                                   fast_path=not args.no_fast_path)
     try:
         for route in routes:
             node.dataplane.apply(route)

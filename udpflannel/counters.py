@@ -17,6 +17,9 @@ class Counters:
         "sent_packets", "sent_bytes", "delivered_packets", "delivered_bytes",
         "send_errors", "tun_write_errors", "backpressure_pauses",
         "icmp_sent", "icmp_rate_limited", "tun_drops", "udp_drops",
+        # the fast path's batches (udpflannel/fastpath.py): how many wire packets each syscall moved
+        "tun_superpackets", "udp_gso_sends", "udp_gso_datagrams", "udp_gro_recvs", "udp_gro_datagrams",
+        "tun_gso_writes", "tun_gso_segments", "udp_gso_fallbacks",
     )
 
     def __init__(self) -> None:
@@ -44,4 +47,17 @@ class Counters:
         out["syscalls_per_packet"] = round(self.syscalls / packets, 3) if packets else 0.0
         out["packets_per_tun_wakeup"] = round(self.tun_packets / self.tun_wakeups, 2) if self.tun_wakeups else 0.0
         out["packets_per_udp_wakeup"] = round(self.udp_packets / self.udp_wakeups, 2) if self.udp_wakeups else 0.0
+        out["batches"] = self.batches()
         return out
+
+    def batches(self) -> dict[str, float]:
+        """Mean wire packets per syscall, per call (EAGAIN calls included): 1.0 on the per-packet path."""
+        def ratio(a: int, b: int) -> float:
+            return round(a / b, 2) if b else 0.0
+
+        return {
+            "tun_read": ratio(self.tun_packets, self.tun_reads),
+            "udp_send": ratio(self.sent_packets, self.udp_sends),
+            "udp_recv": ratio(self.udp_packets, self.udp_recvs),
+            "tun_write": ratio(self.delivered_packets, self.tun_writes),
+        }

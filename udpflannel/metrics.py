@@ -53,6 +53,14 @@ class DataplaneCollector:
         yield per_wakeup
         yield GaugeMetricFamily("udpflannel_syscalls_per_packet", "Data-path system calls per packet read",
                                 value=c.syscalls / c.packets if c.packets else 0.0)
+        batches = GaugeMetricFamily("udpflannel_packets_per_syscall",
+                                    "Mean wire packets moved per data-path system call (1 on the per-packet path)",
+                                    labels=["call"])
+        for call, value in c.batches().items():
+            batches.add_metric([call], value)
+        yield batches
+        yield CounterMetricFamily("udpflannel_udp_gso_fallbacks", "GSO sends refused with EIO (GSO then off)",
+                                  value=c.udp_gso_fallbacks)
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"udpflannel_{name}", name.replace("_", " "), value=value)
 

@@ -17,9 +17,10 @@ import signal
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
-from tun import TunDevice, configure_tun, open_tun
+from tun import TunDevice, configure_tun
 from tun.configure import ENCAP_OVERHEAD
 from udpflannel.engine import DEFAULT_BUDGET, Dataplane
+from udpflannel.fastpath import FastDataplane, open_tun_for, probe_features
 from udpflannel.iface import ExternalInterface
 from udpflannel.sockets import open_icmp_socket, open_udp_socket
 
@@ -59,12 +60,16 @@ def bring_up(
     budget: int = DEFAULT_BUDGET,
     check_source: bool = True,
     trace: bool = False,
+    fast_path: bool = True,
 ) -> NodeDataplane:
-    """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine."""
+    """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine.
+
+    ``fast_path``: use TUN offloads and UDP GSO/GRO where the kernel has them (``udpflannel.fastpath``).
+    """
     tun_mtu = iface.mtu - ENCAP_OVERHEAD
     closers = []
     try:
-        tun = open_tun()
+        tun, tun_offloads = open_tun_for(fast_path)
         closers.append(tun.close)
         configure_tun(tun.name, subnet, network, tun_mtu)
         udp = open_udp_socket(str(iface.iface_addr), port)
@@ -75,10 +80,14 @@ def bring_up(
         for close in reversed(closers):
             close()
         raise
-    dataplane = Dataplane(
+    common = dict(
         tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
         port=port, budget=budget, check_source=check_source, trace=trace,
     )
+    if tun.vnet_hdr:
+        dataplane: Dataplane = FastDataplane(features=probe_features(tun_offloads, udp), **common)
+    else:
+        dataplane = Dataplane(**common)
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
     return NodeDataplane(iface=iface, subnet=subnet, network=network, port=port, tun=tun, dataplane=dataplane, closers=closers)
 

@@ -10,6 +10,8 @@ pod via ``cni0``, or back into flannel0 and over the overlay to a remote pod —
 from __future__ import annotations
 
 import socket
+import struct
+from dataclasses import dataclass
 
 from udpflannel.errors import SetupError
 
@@ -35,6 +37,57 @@ def open_udp_socket(address: str, port: int, *, buffer: int = SOCKET_BUFFER) -> 
         raise SetupError(f"failed to start listening on UDP socket {address}:{port}: {exc}") from exc
     sock.setblocking(False)
     return sock
+
+
+# UDP segmentation offloads (linux/udp.h; not in Python 3.11's socket module). Same on every architecture.
+SOL_UDP = 17
+UDP_SEGMENT = 103  # send: one sendmsg of N×size bytes leaves as N datagrams (Linux 4.18)
+UDP_GRO = 104  # receive: back-to-back datagrams of one flow arrive as one buffer + their size (Linux 5.0)
+UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (128 since Linux 6.x; 64 is safe everywhere)
+UDP_MAX_PAYLOAD = 65507  # one send is one IP packet before segmentation: 65535 − 20 − 8
+
+
+@dataclass(frozen=True)
+class UdpOffloads:
+    """What the kernel offers this socket, probed once at start-up."""
+
+    gso: bool = False  # UDP_SEGMENT works
+    gro: bool = False  # UDP_GRO is on: recvmsg may return several datagrams with their size
+
+
+def probe_udp_offloads(sock: socket.socket, *, gro: bool = True) -> UdpOffloads:
+    """Probe UDP_SEGMENT (reading it fails on kernels without it) and, if ``gro``, turn UDP_GRO on.
+
+    Whether a GSO send really works also depends on the egress device (no tx checksum offload →
+    EIO at send time); the engine handles that when it happens.
+    """
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        gso = True
+    except OSError:
+        gso = False
+    if gro:
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            gro = False
+    return UdpOffloads(gso=gso, gro=gro)
+
+
+def gso_cmsg(size: int) -> list[tuple[int, int, bytes]]:
+    """The per-call control message for a UDP_SEGMENT send: exactly 2 bytes, host order."""
+    return [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+
+
+def gro_size(ancdata: list[tuple[int, int, bytes]], default: int) -> int:
+    """The datagram size from a UDP_GRO recvmsg's control data (a native int), else ``default``."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            return struct.unpack_from("=i", data)[0]
+    return default
+
+
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 def open_icmp_socket() -> socket.socket:

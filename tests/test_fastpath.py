@@ -1,0 +1,252 @@
+"""The fast engine on loopback: a SOCK_SEQPACKET pair stands in for a TUN with IFF_VNET_HDR (one read =
+vnet header + packet), real UDP sockets with UDP_SEGMENT/UDP_GRO on 127.0.0.1 for the wire.
+
+Checks that what leaves is exactly the per-packet path's output (the kernel's segmentation with the TTL
+decremented), that batches form and are counted, and the fallbacks: no GSO/GRO, EIO, EAGAIN.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from tests.strategies import slow_header_checksum
+from tests.test_engine import until
+from tests.test_gso import slow_split
+from tun import gso, vnet
+from udpflannel.events import PeerAdded
+from udpflannel.fastpath import FastDataplane, Features
+from udpflannel.packet import Verdict, decrement_ttl
+from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
+
+OWN = IPv4Network("10.5.1.0/24")
+PEER_SUBNET = IPv4Network("10.5.2.0/24")
+ALL = Features(tun_tso=True, tun_uso=True, udp_gso=True, udp_gro=True)
+
+
+def tcp_flow(size: int, *, src: str = "10.5.1.2", dst: str = "10.5.2.2", ttl: int = 64, flags: int = 0x18,
+             mss: int = 1420, seq: int = 1000) -> bytes:
+    """A TSO super-packet with a timestamp option (data offset 8), IP ID 7."""
+    payload = bytes(i * 13 % 256 for i in range(size))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 5, 8 << 4, flags, 500, 0, 0) + b"\x01\x01\x08\x0a" + bytes(8)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + size, 7, 0x4000, ttl, 6, 0,
+                               socket.inet_aton(src), socket.inet_aton(dst)))
+    ip[10:12] = slow_header_checksum(bytes(ip)).to_bytes(2, "big")
+    return bytes(ip) + tcp + payload
+
+
+def tso_hdr(mss: int = 1420) -> bytes:
+    return vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 52, mss, 20, 16).pack()
+
+
+def after_one_hop(packet: bytes) -> bytes:
+    """The packet as the per-packet path forwards it: TTL − 1, header checksum patched."""
+    out = bytearray(packet)
+    assert decrement_ttl(out)
+    return bytes(out)
+
+
+class Rig:
+    """tun_app <-> (vnet-header "TUN") FastDataplane (UDP, GSO/GRO) <-> peer socket on loopback."""
+
+    def __init__(self, features: Features = ALL) -> None:
+        self.tun_app, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.tun_end.setblocking(False)
+        for s in (self.tun_app, self.tun_end):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        probe_udp_offloads(self.udp, gro=features.udp_gro)
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.1", 0))
+        self.peer.settimeout(2)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.dp = FastDataplane(features=features, tun_fd=self.tun_end.fileno(), udp=self.udp, icmp_sock=None,
+                                tun_mtu=1472, tun_address=OWN.network_address, port=self.peer.getsockname()[1])
+        self.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")))
+
+    def recv_datagrams(self, count: int) -> list[bytes]:
+        return [self.peer.recv(70000) for _ in range(count)]
+
+    def close(self) -> None:
+        self.dp.detach()
+        for s in (self.tun_app, self.tun_end, self.udp, self.peer):
+            s.close()
+
+
+@pytest.fixture
+async def rig():
+    r = Rig()
+    r.dp.attach()
+    yield r
+    r.close()
+
+
+async def test_super_packets_leave_as_the_kernels_segments():
+    """Two 46-segment TSO packets: 92 ordinary datagrams, TTL − 1 each, in 3 sends (the tail carried)."""
+    r = Rig()
+    first, second = tcp_flow(46 * 1420, flags=0x10), tcp_flow(46 * 1420, seq=1000 + 46 * 1420)
+    r.tun_app.send(tso_hdr() + first)
+    r.tun_app.send(tso_hdr() + second)
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.sent_packets == 92)
+        expected = [after_one_hop(s) for s in slow_split(first, 1420) + slow_split(second, 1420)]
+        assert r.recv_datagrams(92) == expected
+        c = r.dp.counters
+        assert c.tun_superpackets == 2 and c.tun_packets == 92
+        assert c.udp_gso_datagrams == 92 and c.udp_sends == 3  # 1472-byte datagrams: 44 a send
+    finally:
+        r.close()
+
+
+async def test_plain_packets_and_partial_checksums():
+    """gso NONE: NEEDS_CSUM is completed, the rest is the per-packet path; same-size packets to one
+    peer queued before the wake-up share one send."""
+    r = Rig()
+    ack = bytearray(tcp_flow(0, flags=0x10))
+    pseudo = ack[12:20] + b"\0\x06" + struct.pack("!H", len(ack) - 20)
+    ack[36:38] = (int.from_bytes(pseudo, "big") % 0xFFFF).to_bytes(2, "big")
+    for _ in range(5):
+        r.tun_app.send(vnet.VnetHdr(vnet.NEEDS_CSUM, 0, 0, 0, 20, 16).pack() + bytes(ack))
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.sent_packets == 5)
+        assert r.recv_datagrams(5) == [after_one_hop(slow_split(tcp_flow(0, flags=0x10), 1420)[0])] * 5
+        assert r.dp.counters.udp_sends == 1 and r.dp.counters.udp_gso_datagrams == 5
+    finally:
+        r.close()
+
+
+async def test_gro_batches_are_coalesced_into_one_tun_write(rig: Rig):
+    """The peer sends 40 segments with UDP_SEGMENT; the engine's UDP_GRO receive gets them at once and
+    writes one GSO_TCPV4 super-packet, whose segments are the originals with TTL − 1."""
+    packet = tcp_flow(40 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10)
+    segments = slow_split(packet, 1420)
+    rig.peer.sendmsg([b"".join(segments)], gso_cmsg(len(segments[0])), 0, rig.udp.getsockname())
+    await until(lambda: rig.dp.counters.delivered_packets == 40)
+    data = rig.tun_app.recv(70000)
+    hdr = vnet.parse(data)
+    assert hdr.gso_type == vnet.GSO_TCPV4 and hdr.gso_size == 1420
+    assert gso.split(data[10:], hdr) == [after_one_hop(s) for s in segments]
+    c = rig.dp.counters
+    assert c.udp_gro_recvs == 1 and c.udp_gro_datagrams == 40 and c.tun_gso_writes == 1 and c.tun_writes == 1
+    assert rig.dp.peer_rx == {("127.0.0.1", rig.peer.getsockname()[1]): 40}
+
+
+async def test_gro_rows_keep_per_packet_verdicts(rig: Rig):
+    """A batch with a spoofed row and a damaged row: those two get the per-packet verdicts, the rest is
+    merged around them, in order."""
+    segments = slow_split(tcp_flow(10 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1420)
+    spoofed = bytearray(segments[3])
+    spoofed[12:16] = socket.inet_aton("10.5.9.9")
+    spoofed[10:12] = b"\0\0"
+    spoofed[10:12] = slow_header_checksum(bytes(spoofed)).to_bytes(2, "big")
+    segments[3] = bytes(spoofed)
+    damaged = bytearray(segments[6])
+    damaged[11] ^= 0xFF  # IP header checksum
+    segments[6] = bytes(damaged)
+    rig.peer.sendmsg([b"".join(segments)], gso_cmsg(len(segments[0])), 0, rig.udp.getsockname())
+    await until(lambda: rig.dp.counters.udp_packets == 10 and rig.dp.counters.tun_writes >= 3)
+    drops = rig.dp.counters.udp_drops
+    assert drops[Verdict.SPOOFED_SOURCE] == 1 and drops[Verdict.BAD_CHECKSUM] == 1
+    written = []
+    rig.tun_app.settimeout(1)
+    while len(written) < 8:
+        data = rig.tun_app.recv(70000)
+        written += gso.split(data[10:], vnet.parse(data))
+    assert written == [after_one_hop(s) for i, s in enumerate(segments) if i not in (3, 6)]
+
+
+async def test_ttl_expiry_of_a_super_packet_is_one_packets():
+    """TTL 1 on a TSO packet: dropped as the per-packet path would, one ICMP error about segment 0."""
+    r = Rig()
+    sent: list[bytes] = []
+    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    r.dp.attach()
+    try:
+        packet = tcp_flow(5 * 1420, ttl=1)
+        r.tun_app.send(tso_hdr() + packet)
+        await until(lambda: r.dp.counters.tun_drops[Verdict.TTL_EXPIRED] == 1)
+        [icmp] = sent
+        assert icmp is not None and icmp[20] == 11  # time exceeded
+        assert icmp[28:28 + 28] == slow_split(packet, 1420)[0][:28]  # quotes the first segment
+        assert r.dp.counters.sent_packets == 0
+    finally:
+        r.close()
+
+
+class Refusing:
+    """A UDP socket whose sends fail with ``error``: all GSO sends (``gso_only``), or just the first."""
+
+    def __init__(self, sock: socket.socket, error: OSError, *, gso_only: bool) -> None:
+        self.sock, self.error, self.gso_only, self.refused = sock, error, gso_only, 0
+
+    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
+        if (ancdata if self.gso_only else not self.refused):
+            self.refused += 1
+            raise self.error
+        return self.sock.sendmsg(buffers, ancdata, flags, address)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("error, gso_only", [(OSError(errno.EIO, "EIO"), True), (BlockingIOError(), False)],
+                         ids=["eio-on-gso", "eagain-once"])
+async def test_refused_sends_lose_nothing(error: OSError, gso_only: bool):
+    """EIO on GSO sends (an egress device that cannot checksum, older kernels): GSO off for good, said
+    once, datagrams one by one. EAGAIN: the batch is parked, the TUN paused, the order kept."""
+    r = Rig()
+    r.dp.udp = Refusing(r.udp, error, gso_only=gso_only)  # type: ignore[assignment]
+    r.dp.attach()
+    try:
+        packets = [tcp_flow(30 * 1420, seq=1000 + i * 30 * 1420, flags=0x10) for i in range(3)]
+        for p in packets:
+            r.tun_app.send(tso_hdr() + p)
+        await until(lambda: r.dp.counters.sent_packets == 90)
+        assert r.recv_datagrams(90) == [after_one_hop(s) for p in packets for s in slow_split(p, 1420)]
+        assert r.dp.udp.refused == 1
+        if gso_only:
+            assert r.dp.counters.udp_gso_fallbacks == 1 and r.dp.counters.udp_gso_sends == 0
+        else:
+            assert r.dp.counters.backpressure_pauses == 1
+    finally:
+        r.close()
+
+
+async def test_without_gso_and_gro_the_results_are_the_same():
+    r = Rig(Features(tun_tso=True, udp_gso=False, udp_gro=False))
+    r.dp.attach()
+    try:
+        packet = tcp_flow(20 * 1420, flags=0x10)
+        r.tun_app.send(tso_hdr() + packet)
+        await until(lambda: r.dp.counters.sent_packets == 20)
+        assert r.recv_datagrams(20) == [after_one_hop(s) for s in slow_split(packet, 1420)]
+        assert r.dp.counters.udp_sends == 20 and r.dp.counters.udp_gso_sends == 0
+        assert r.udp.getsockopt(SOL_UDP, UDP_GRO) == 0
+        inbound = slow_split(tcp_flow(4 * 1420, src="10.5.2.2", dst="10.5.1.2"), 1420)
+        for s in inbound:
+            r.peer.sendto(s, r.udp.getsockname())
+        await until(lambda: r.dp.counters.delivered_packets == 4)
+        got = [r.tun_app.recv(70000) for _ in range(4)]
+        assert [g[:10] for g in got] == [vnet.PLAIN] * 4
+        assert [g[10:] for g in got] == [after_one_hop(s) for s in inbound]
+    finally:
+        r.close()
+
+
+def test_features_describe_and_disable():
+    from tun.offload import TunOffloads
+    from udpflannel.sockets import UdpOffloads
+
+    f = Features.from_probes(TunOffloads(True, True, True, False), UdpOffloads(gso=True, gro=True),
+                             disabled=frozenset({"udp_gro"}))
+    assert f == Features(tun_tso=True, tun_uso=False, udp_gso=True, udp_gro=False)
+    assert f.describe() == "tun tso on, tun uso off, udp gso on, udp gro off"

@@ -1,0 +1,437 @@
+"""The fast path: the same dataplane as ``udpflannel.engine``, with each syscall moving up to 64 KB.
+
+    TUN read (one TSO super-packet) → split → per-peer batch → one sendmsg with UDP_SEGMENT
+    UDP_GRO recvmsg_into (up to 64 datagrams) → per-row checks → coalesce → one writev per TCP run
+
+The wire does not change: every datagram is one ordinary IPv4 packet with correct checksums, the
+segment the kernel's own GSO would have made, so flanneld and per-packet peers interoperate.
+Decisions stay in sans-IO code (``tun.gso``, ``udpflannel.batch`` on top of ``udpflannel.forward``);
+this module only moves buffers.
+
+Buffers: a TUN read lands in one of a few *slots* (vnet header + packet + a header arena for its
+segments). Segments are sent as scatter-gather lists pointing into the slot, and the segments of
+consecutive super-packets to one peer share a send (carrying the tail: a 46-segment packet doesn't
+cost two sends). So a slot may still be referenced by a pending batch when the ring comes round to
+it; then everything pending is sent first. All batches are sent before a wake-up returns.
+
+Fallbacks, each logged once: no TSO on the TUN → the per-packet engine (node.py decides); no UDP GSO,
+or EIO from a GSO send (the egress device cannot checksum) → one send per segment; no UDP GRO → one
+datagram per receive, still written through the same path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass, fields
+
+from tun import TunDevice, gso, open_tun, vnet
+from tun.offload import TunOffloads, enable_offloads
+from udpflannel.batch import inbound_batch, outbound_super
+from udpflannel.engine import Dataplane
+from udpflannel.forward import describe, inbound, outbound
+from udpflannel.packet import Verdict
+from udpflannel.routes import NextHop
+from udpflannel.sockets import (
+    GRO_CMSG_SPACE,
+    UDP_MAX_PAYLOAD,
+    UDP_MAX_SEGMENTS,
+    UdpOffloads,
+    gro_size,
+    gso_cmsg,
+    probe_udp_offloads,
+)
+
+log = logging.getLogger(__name__)
+trace_log = logging.getLogger("udpflannel.trace")
+
+# Features to treat as missing, comma-separated (``udp_gso,udp_gro``...): forces the fallbacks in tests.
+DISABLE_ENV = "UDPFLANNEL_DISABLE_OFFLOADS"
+# Set to 1: GSO sends fail with EIO, as on kernels (before ~6.11) whose egress device lacks checksum
+# offload. Newer kernels checksum in software instead, so tests need this to reach the fallback.
+SIMULATE_EIO_ENV = "UDPFLANNEL_SIMULATE_EIO"
+SLOTS = 3  # TUN read buffers: the current one, the one a carried tail points into, and one spare
+_unpack_vnet = vnet.unpack_from
+_EMPTY = b""
+
+
+@dataclass(frozen=True)
+class Features:
+    """Kernel features the fast path uses, probed once at start-up (kernel versions in brackets)."""
+
+    tun_tso: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD CSUM|TSO4|TSO6 [2.6.27]: reads up to 64 KB
+    tun_uso: bool = False  # TUN_F_USO4|USO6 [6.2]: UDP super-packets too
+    udp_gso: bool = False  # UDP_SEGMENT [4.18]: one send, many datagrams
+    udp_gro: bool = False  # UDP_GRO [5.0]: one receive, many datagrams
+
+    @classmethod
+    def from_probes(cls, tun: TunOffloads, udp: UdpOffloads, *, disabled: frozenset[str] = frozenset()) -> Features:
+        found = cls(tun_tso=tun.tso, tun_uso=tun.uso, udp_gso=udp.gso, udp_gro=udp.gro)
+        return cls(**{f.name: getattr(found, f.name) and f.name not in disabled for f in fields(cls)})
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name.replace('_', ' ')} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
+
+
+def disabled_features() -> frozenset[str]:
+    return frozenset(filter(None, (n.strip() for n in os.environ.get(DISABLE_ENV, "").split(","))))
+
+
+def open_tun_for(fast_path: bool) -> tuple[TunDevice, TunOffloads]:
+    """The TUN for the engine to come: with the fast path, IFF_VNET_HDR and TSO (and USO if the
+    kernel has it); if TSO is refused, or without the fast path, a plain one as flannel's."""
+    disabled = disabled_features()
+    if fast_path and "tun_tso" not in disabled:
+        tun = open_tun(vnet_hdr=True)
+        offloads = enable_offloads(tun.fd, uso="tun_uso" not in disabled)
+        if offloads.tso:
+            return tun, offloads
+        tun.close()
+        log.warning("TUN offloads unavailable: using the per-packet path")
+    return open_tun(), TunOffloads()
+
+
+def probe_features(tun: TunOffloads, udp: socket.socket) -> Features:
+    """Probe the socket (turning UDP_GRO on unless disabled) and combine with the TUN's offloads."""
+    disabled = disabled_features()
+    return Features.from_probes(tun, probe_udp_offloads(udp, gro="udp_gro" not in disabled), disabled=disabled)
+
+
+class _EioOnGso:
+    """The UDP socket as an old kernel with a checksum-less egress device shows it (SIMULATE_EIO_ENV)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
+        if ancdata:
+            raise OSError(errno.EIO, "Input/output error (simulated)")
+        return self._sock.sendmsg(buffers, ancdata, flags, address)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _Slot:
+    """One TUN read buffer with its splitter; ``pending`` counts batches that still point into it."""
+
+    __slots__ = ("hdr", "pkt", "bufs", "mv", "splitter", "pending")
+
+    def __init__(self) -> None:
+        self.hdr = bytearray(vnet.VNET_HDR_LEN)
+        self.pkt = gso.packet_buffer()
+        self.bufs = [self.hdr, self.pkt]
+        self.mv = memoryview(self.pkt)
+        self.splitter = gso.Splitter(self.pkt)
+        self.pending = 0
+
+
+class _Batch:
+    """Datagrams queued for one peer: every one ``size`` bytes but a shorter last, which closes it."""
+
+    __slots__ = ("iov", "count", "size", "nbytes", "closed", "slots")
+
+    def __init__(self, size: int) -> None:
+        self.iov: list = []  # header, payload, header, payload, ...: datagram i is iov[2i] + iov[2i+1]
+        self.count = 0
+        self.size = size
+        self.nbytes = 0
+        self.closed = False
+        self.slots: list[_Slot] = []
+
+
+class FastDataplane(Dataplane):
+    """``Dataplane`` with the TUN in vnet-header mode and UDP GSO/GRO; same apply/attach/detach."""
+
+    def __init__(self, *, features: Features, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.features = features
+        self._max_segments = UDP_MAX_SEGMENTS if features.udp_gso else 1
+        self._slots = [_Slot() for _ in range(SLOTS)]
+        self._slot = 0
+        self._batches: dict[NextHop, _Batch] = {}
+        self._parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (data, size, count, hop)
+        self._rx = gso.packet_buffer()
+        self._rx_mv = memoryview(self._rx)
+        self._coalescer = gso.Coalescer(self._rx)
+        self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
+        if os.environ.get(SIMULATE_EIO_ENV) == "1":
+            self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
+        log.info("fast path: %s", features.describe())
+
+    # -- TUN -> UDP ----------------------------------------------------------------------------------
+    def _on_tun_readable(self) -> None:
+        c = self.counters
+        c.tun_wakeups += 1
+        fd, routes, readv = self.tun_fd, self.routes, os.readv
+        slots, nslots = self._slots, len(self._slots)
+        for _ in range(self.budget):
+            self._slot = (self._slot + 1) % nslots
+            slot = slots[self._slot]
+            if slot.pending:
+                self._send_all()
+            c.tun_reads += 1
+            try:
+                n = readv(fd, slot.bufs) - vnet.VNET_HDR_LEN
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.warning("TUN read failed: %s", exc)
+                break
+            flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(slot.hdr)
+            pkt = slot.pkt
+            c.tun_bytes += n
+            if gso_type == vnet.GSO_NONE:
+                c.tun_packets += 1
+                if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
+                    self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
+                    continue
+                verdict, hop = outbound(pkt, n, routes)
+                if self.trace:
+                    trace_log.debug("tun>udp %s -> %s %s", describe(pkt, n), verdict.name, hop)
+                if verdict:
+                    self._drop(verdict, pkt, n, c.tun_drops)
+                    continue
+                self._queue(hop, [pkt[:n], _EMPTY], 1, n, n, None)  # a copy: small, and the slot stays free
+                continue
+            verdict, hop, result = outbound_super(slot.splitter, n, gso_type, gso_size, routes)
+            if self.trace:
+                trace_log.debug("tun>udp super-packet %s gso %d/%d -> %s %s", describe(pkt, n), gso_type,
+                                gso_size, verdict.name, hop)
+            if verdict:
+                c.tun_packets += 1
+                self._drop(verdict, result, len(result), c.tun_drops)  # one ICMP error at most, like one packet
+                continue
+            c.tun_superpackets += 1
+            c.tun_packets += result.count
+            self._queue(hop, result.iov, result.count, result.seg_size, result.last_size, slot)
+        self._send_all()
+
+    def _queue(self, hop: NextHop, iov: list, count: int, size: int, last: int, slot: _Slot | None) -> None:
+        """Append ``count`` datagrams to ``hop``'s batch, sending whenever one is full or closed.
+        ``slot``: the read buffer ``iov`` points into (None if it points into nothing reusable)."""
+        batches = self._batches
+        batch = batches.get(hop)
+        if batch is not None and (batch.closed or (batch.size != size and not (count == 1 and size < batch.size))):
+            self._send(hop)
+            batch = None
+        done = 0
+        while done < count:
+            if batch is None:
+                batch = batches[hop] = _Batch(size)
+            most = max(1, min(self._max_segments, UDP_MAX_PAYLOAD // batch.size))
+            take = min(count - done, most - batch.count)
+            batch.iov += iov[2 * done:2 * (done + take)]
+            batch.count += take
+            done += take
+            batch.nbytes += (take - 1) * size + (last if done == count else size)
+            if slot is not None and (not batch.slots or batch.slots[-1] is not slot):
+                batch.slots.append(slot)
+                slot.pending += 1
+            if done == count and last < batch.size:
+                batch.closed = True
+            if batch.count >= most or batch.closed:
+                self._send(hop)
+                batch = None
+
+    def _send_all(self) -> None:
+        for hop in list(self._batches):
+            self._send(hop)
+
+    def _send(self, hop: NextHop) -> None:
+        """One sendmsg for ``hop``'s batch (UDP_SEGMENT if it holds several datagrams)."""
+        batch = self._batches.pop(hop)
+        for slot in batch.slots:
+            slot.pending -= 1
+        c = self.counters
+        if self._parked_sends:  # keep order behind what is already waiting for room
+            self._park_send(batch, hop, 0)
+            return
+        c.udp_sends += 1
+        try:
+            if batch.count == 1:
+                self.udp.sendmsg(batch.iov, (), 0, hop)
+            else:
+                self.udp.sendmsg(batch.iov, gso_cmsg(batch.size), 0, hop)
+        except BlockingIOError:
+            self._park_send(batch, hop, 0)
+            return
+        except OSError as exc:
+            if exc.errno == errno.EIO and batch.count > 1:
+                self._gso_failed(exc)
+                self._send_one_by_one(batch, hop)
+            else:
+                c.send_errors += batch.count
+                log.debug("sendmsg to %s failed: %s", hop, exc)
+            return
+        c.sent_packets += batch.count
+        c.sent_bytes += batch.nbytes
+        if batch.count > 1:
+            c.udp_gso_sends += 1
+            c.udp_gso_datagrams += batch.count
+
+    def _gso_failed(self, exc: OSError) -> None:
+        """EIO from a GSO send: the egress device cannot checksum for us. Off for good, said once."""
+        self.counters.udp_gso_fallbacks += 1
+        if self._max_segments > 1:
+            log.warning("UDP GSO send failed (%s): the egress device lacks checksum offload; "
+                        "sending one datagram per syscall from now on", exc)
+        self._max_segments = 1
+
+    def _send_one_by_one(self, batch: _Batch, hop: NextHop) -> None:
+        c, iov, sendmsg = self.counters, batch.iov, self.udp.sendmsg
+        for i in range(batch.count):
+            c.udp_sends += 1
+            try:
+                sent = sendmsg(iov[2 * i:2 * i + 2], (), 0, hop)
+            except BlockingIOError:
+                self._park_send(batch, hop, i)
+                return
+            except OSError as exc:
+                c.send_errors += 1
+                log.debug("sendmsg to %s failed: %s", hop, exc)
+                continue
+            c.sent_packets += 1
+            c.sent_bytes += sent
+
+    def _park_send(self, batch: _Batch, hop: NextHop, first: int) -> None:
+        """The socket is full: copy what is left (the slots will be reused) and stop reading the TUN."""
+        if not self._parked_sends:
+            self._pause(self.tun_fd, self.udp.fileno(), self._on_udp_writable)
+        data = b"".join(batch.iov[2 * first:])
+        count = batch.count - first
+        self._parked_sends.append((data, batch.size if count > 1 else len(data), count, hop))
+
+    def _on_udp_writable(self) -> None:
+        c = self.counters
+        parked = self._parked_sends
+        while parked:
+            data, size, count, hop = parked[0]
+            c.udp_sends += 1
+            try:
+                if count > 1 and self._max_segments > 1:
+                    self.udp.sendmsg([data], gso_cmsg(size), 0, hop)
+                else:
+                    for i in range(count):  # rare: GSO turned off while these waited
+                        self.udp.sendto(data[i * size:(i + 1) * size], hop)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EIO and count > 1:
+                    self._gso_failed(exc)
+                    continue
+                c.send_errors += count
+            else:
+                c.sent_packets += count
+                c.sent_bytes += len(data)
+            parked.pop(0)
+        self._resume(self.tun_fd, self.udp.fileno(), self._on_tun_readable)
+
+    # -- UDP -> TUN ----------------------------------------------------------------------------------
+    def _on_udp_readable(self) -> None:
+        c = self.counters
+        c.udp_wakeups += 1
+        rx, mv, routes = self._rx, self._rx_mv, self.routes
+        bufs = [rx]
+        recvmsg_into = self.udp.recvmsg_into
+        tun_mtu, check_source, peer_rx = self.tun_mtu, self.check_source, self.peer_rx
+        plain = vnet.PLAIN
+        for _ in range(self.budget):
+            c.udp_recvs += 1
+            try:
+                nbytes, ancdata, msg_flags, peer = recvmsg_into(bufs, GRO_CMSG_SPACE)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.debug("recvmsg failed: %s", exc)
+                continue
+            size = gro_size(ancdata, nbytes) if ancdata else nbytes
+            if msg_flags & socket.MSG_TRUNC or size <= 0:
+                c.udp_packets += 1
+                c.udp_drops[Verdict.OVERSIZE] += 1
+                continue
+            c.udp_bytes += nbytes
+            if size >= nbytes:  # one datagram: the per-packet decision, written with a plain vnet header
+                c.udp_packets += 1
+                verdict = inbound(rx, nbytes, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
+                if self.trace:
+                    trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(rx, nbytes), verdict.name)
+                if verdict:
+                    self._drop(verdict, rx, nbytes, c.udp_drops)
+                    continue
+                peer_rx[peer] = peer_rx.get(peer, 0) + 1
+                if not self._write([plain, mv[:nbytes]], 1, nbytes):
+                    self._park_write([plain, mv[:nbytes]], 1)
+                    return
+                continue
+            rows = -(-nbytes // size)
+            c.udp_packets += rows
+            c.udp_gro_recvs += 1
+            c.udp_gro_datagrams += rows
+            units = inbound_batch(self._coalescer, nbytes, size, peer, routes, tun_mtu=tun_mtu,
+                                  check_source=check_source)
+            for verdict, a, b, unit in units:
+                if self.trace:
+                    trace_log.debug("udp>tun from %s:%d %d datagram(s) of %d bytes -> %s", peer[0], peer[1],
+                                    b - a, size, verdict.name)
+                if verdict:
+                    self._drop(verdict, unit, len(unit), c.udp_drops)
+                    continue
+                peer_rx[peer] = peer_rx.get(peer, 0) + b - a
+                length = min(b * size, nbytes) - a * size
+                if b - a > 1:
+                    c.tun_gso_writes += 1
+                    c.tun_gso_segments += b - a
+                if self._parked_writes or not self._write(unit, b - a, length):
+                    self._park_write(unit, b - a)
+                    for verdict, a, b, unit in units:  # the buffer is about to be reused
+                        if verdict:
+                            self._drop(verdict, unit, len(unit), c.udp_drops)
+                        else:
+                            self._park_write(unit, b - a)
+                    return
+
+    def _write(self, iov: list, packets: int, nbytes: int) -> bool:
+        """One writev to the TUN; False if it is full (the caller parks what is left)."""
+        c = self.counters
+        c.tun_writes += 1
+        try:
+            os.writev(self.tun_fd, iov)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            c.tun_write_errors += packets
+            log.debug("TUN write failed: %s", exc)
+            return True
+        c.delivered_packets += packets
+        c.delivered_bytes += nbytes
+        return True
+
+    def _park_write(self, iov: list, packets: int) -> None:
+        if not self._parked_writes:
+            self._pause(self.udp.fileno(), self.tun_fd, self._on_tun_writable)
+        self._parked_writes.append((b"".join(iov), packets))
+
+    def _on_tun_writable(self) -> None:
+        parked = self._parked_writes
+        c = self.counters
+        while parked:
+            data, packets = parked[0]
+            c.tun_writes += 1
+            try:
+                os.write(self.tun_fd, data)
+            except BlockingIOError:
+                return
+            except OSError:
+                c.tun_write_errors += packets
+            else:
+                c.delivered_packets += packets
+                c.delivered_bytes += len(data) - vnet.VNET_HDR_LEN
+            parked.pop(0)
+        self._resume(self.udp.fileno(), self.tun_fd, self._on_udp_readable)
