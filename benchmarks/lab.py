@@ -399,8 +399,13 @@ class UdpflannelDaemon(UdpflannelStatic):
     def command(self, index: int) -> list[str]:
         assert self.topo is not None and self.etcd is not None
         return [sys.executable, "-m", "udpflannel", f"--etcd-endpoints={self.etcd.endpoint}", "--iface=eth0",
-                f"--subnet-file={self.subnet_file(index)}", f"--control-socket={self.topo.workdir / f'{self.slug}-n{index}.sock'}",
+                f"--subnet-file={self.subnet_file(index)}", f"--control-socket={self.control_socket(index)}",
                 "--iptables-forward-rules=false", *self.extra_args]
+
+    def control_socket(self, index: int) -> Path:
+        """Short on purpose: a unix socket path must fit in 108 bytes, a pytest tmp_path may not."""
+        assert self.topo is not None
+        return Path("/tmp") / f"{self.topo.lab.tag}-n{index}.sock"
 
     def teardown(self) -> None:
         try:

@@ -48,6 +48,8 @@ def test_environment_fills_only_flags_not_given():
     (["--healthz-port=70000"], "--healthz-port"),
     (["--etcd-endpoints=,"], "--etcd-endpoints"),
     (["--etcd-keyfile=/k.pem"], "--etcd-keyfile"),
+    (["--control-socket=/" + "x" * 120], "--control-socket"),
+    (["--iptables-resync=0"], "--iptables-resync"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, field):
     with pytest.raises(ConfigError) as err:
