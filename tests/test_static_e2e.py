@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ def two_nodes(lab: Lab, tmp_path: Path):
         daemons[i] = start_udpflannel(node, [
             "static", "--iface", "eth0", "--subnet", SUBNETS[i], "--network", NETWORK,
             "--route", f"{SUBNETS[other]}={nodes[other].address}", "--subnet-file", str(env_file),
+            "--control-socket", str(tmp_path / f"ctl-{i}.sock"),
         ], tmp_path, ready_file=env_file)
     env = dict(line.split("=", 1) for line in (tmp_path / "subnet-1.env").read_text().splitlines())
     assert env["FLANNEL_MTU"] == "1472"
@@ -41,6 +44,18 @@ def test_ping_both_ways(two_nodes):
         assert " 0% packet loss" in result.stdout
         # two kernel forwards + flannel's two TTL decrements: 64 → 60, as with flanneld
         assert "ttl=60" in result.stdout
+
+
+def test_status_shows_the_peer_and_counters(two_nodes, tmp_path: Path):
+    nodes, pods, _ = two_nodes
+    assert ping(pods[1], str(pods[2].address), count=2).returncode == 0
+    out = nodes[1].run(sys.executable, "-m", "udpflannel", "status", "--json", "--control-socket", str(tmp_path / "ctl-1.sock"))
+    status = json.loads(out.stdout)
+    assert status["lease"] == {"subnet": SUBNETS[1], "public_ip": "198.18.0.1", "static": True}
+    [peer] = status["peers"]
+    assert (peer["subnet"], peer["public_ip"], peer["port"]) == (SUBNETS[2], "198.18.0.2", 8285)
+    assert peer["rx_packets"] >= 2 and peer["last_seen_seconds_ago"] is not None
+    assert status["counters"]["sent_packets"] >= 2
 
 
 def test_tcp_50mb_sha256(two_nodes):

@@ -56,6 +56,7 @@ def static_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8285, help="UDP port, the same on every node (default %(default)s)")
     p.add_argument("--subnet-file", default="", help="write a flannel subnet.env here once the dataplane is up")
     p.add_argument("--ip-masq", action="store_true", help="only recorded in subnet.env (FLANNEL_IPMASQ)")
+    p.add_argument("--control-socket", default="", help="serve /status, /metrics, /healthz here for 'udpflannel status'")
     p.add_argument("-v", "--verbose", action="count", default=0)
     add_dataplane_flags(p)
     return p
@@ -78,11 +79,19 @@ async def run_static(args: argparse.Namespace) -> int:
     node = await asyncio.to_thread(bring_up, iface, subnet, network, args.port, budget=args.budget,
                                    check_source=not args.accept_any_inner_source, trace=args.trace,
                                    fast_path=not args.no_fast_path)
+    closers = []
     try:
         for route in routes:
             node.dataplane.apply(route)
             log.info("route %s via %s:%d", route.subnet, route.public_ip, args.port)
         node.dataplane.attach()
+        if args.control_socket:
+            from udpflannel.nodeapi import NodeApi
+
+            api = NodeApi(node=lambda: node, ready=lambda: True, network=lambda: str(network),
+                          lease=lambda: {"subnet": str(subnet), "public_ip": str(iface.ext_addr), "static": True})
+            await api.http.serve_unix(args.control_socket)
+            closers.append(api.http.close)
         if args.subnet_file:
             from lease.subnetenv import format_subnet_env, write_subnet_env
 
@@ -91,6 +100,8 @@ async def run_static(args: argparse.Namespace) -> int:
         sig = await wait_for_stop_signal()
         log.info("signal %d: stopping; counters %s", sig, json.dumps(node.dataplane.counters.as_dict()))
     finally:
+        for close in closers:
+            await close()
         node.close()
     return 0
 

@@ -13,26 +13,22 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from argparse import Namespace
 from ipaddress import IPv4Network
 
 from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
 from tun.configure import readdress_tun
-from udpflannel.counters import Counters
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
-from udpflannel.httpapi import HttpApi, Response, json_response
 from udpflannel.iface import select_interface
 from udpflannel.masq import Iptables, RuleSet, forward_rules, keep_rules, masq_rules
-from udpflannel.metrics import CONTENT_TYPE, make_registry, render
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
+from udpflannel.nodeapi import NodeApi
 
 log = logging.getLogger(__name__)
 
 CONFIG_RETRY = 1.0
-LAST_SEEN_PERIOD = 1.0
 
 
 class Daemon:
@@ -43,70 +39,22 @@ class Daemon:
         self.manager: SubnetManager | None = None
         self.lease = None
         self.config = None
-        self.last_seen: dict[tuple[str, int], float] = {}
-        self._rx_seen: dict[tuple[str, int], int] = {}
         self.iptables: Iptables | None = None
         self.rulesets: list[RuleSet] = []
-        self.api = HttpApi({
-            "/healthz": lambda: Response(200, b"flanneld is running"),
-            "/readyz": lambda: Response(200, b"flanneld is ready") if self.ready else Response(503, b"flanneld is not ready yet"),
-            "/metrics": self._metrics,
-            "/status": lambda: json_response(self.status()),
-        })
-        self._registry = make_registry(lambda: self.node.dataplane.counters if self.node else Counters(), self._gauges)
+        self.api = NodeApi(node=lambda: self.node, ready=lambda: self.ready, lease=self._lease_info,
+                           network=lambda: str(self.config.network) if self.config else None, gauges=self._lease_gauges)
 
     # -- HTTP views -----------------------------------------------------------------------------------
-    def _metrics(self) -> Response:
-        return Response(200, render(self._registry), CONTENT_TYPE)
+    def _lease_gauges(self) -> dict[str, float]:
+        expires = self.manager.expires_at_unix if self.manager else None
+        return {"lease_expiry_timestamp_seconds": float(expires)} if expires else {}
 
-    def _gauges(self) -> dict[str, float]:
-        gauges = {"peers": float(len(self.node.dataplane.routes)) if self.node else 0.0, "ready": float(self.ready)}
-        expires = getattr(self.manager, "expires_at_unix", None) if self.manager else None
-        if expires:
-            gauges["lease_expiry_timestamp_seconds"] = float(expires)
-        return gauges
-
-    def status(self) -> dict[str, object]:
-        self._update_last_seen()
-        now = time.time()
-        node = self.node
-        peers = []
-        if node is not None:
-            for subnet, hop in sorted(node.dataplane.routes.entries()):
-                seen = self.last_seen.get(hop)
-                peers.append({
-                    "subnet": str(subnet), "public_ip": hop[0], "port": hop[1],
-                    "rx_packets": node.dataplane.peer_rx.get(hop, 0),
-                    "last_seen_seconds_ago": round(now - seen, 1) if seen else None,
-                })
+    def _lease_info(self) -> dict | None:
         lease = self.lease
-        return {
-            "ready": self.ready,
-            "lease": None if lease is None else {
-                "subnet": str(lease.subnet), "public_ip": str(lease.public_ip), "key": lease.key,
-                "expires_at": getattr(self.manager, "expires_at_unix", None),
-            },
-            "network": str(self.config.network) if self.config else None,
-            "tun": None if node is None else {"name": node.tun.name, "mtu": node.tun_mtu, "address": str(node.subnet.network_address)},
-            "iface": None if node is None else {"name": node.iface.name, "address": str(node.iface.iface_addr), "public_ip": str(node.iface.ext_addr)},
-            "peers": peers,
-            "counters": node.dataplane.counters.as_dict() if node else {},
-        }
-
-    def _update_last_seen(self) -> None:
-        """Turn per-peer packet counts into 'last seen' times (the hot path only counts)."""
-        if self.node is None:
-            return
-        now = time.time()
-        for peer, count in self.node.dataplane.peer_rx.items():
-            if self._rx_seen.get(peer) != count:
-                self._rx_seen[peer] = count
-                self.last_seen[peer] = now
-
-    async def _track_last_seen(self) -> None:
-        while True:
-            await asyncio.sleep(LAST_SEEN_PERIOD)
-            self._update_last_seen()
+        if lease is None:
+            return None
+        return {"subnet": str(lease.subnet), "public_ip": str(lease.public_ip), "key": lease.key,
+                "expires_at": self.manager.expires_at_unix if self.manager else None}
 
     # -- start-up ---------------------------------------------------------------------------------------
     async def _get_config(self):
@@ -133,8 +81,8 @@ class Daemon:
         tasks: list[asyncio.Task] = []
         try:
             if a.healthz_port:
-                await self.api.serve_tcp(a.healthz_ip, a.healthz_port)
-            await self.api.serve_unix(a.control_socket)
+                await self.api.http.serve_tcp(a.healthz_ip, a.healthz_port)
+            await self.api.http.serve_unix(a.control_socket)
             iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
             log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
             self.manager = SubnetManager(
@@ -151,7 +99,7 @@ class Daemon:
                 return 0
             startup.result()
             tasks.append(asyncio.ensure_future(self._follow_events()))
-            tasks.append(asyncio.ensure_future(self._track_last_seen()))
+            tasks.append(asyncio.ensure_future(self.api.track_last_seen()))
             if self.rulesets and self.iptables is not None:
                 tasks.append(asyncio.ensure_future(keep_rules(self.iptables, self.rulesets, period=a.iptables_resync)))
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -247,7 +195,7 @@ class Daemon:
                     log.info("released lease %s", self.lease.subnet)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.manager.close(), 1.0)
-        await self.api.close()
+        await self.api.http.close()
 
 
 
