@@ -302,3 +302,141 @@ def test_kernel_accepts_every_segment(lab, tmp_path: Path, cases) -> None:
     for bad in ("IpInHdrErrors", "IpInAddrErrors", "IpInDiscards", "TcpInCsumErrors", "TcpInErrs",
                 "UdpInCsumErrors", "UdpInErrors"):
         assert deltas.get(bad, 0) == 0, (bad, deltas)
+
+
+# -- coalesce over several receive batches at once (the engine's layout) --------------------------------
+
+
+def plan_table(batches: list[list[bytes]], split_after: list[int]) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """Lay GRO-like batches (rows of one size, each batch's last maybe shorter) out back to back on row
+    boundaries, as the engine receives them, and plan them as one table; return runs and write units."""
+    seg = len(batches[0][0])
+    rows = [row for batch in batches for row in batch]
+    buf = bytearray(len(rows) * seg + gso.BUFFER_SIZE)
+    for i, row in enumerate(rows):
+        buf[i * seg:i * seg + len(row)] = row
+    coalescer = gso.Coalescer(buf)
+    runs = coalescer.plan(seg, [sum(map(len, batch)) for batch in batches], split_after=split_after)
+    units = [b"".join(bytes(p) for p in coalescer.merge(a, b)) if b - a > 1 else vnet.PLAIN + rows[a]
+             for a, b in runs]
+    return runs, units
+
+
+def _with_length(packet: bytearray, length: int) -> bytes:
+    out = bytearray(packet[:length])
+    struct.pack_into("!H", out, 2, length)
+    struct.pack_into("!H", out, 10, 0)
+    struct.pack_into("!H", out, 10, slow_header_checksum(out))
+    return bytes(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=5), st.integers(0, 2**32 - 1), st.data())
+def test_one_pass_over_many_batches(batch_rows, seq, data) -> None:
+    """Consecutive segments of one flow arriving in several batches (some from another peer, some
+    damaged) are merged across batches where allowed, never across a peer change, never beyond 64 KB,
+    and the kernel's re-split still gives back every packet as it came."""
+    mss = data.draw(st.sampled_from([1420, 1432, 1448, 700]))
+    segments = []
+    left = sum(batch_rows)
+    while left:  # consecutive TSO packets of one flow, as a sender makes them
+        n = min(left, 40)
+        packet = bytearray(_example_flow(n * mss, mss=mss, flags=ACK)[0])
+        struct.pack_into("!I", packet, 24, (seq + len(segments) * mss) & 0xFFFFFFFF)
+        segments += gso.split(bytes(packet), gso_hdr(bytes(packet), mss))
+        left -= n
+    if data.draw(st.booleans()):  # a short last segment
+        last = bytearray(segments[-1])
+        cut = data.draw(st.integers(1, mss - 1))
+        segments[-1] = slow_split(bytes(_with_length(last, len(last) - cut)), 1 << 16)[0]
+    batches, at = [], 0
+    for n in batch_rows:
+        batches.append(segments[at:at + n])
+        at += n
+    batches = [b for b in batches if b]
+    if data.draw(st.booleans()):  # damage one row's payload
+        b = data.draw(st.integers(0, len(batches) - 1))
+        r = data.draw(st.integers(0, len(batches[b]) - 1))
+        damaged = bytearray(batches[b][r])
+        damaged[-1] ^= 0x55
+        batches[b][r] = bytes(damaged)
+    split_after = data.draw(st.lists(st.integers(0, len(batches) - 1), unique=True))
+    runs, units = plan_table(batches, split_after)
+    rows = [row for batch in batches for row in batch]
+    assert [r for a, b in runs for r in range(a, b)] == list(range(len(rows)))
+    assert resplit(units) == rows
+    ends = set()
+    at = 0
+    for j, batch in enumerate(batches):
+        at += len(batch)
+        if j in split_after:
+            ends.add(at)
+    assert not any(a < e < b for a, b in runs for e in ends)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(super_packets(protocol=6, max_segments=12) | super_packets(protocol=17, max_segments=12)
+                | st.binary(min_size=0, max_size=60).map(lambda b: (b, 100)), min_size=1, max_size=6))
+def test_one_cut_over_many_packets(cases) -> None:
+    """Packets read back to back (as the engine reads them) and cut in one call: each gives exactly
+    what it gives alone — its segments, or the same verdict — whatever its neighbours are."""
+    buf = bytearray(sum(len(p) + mss + 16 for p, mss in cases) + gso.BUFFER_SIZE)
+    items, at = [], 0
+    for packet, mss in cases:
+        buf[at:at + len(packet)] = packet
+        hdr = gso_hdr(packet, mss) if len(packet) >= 20 else TCP_HDR._replace(gso_size=mss)
+        items.append((at, len(packet), hdr.gso_type, mss))
+        at = at + len(packet) + mss + 7 & ~7
+    segmenter = gso.Segmenter(1024)  # grows as needed
+    results = segmenter.cut(buf, items)
+    for (packet, mss), (_, _, gso_type, _), result in zip(cases, items, results, strict=True):
+        alone = gso.split(packet, TCP_HDR._replace(gso_type=gso_type, gso_size=mss))
+        if isinstance(result, Verdict):
+            assert result == alone
+        else:
+            out = segmenter.out
+            got = [bytes(out[result.start + j * result.size:result.start + j * result.size
+                             + (result.size if j < result.count - 1 else result.last)])
+                   for j in range(result.count)]
+            assert got == alone
+
+
+@settings(max_examples=80, deadline=None)
+@given(super_packets(protocol=6, max_segments=12) | super_packets(protocol=17, max_segments=12),
+       st.integers(1, 6), st.data())
+def test_one_cut_over_a_stream(case, packets, data) -> None:
+    """A sender's consecutive TSO/USO bursts of one flow (IDs and sequence numbers counting on, the
+    last burst maybe short or flagged), cut in one call: each burst gives the kernel's segments."""
+    template, mss = case
+    ihl = (template[0] & 0x0F) * 4
+    hl = header_len(template)
+    count = max(1, -(-(len(template) - hl) // mss))
+    assume(count * packets < 300)
+    ident = struct.unpack_from("!H", template, 4)[0]
+    seq = struct.unpack_from("!I", template, ihl + 4)[0] if template[9] == 6 else 0
+    bursts = []
+    for k in range(packets):
+        size = count * mss if k < packets - 1 else data.draw(st.integers(0, count * mss))
+        size = min(size, 0xFFFF - hl)
+        burst = bytearray(template[:hl]) + bytes((i * 7 + k) % 251 for i in range(size))
+        struct.pack_into("!HH", burst, 2, len(burst), (ident + k * count) & 0xFFFF)
+        if template[9] == 6:
+            struct.pack_into("!I", burst, ihl + 4, (seq + k * count * mss) & 0xFFFFFFFF)
+            if k == packets - 1:
+                burst[ihl + 13] = data.draw(st.sampled_from([burst[ihl + 13], burst[ihl + 13] | PSH | FIN]))
+        struct.pack_into("!H", burst, 10, 0)
+        struct.pack_into("!H", burst, 10, slow_header_checksum(burst))
+        bursts.append(bytes(burst))
+    buf = bytearray(sum(len(b) + mss + 16 for b in bursts) + gso.BUFFER_SIZE)
+    items, at = [], 0
+    for burst in bursts:
+        buf[at:at + len(burst)] = burst
+        items.append((at, len(burst), gso_hdr(burst, mss).gso_type, mss))
+        at = at + len(burst) + mss + 7 & ~7
+    segmenter = gso.Segmenter(1024)
+    for burst, result in zip(bursts, segmenter.cut(buf, items), strict=True):
+        assert not isinstance(result, Verdict)
+        got = [bytes(segmenter.out[result.start + j * result.size:result.start + j * result.size
+                                   + (result.size if j < result.count - 1 else result.last)])
+               for j in range(result.count)]
+        assert got == slow_split(burst, mss)

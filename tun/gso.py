@@ -15,7 +15,7 @@ Payload words are read *little-endian* straight from the buffer: for any bytes `
 computed in that domain is stored through a little-endian view, which lands it in network order.
 UDP checksums are never 0 (0 means "none"): 0xFFFF stands in, as in the kernel's ``CSUM_MANGLED_0``.
 
-Never raises for bad packets: :meth:`Splitter.split` returns a :class:`~udpflannel.packet.Verdict`.
+Never raises for bad packets: :meth:`Segmenter.cut` returns a :class:`~udpflannel.packet.Verdict` for them.
 """
 
 from __future__ import annotations
@@ -35,25 +35,27 @@ MAX_IP_PACKET = 0xFFFF
 SPLIT_SLACK = MAX_IP_PACKET + 8
 
 _ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
-_IDS = (np.arange(2 << 16) & 0xFFFF).astype(np.uint16)  # IP IDs from any start, wrapping
-_RAMP = ((0xFFFF - np.arange(0xFFFF + (1 << 16)) % 0xFFFF) % 0xFFFF).astype(np.uint16)  # checksums of s, s+1, ...
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here
-_STEPS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_ID_RAMP = (np.arange(2 << 16) & 0xFFFF).astype(np.uint16)  # IP IDs from any start, wrapping
+_CHECKSUM_RAMP = ((0xFFFF - np.arange(0xFFFF + (1 << 16)) % 0xFFFF) % 0xFFFF).astype(np.uint16)  # of s, s+1, ...
+_STEPS: dict[int, np.ndarray] = {}
 
 
-def _steps(mss: int) -> tuple[np.ndarray, np.ndarray]:
-    """``i * mss`` for every segment index: as uint32 (sequence offsets) and × 256 (checksum terms)."""
+def _steps(mss: int) -> np.ndarray:
+    """``i * mss`` for every row index a cut can have (uint64: sequence numbers wrap on assignment)."""
     found = _STEPS.get(mss)
     if found is None:
-        if len(_STEPS) > 64:
+        if len(_STEPS) > 8:
             _STEPS.clear()
-        steps = np.arange(MAX_IP_PACKET // mss + 2, dtype=np.uint64) * mss
-        found = _STEPS[mss] = (steps.astype(np.uint32), steps * 256)
+        found = _STEPS[mss] = np.arange(1 << 16, dtype=np.uint64) * mss  # a stream cut has ≤ 2**16 rows
     return found
-_SUM_DTYPE = {0: np.dtype("<u4"), 2: np.dtype("<u2")}  # by (segment size % 4): widest word that tiles it
+_SUM_DTYPE = {0: np.dtype("<u4"), 2: np.dtype("<u2")}
+_any_per_row = np.logical_or.reduce
+_count = np.count_nonzero
+_sum_at = np.add.reduceat  # by (segment size % 4): widest word that tiles it
 
 
-BUFFER_SIZE = MAX_IP_PACKET + SPLIT_SLACK  # what a Splitter's or Coalescer's buffer must hold
+BUFFER_SIZE = (MAX_IP_PACKET + SPLIT_SLACK + 7) & ~7  # a packet buffer for split() or a Coalescer (whole words)
 
 
 def packet_buffer() -> bytearray:
@@ -64,20 +66,6 @@ def _views(buf: bytearray) -> tuple[memoryview, np.ndarray]:
     if len(buf) < BUFFER_SIZE:
         raise ValueError(f"packet buffers need {BUFFER_SIZE} bytes (see SPLIT_SLACK), got {len(buf)}")
     return memoryview(buf), np.frombuffer(buf, np.uint8)
-
-
-class Segments(NamedTuple):
-    """The result of a split, ready for one UDP_SEGMENT ``sendmsg`` (scatter-gather, nothing copied).
-
-    ``iov`` alternates header and payload buffers: segment ``i`` is ``iov[2i] + iov[2i+1]``. Every
-    segment is ``seg_size`` bytes except the last, which is ``last_size`` (≤ ``seg_size``). The
-    buffers are views of the splitter's arena and of the packet buffer: valid until the next split.
-    """
-
-    count: int
-    seg_size: int
-    last_size: int
-    iov: list
 
 
 def complete_checksum(buf, n: int, csum_start: int, csum_offset: int) -> bool:
@@ -103,159 +91,268 @@ def _words(data) -> int:
     return int.from_bytes(data, "big")
 
 
-class Splitter:
-    """Cuts TSO/USO super-packets held in ``pkt`` (packet at offset 0, vnet header read separately).
+class Cut(NamedTuple):
+    """One super-packet cut into datagrams, ready for one UDP_SEGMENT ``sendmsg`` each batch: datagram
+    ``j`` is ``size`` bytes at ``start + j * size`` in :attr:`Segmenter.out`, except the last, which is
+    ``last`` bytes long. Valid until the next :meth:`Segmenter.cut`."""
 
-    Owns a header arena: segment headers are built there as one ``(count, hdr_len)`` array, while
-    payloads stay where the read put them. ``pkt`` needs :data:`SPLIT_SLACK` bytes beyond the largest
-    packet. Results are views, valid until the next :meth:`split` on this splitter.
+    start: int
+    count: int
+    size: int
+    last: int
+
+
+class _Packet(NamedTuple):
+    """What the per-packet (Python) pass learns about one super-packet."""
+
+    at: int  # offset of the packet in the input buffer
+    proto: int
+    ihl: int
+    hl: int
+    mss: int
+    count: int
+    last: int  # payload bytes of the last segment
+    template: bytes  # headers for a middle segment: total length set, ID/seq/checksums 0, FIN/PSH/CWR off
+    ident: int
+    seq: int
+    flags: int  # TCP flags as read (0 for UDP)
+
+
+class Segmenter:
+    """Cuts many TSO/USO super-packets at once into ready datagrams, laid out back to back in
+    :attr:`out` so each batch to a peer is one buffer (no scatter-gather list to build).
+
+    Per group of like packets (same protocol, header lengths and segment size) a fixed number of array
+    operations, whatever the packet and segment counts: headers from the templates, IDs and sequence
+    numbers, payloads copied beside them, then **one** ``add.reduceat`` over the output gives every
+    segment's IP-header and L4 sums, from which both checksums follow. Packets are parsed in Python.
     """
 
-    def __init__(self, pkt: bytearray) -> None:
-        self.pkt = pkt
-        self._pkt_mv, self._pkt_u8 = _views(pkt)
-        self._arena = bytearray(0)
-        self._grow(64 * 120)
-        self._iov_cache: dict[tuple[int, int], list] = {}
+    def __init__(self, capacity: int = 20 * BUFFER_SIZE) -> None:
+        self.out = bytearray(capacity)
+        self.out_mv = memoryview(self.out)
+        self._out_u8 = np.frombuffer(self.out, np.uint8)
+        self._starts: dict[tuple, np.ndarray] = {}
+
+    def cut(self, buf: bytearray, items) -> list[Cut | Verdict]:
+        """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
+        room for ``gso_size`` more bytes after it in ``buf`` (its last segment is zero-padded there).
+        """
+        results: list = []
+        group: list[_Packet] = []
+        at = 0
+        need = sum(n + (n // max(size, 1) + 2) * 128 + size for _, n, _, size in items)
+        if need > len(self.out):  # grow now, never halfway (earlier cuts point into out)
+            self._grow(need)
+        for off, n, gso_type, gso_size in items:
+            packet = _parse(buf, off, n, gso_type, gso_size)
+            if isinstance(packet, Verdict):
+                at = self._flush(buf, group, results, at)
+                group = []
+                results.append(packet)
+                continue
+            if group and packet[1:5] != group[0][1:5]:
+                at = self._flush(buf, group, results, at)
+                group = []
+            group.append(packet)
+        self._flush(buf, group, results, at)
+        return results
+
+    def _flush(self, buf: bytearray, group: list[_Packet], results: list, at: int) -> int:
+        """Cut ``group`` into ``out`` from ``at``; append its Cuts; return the next free offset."""
+        if not group:
+            return at
+        first = group[0]
+        proto, ihl, hl, mss = first.proto, first.ihl, first.hl, first.mss
+        size = hl + mss
+        counts = [p.count for p in group]
+        rows_total = sum(counts)
+        out, u8 = self.out, self._out_u8
+        rows = u8[at:at + rows_total * size].reshape(rows_total, size)
+        in_u8 = np.frombuffer(buf, np.uint8)
+        index = 0
+        for p in group:  # payloads beside their headers (the last one's tail zero-padded in the input)
+            end = p.at + hl + p.count * mss
+            pad = end - (p.at + hl + (p.count - 1) * mss + p.last)
+            if pad:
+                buf[end - pad:end] = _ZEROS[:pad]
+            rows[index:index + p.count, hl:] = in_u8[p.at + hl:end].reshape(p.count, mss)
+            index += p.count
+        dtype = _SUM_DTYPE.get(size & 3)
+        # One flow's consecutive packets (the common case: a sender's TSO bursts read in one go) share
+        # a template and count IDs and sequence numbers on: headers by broadcast, IDs and IP checksums
+        # from ramps. Anything else gets per-packet templates and per-row sums.
+        stream = dtype is not None and first.ident + rows_total <= 0x10000
+        if stream:
+            ident, seq = first.ident, first.seq
+            for p in group:
+                if p.template != first.template or p.ident != ident or p.seq != seq:
+                    stream = False
+                    break
+                ident += p.count
+                seq = (seq + p.count * mss) & 0xFFFFFFFF
+        if stream:
+            rows[:, :hl] = np.frombuffer(first.template, np.uint8)
+            _column(out, at + 4, ">u2", rows_total, size)[:] = _ID_RAMP[first.ident:first.ident + rows_total]
+            ip_sum = (_words(first.template[:ihl]) + first.ident) % 0xFFFF
+            _column(out, at + 10, ">u2", rows_total, size)[:] = _CHECKSUM_RAMP[ip_sum:ip_sum + rows_total]
+            if proto == PROTO_TCP:
+                _column(out, at + ihl + 4, ">u4", rows_total, size)[:] = _steps(mss)[:rows_total] + first.seq
+        else:
+            which = np.repeat(np.arange(len(group)), counts)  # row -> packet
+            rows[:, :hl] = np.frombuffer(b"".join(p.template for p in group), np.uint8).reshape(len(group), hl)[which]
+            firsts, local = [], 0
+            for p in group:
+                firsts.append(local)
+                local += p.count
+            # per packet: ID and sequence number minus the row's index, so one arange adds the rest
+            base = np.array([((p.ident - f) & 0xFFFF, (p.seq - f * mss) & 0xFFFFFFFF)
+                             for p, f in zip(group, firsts, strict=True)], dtype=np.uint64)[which]
+            ramp = np.arange(rows_total, dtype=np.uint64)
+            _column(out, at + 4, ">u2", rows_total, size)[:] = base[:, 0] + ramp  # IDs count on, and wrap
+            if proto == PROTO_TCP:  # sequence numbers, mod 2**32
+                _column(out, at + ihl + 4, ">u4", rows_total, size)[:] = base[:, 1] + ramp * mss
+        row = 0
+        for p in group:  # the last (and first) segment of each packet differ in length and flags
+            end = at + (row + p.count - 1) * size
+            if p.last != mss:
+                out[end + 2] = (hl + p.last) >> 8
+                out[end + 3] = (hl + p.last) & 0xFF
+                if stream:
+                    check = (out[end + 10] << 8 | out[end + 11]) + mss - p.last
+                    check = (check & 0xFFFF) + (check >> 16)  # RFC 1624: the length went down
+                    if check == 0xFFFF:
+                        check = 0
+                    out[end + 10] = check >> 8
+                    out[end + 11] = check & 0xFF
+                if proto == PROTO_UDP:
+                    out[end + ihl + 4] = (8 + p.last) >> 8
+                    out[end + ihl + 5] = (8 + p.last) & 0xFF
+            if proto == PROTO_TCP:
+                out[end + ihl + 13] = p.flags if p.count == 1 else p.flags & ~CWR
+                if p.count > 1 and p.flags & CWR:
+                    out[at + row * size + ihl + 13] |= CWR
+            results.append(Cut(at + row * size, p.count, size, hl + p.last))
+            row += p.count
+        if dtype is None:  # odd segment size: rows don't tile into words; one row at a time (rare)
+            self._checksums_slowly(rows, proto, ihl, hl)
+            return at + rows_total * size + 8 & ~7
+        w = dtype.itemsize
+        flat = u8[at:at + rows_total * size].view(dtype)
+        if stream:
+            # IP headers are done, so each row's L4 part plus the next row's (valid: sums to 0) IP
+            # header is one interval: a single start per row.
+            starts = self._starts_for(rows_total, size, (ihl,), w)
+            l4 = _sum_at(flat, starts)
+        else:
+            # Per row, [0, 12) [12, 20) [20, ihl) [ihl, next row): IP = the first three, L4 = the last;
+            # the IP checksums go in after.
+            bounds = (0, 12, 20, ihl) if ihl > 20 else (0, 12, 20)
+            parts = _sum_at(flat, self._starts_for(rows_total, size, bounds, w)).reshape(rows_total, len(bounds))
+            ip = parts[:, 0] + parts[:, 1]
+            if ihl > 20:
+                ip += parts[:, 2]
+            _column(out, at + 10, "<u2", rows_total, size)[:] = (_BIG - ip) % 0xFFFF
+            l4 = parts[:, -1]
+        # L4 checksum: the rest of the pseudo-header is the addresses and the protocol and L4 length
+        rest = (_words(first.template[12:20]) + proto + size - ihl) % 0xFFFF * 256 if stream else None
+        x = (_BIG - rest) - l4 if stream else _BIG - 256 * (proto + size - ihl) - parts[:, 1] - l4
+        row = 0
+        for p in group:  # a short last segment: a shorter pseudo-header length (the UDP one is in)
+            if p.last != mss:
+                i = row + p.count - 1
+                x[i] = int(x[i]) + 256 * (mss - p.last)
+            row += p.count
+        if proto == PROTO_TCP:
+            _column(out, at + ihl + 16, "<u2", rows_total, size)[:] = x % 0xFFFF
+        else:  # never 0: UDP's "no checksum"
+            _column(out, at + ihl + 6, "<u2", rows_total, size)[:] = 0xFFFF - (_BIG - x) % 0xFFFF
+        return at + rows_total * size + 8 & ~7
+
+    def _starts_for(self, rows: int, size: int, bounds: tuple, w: int) -> np.ndarray:
+        key = (rows, size, bounds, w)
+        starts = self._starts.get(key)
+        if starts is None:
+            if len(self._starts) > 64:
+                self._starts.clear()
+            starts = self._starts[key] = (np.arange(rows)[:, None] * (size // w) + [b // w for b in bounds]).ravel()
+        return starts
+
+    def _checksums_slowly(self, rows: np.ndarray, proto: int, ihl: int, hl: int) -> None:
+        for r in rows:
+            data = r.tobytes()
+            length = (data[2] << 8) | data[3]
+            ip = -_words(data[:10] + data[12:ihl]) % 0xFFFF
+            r[10], r[11] = ip >> 8, ip & 0xFF
+            l4 = data[ihl:length] + (b"\0" if (length - ihl) & 1 else b"")
+            s = _words(data[12:20]) + proto + length - ihl + _words(l4)
+            at = ihl + (16 if proto == PROTO_TCP else 6)
+            check = -s % 0xFFFF if proto == PROTO_TCP else 0xFFFF - s % 0xFFFF
+            r[at], r[at + 1] = check >> 8, check & 0xFF
 
     def _grow(self, size: int) -> None:
-        self._arena = bytearray(size)
-        self._arena_mv = memoryview(self._arena)
-        self._arena_u8 = np.frombuffer(self._arena, np.uint8)
-        self._iov_cache = {}
+        self.out = bytearray(size)
+        self.out_mv = memoryview(self.out)
+        self._out_u8 = np.frombuffer(self.out, np.uint8)
 
-    def _iov(self, hl: int, mss: int, count: int) -> list:
-        """Alternating header-row / payload views for ``count`` full segments, cached per shape."""
-        key = (hl, mss)
-        cached = self._iov_cache.get(key)
-        if cached is None or len(cached) < 2 * count:
-            if len(self._iov_cache) > 32:
-                self._iov_cache.clear()
-            rows = max(count, (MAX_IP_PACKET - hl) // mss + 1)
-            arena, pkt = self._arena_mv, self._pkt_mv
-            cached = []
-            for i in range(rows):
-                cached.append(arena[i * hl:(i + 1) * hl])
-                cached.append(pkt[hl + i * mss:hl + (i + 1) * mss])
-            self._iov_cache[key] = cached
-        return cached
 
-    def split(self, n: int, gso_type: int, gso_size: int) -> Segments | Verdict:
-        """Cut the ``n``-byte IPv4 super-packet in ``pkt`` into ``gso_size``-payload segments.
+def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) -> np.ndarray:
+    """One header field of every row: ``count`` values of ``dtype`` every ``stride`` bytes."""
+    return np.ndarray((count,), dtype, buf, offset, (stride,))
 
-        Per segment, as the kernel's ``tcp_gso_segment``/``__udp_gso_segment`` do: IP total length,
-        ID + i, header checksum; TCP seq + i·gso_size, FIN/PSH only on the last and CWR only on the
-        first segment, full checksum; UDP length and full checksum. ``hdr_len`` from the vnet header is
-        not used: the header length comes from the IHL and TCP data offset fields.
-        """
-        p = self.pkt
-        if n < 20:
-            return Verdict.TOO_SHORT
-        if p[0] >> 4 != 4:
-            return Verdict.NOT_IPV4
-        kind = gso_type & ~vnet.GSO_ECN
-        if kind == vnet.GSO_TCPV4:
-            proto = PROTO_TCP
-        elif kind == vnet.GSO_UDP_L4:
-            proto = PROTO_UDP
-        else:
-            return Verdict.NOT_IPV4 if kind == vnet.GSO_TCPV6 else Verdict.BAD_HEADER
-        ihl = (p[0] & 0x0F) << 2
-        if ihl < 20 or (p[2] << 8 | p[3]) != n or p[9] != proto or (p[6] & 0x3F) | p[7] or gso_size <= 0:
+
+def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Verdict:
+    """Validate one super-packet's headers and derive its segments' template. ``hdr_len`` from the
+    vnet header is never used: header lengths come from the IHL and the TCP data offset."""
+    if n < 20:
+        return Verdict.TOO_SHORT
+    p0 = buf[off]
+    if p0 >> 4 != 4:
+        return Verdict.NOT_IPV4
+    kind = gso_type & ~vnet.GSO_ECN
+    if kind == vnet.GSO_TCPV4:
+        proto = PROTO_TCP
+    elif kind == vnet.GSO_UDP_L4:
+        proto = PROTO_UDP
+    else:
+        return Verdict.NOT_IPV4 if kind == vnet.GSO_TCPV6 else Verdict.BAD_HEADER
+    ihl = (p0 & 0x0F) << 2
+    if (ihl < 20 or (buf[off + 2] << 8 | buf[off + 3]) != n or buf[off + 9] != proto
+            or (buf[off + 6] & 0x3F) | buf[off + 7] or gso_size <= 0):
+        return Verdict.BAD_HEADER
+    if proto == PROTO_TCP:
+        if n < ihl + 20 or (buf[off + ihl + 12] >> 4) < 5:
             return Verdict.BAD_HEADER
-        if proto == PROTO_TCP:
-            if n < ihl + 20 or (p[ihl + 12] >> 4) < 5:
-                return Verdict.BAD_HEADER
-            l4 = (p[ihl + 12] >> 4) << 2
-        else:
-            l4 = 8
-        hl = ihl + l4
-        if hl > n:
-            return Verdict.BAD_HEADER
-        mss = gso_size
-        paylen = n - hl
-        count = max(1, -(-paylen // mss))
-        last = paylen - (count - 1) * mss
-        if count * hl > len(self._arena):
-            self._grow(count * hl)
-
-        # The template header: fields that differ per segment zeroed, so their sums add in separately.
-        t = bytearray(p[:hl])
-        id0 = t[4] << 8 | t[5]
-        t[2:6] = b"\0\0\0\0"
-        t[10:12] = b"\0\0"
-        ip_base = _words(t[:ihl]) % 0xFFFF
-        pseudo = _words(t[12:20]) + proto
-        if proto == PROTO_TCP:
-            seq0 = int.from_bytes(t[ihl + 4:ihl + 8], "big")
-            flags = t[ihl + 13]
-            mid = flags & ~(FIN | PSH | CWR)
-            t[ihl + 4:ihl + 8] = b"\0\0\0\0"
-            t[ihl + 16:ihl + 18] = b"\0\0"
-            t[ihl + 13] = mid
-            l4_base = (_words(t[ihl:hl]) + pseudo + l4 + mss) % 0xFFFF
-        else:
-            t[ihl + 4:ihl + 8] = b"\0\0\0\0"
-            l4_base = (_words(t[ihl:hl]) + pseudo + 2 * (8 + mss)) % 0xFFFF
-
-        rows = self._arena_u8[:count * hl].reshape(count, hl)
-        rows[:] = np.frombuffer(t, np.uint8)
-        w16 = rows.view(">u2")
-        w16[:, 1] = hl + mss
-        w16[:, 2] = _IDS[id0:id0 + count]  # wraps at 2**16 like the kernel's
-        ip_sum = (ip_base + hl + mss + id0) % 0xFFFF
-        if id0 + count <= 0x10000:  # consecutive sums: the checksums are a slice of a ramp
-            w16[:, 5] = _RAMP[ip_sum:ip_sum + count]
-        else:
-            w16[:, 5] = (_BIG - _IDS[id0:id0 + count].astype(np.uint64) - (ip_sum - id0 + 0xFFFF)) % 0xFFFF
-        if last != mss:
-            w16[count - 1, 1] = hl + last
-            w16[count - 1, 5] = -(int(w16[count - 1, 2]) + ip_sum - id0 - (mss - last)) % 0xFFFF
-
-        # Every segment's payload sum in one reshape (little-endian words: see the module docstring);
-        # the last segment's payload is zero-padded to a whole one first.
-        end = hl + count * mss
-        if end > n:
-            p[n:end] = _ZEROS[:end - n]
-        dtype = _SUM_DTYPE.get(mss & 3)
-        if dtype is not None:
-            payload = self._pkt_u8[hl:end].view(dtype).reshape(count, -1).sum(axis=1)
-        else:  # odd segment size: words straddle segments, so sum each one on its own (rare, slow)
-            payload = np.array([(_words(p[hl + i * mss:hl + (i + 1) * mss]) << 16) % 0xFFFF
-                                for i in range(count)], dtype=np.uint64)
-        le16 = rows.view("<u2")  # a checksum c stored through this view lands as swap16(c): see above
-
-        if proto == PROTO_TCP:
-            steps32, steps_le = _steps(mss)
-            rows.view(">u4")[:, (ihl + 4) >> 2] = steps32[:count] + seq0  # wraps at 2**32
-            # (BIG - s) % 0xFFFF is the checksum of s, computed without a sign and without a fold
-            x = (_BIG - 256 * (seq0 + l4_base) % 0xFFFF) - payload
-            x -= steps_le[:count]
-            wrapped = -(-(0x100000000 - seq0) // mss)  # first segment whose sequence number wrapped
-            if wrapped < count:
-                x[wrapped:] += 256
-            last_flags = flags if count == 1 else flags & ~CWR
-            x[-1] = int(x[-1]) - 256 * (last_flags - mid - (mss - last))
-            if count > 1:
-                rows[0, ihl + 13] = flags & ~(FIN | PSH)
-                x[0] -= 256 * (flags & CWR)
-            rows[count - 1, ihl + 13] = last_flags
-            le16[:, (ihl + 16) >> 1] = x % 0xFFFF
-        else:
-            w16[:, (ihl + 4) >> 1] = 8 + mss
-            s = payload + 256 * l4_base % 0xFFFF
-            if last != mss:
-                w16[count - 1, (ihl + 4) >> 1] = 8 + last
-                s[-1] = int(s[-1]) + 512 * 0xFFFF - 512 * (mss - last)
-            le16[:, (ihl + 6) >> 1] = 0xFFFF - s % 0xFFFF  # never 0: UDP's "no checksum"
-
-        iov = self._iov(hl, mss, count)[:2 * count - 1]
-        iov.append(self._pkt_mv[hl + (count - 1) * mss:n])
-        return Segments(count, hl + mss, hl + last, iov)
+        hl = ihl + ((buf[off + ihl + 12] >> 4) << 2)
+    else:
+        hl = ihl + 8
+    if hl > n:
+        return Verdict.BAD_HEADER
+    mss = gso_size
+    count = max(1, -(-(n - hl) // mss))
+    last = n - hl - (count - 1) * mss
+    t = bytearray(buf[off:off + hl])
+    ident = t[4] << 8 | t[5]
+    t[2] = (hl + mss) >> 8
+    t[3] = (hl + mss) & 0xFF
+    t[4:6] = b"\0\0"
+    t[10:12] = b"\0\0"
+    if proto == PROTO_TCP:
+        seq = int.from_bytes(t[ihl + 4:ihl + 8], "big")
+        flags = t[ihl + 13]
+        t[ihl + 4:ihl + 8] = b"\0\0\0\0"
+        t[ihl + 13] = flags & ~(FIN | PSH | CWR)
+        t[ihl + 16:ihl + 18] = b"\0\0"
+    else:
+        seq = flags = 0
+        t[ihl + 4] = (8 + mss) >> 8
+        t[ihl + 5] = (8 + mss) & 0xFF
+        t[ihl + 6:ihl + 8] = b"\0\0"
+    return _Packet(off, proto, ihl, hl, mss, count, last, bytes(t), ident, seq, flags)
 
 
 # Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow:
-# ID and header checksum; sequence number and checksum; PSH. Everything else — version, TOS, total
+# ID and header checksum; sequence number and checksum; PSH (ID and sequence number must count on). Everything else — version, TOS, total
 # length, DF, TTL, protocol, addresses, ports, ACK number, data offset, the other flags, window, options
 # — must match to merge (the kernel's tcp_gro_receive rules; the last segment's length is handled apart).
 _VARYING = (4, 5, 10, 11, 24, 25, 26, 27, 36, 37)
@@ -269,9 +366,11 @@ def _merge_mask(hl: int) -> np.ndarray:
 
 
 class Coalescer:
-    """GRO for one receive batch in ``buf``: datagrams of ``seg`` bytes back to back, the last maybe
-    shorter (what one UDP_GRO ``recvmsg_into`` returns). Two steps, so the caller can apply its own
-    per-packet checks to the first packet of each run between them:
+    """GRO over datagrams received back to back into ``buf``: UDP_GRO batches (datagrams of ``seg``
+    bytes, the last maybe shorter, as one ``recvmsg_into`` returns them), each starting on a row
+    boundary, so that several batches form one table of ``seg``-byte rows and one pass of array
+    operations checks them all. Two steps, so the caller can apply its own per-packet checks to the
+    first packet of each run between them:
 
     1. :meth:`plan` → runs ``(a, b)`` covering every row in order; ``b - a >= 2`` means rows a..b-1
        are consecutive segments of one TCP flow with valid IP and TCP checksums, safe to merge;
@@ -281,89 +380,143 @@ class Coalescer:
     def __init__(self, buf: bytearray) -> None:
         self.buf = buf
         self._mv, self._u8 = _views(buf)
-        self._masks: dict[int, np.ndarray] = {}
+        self._masks: dict[tuple[int, int], np.ndarray] = {}
+        self._starts: dict[tuple[int, int, int], np.ndarray] = {}
+        self._pseudos: dict[int, np.ndarray] = {}
         self._payloads: dict[tuple[int, int], list] = {}
-        self._shape = (0, 0, 0, 0)  # seg, rows, last, hl of the batch last planned
+        self._base, self._seg, self._hl = 0, 1, 0  # the table last planned
+        self._short: dict[int, int] = {}  # its rows shorter than seg: row -> length
 
-    def plan(self, nbytes: int, seg: int) -> list[tuple[int, int]]:
-        """Split the batch into mergeable runs and singles, in order. Reads only (it restores the two
-        bytes it borrows and zero-pads after ``nbytes``)."""
-        rows = -(-nbytes // seg) if seg > 0 else 0
+    def row(self, i: int) -> memoryview:
+        """Row ``i`` of the table last planned, exactly as long as its datagram."""
+        at = self._base + i * self._seg
+        return self._mv[at:at + self._short.get(i, self._seg)]
+
+    def plan(self, seg: int, sizes, *, base: int = 0, split_after=()) -> list[tuple[int, int]]:
+        """Cut the table into mergeable runs and singles, in order.
+
+        ``sizes``: the byte counts of consecutive batches from ``base``, each padded to whole rows;
+        ``split_after``: indices of batches after which no run may continue (the next one comes from
+        another peer, say). Reads only: it zero-pads short rows and restores the bytes it borrows.
+        """
         buf = self.buf
-        if rows < 2 or seg & 1 or seg < 40 or buf[0] != 0x45 or buf[9] != PROTO_TCP:
-            return [(i, i + 1) for i in range(rows)]
-        hl = 20 + ((buf[32] >> 4) << 2)
-        last = nbytes - (rows - 1) * seg
+        short: dict[int, int] = {}
+        ends = []
+        rows = 0
+        for nbytes in sizes:
+            rows += -(-nbytes // seg)
+            if nbytes % seg:
+                short[rows - 1] = nbytes % seg
+            ends.append(rows - 1)
+        self._base, self._seg, self._short = base, seg, short
+        if rows < 2 or seg & 1 or seg < 40 or buf[base] != 0x45 or buf[base + 9] != PROTO_TCP:
+            return _singles(0, rows)
+        hl = self._hl = 20 + ((buf[base + 32] >> 4) << 2)
         if hl < 40 or hl >= seg:
-            return [(i, i + 1) for i in range(rows)]
-        self._shape = (seg, rows, last, hl)
-        padded = rows * seg
-        if padded > nbytes:
-            buf[nbytes:padded] = _ZEROS[:padded - nbytes]
-        table = self._u8[:padded].reshape(rows, seg)
+            return _singles(0, rows)
+        dtype = _SUM_DTYPE[seg & 3]
+        size = dtype.itemsize
+        flat = self._u8[base:base + rows * seg].view(dtype)
+        words = flat.reshape(rows, -1)
 
-        # The header comparison covers the total length too, so the last row lends its two length
-        # bytes (checked here, restored below): that saves three array operations.
-        at = padded - seg
-        saved_len = buf[at + 2:at + 4]
-        last_ok = (saved_len[0] << 8 | saved_len[1]) == last and last > hl
-        buf[at + 2] = seg >> 8
-        buf[at + 3] = seg & 0xFF
-        mask = self._masks.get(hl)
+        # Short rows may only end a run. Each lends the comparison below its two length bytes (checked
+        # here, restored after): then the comparison covers every row's total length at no cost.
+        fixed = sorted(set(short) | {ends[j] for j in split_after if j < len(ends)})  # runs end here
+        short_bad = []
+        borrowed = []
+        for r, length in short.items():
+            at = base + r * seg
+            buf[at + length:at + seg] = _ZEROS[:seg - length]
+            if (buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl:
+                short_bad.append(r)
+            borrowed.append((at, buf[at + 2], buf[at + 3]))
+            buf[at + 2] = seg >> 8
+            buf[at + 3] = seg & 0xFF
+        # 1. Where consecutive rows differ in a byte that must match
+        mask = self._masks.get((hl, size))
         if mask is None:
-            mask = self._masks[hl] = _merge_mask(hl)
-        headers = table[:, :hl] & mask
-        link = (headers[1:] == headers[:-1]).all(axis=1)
-        buf[at + 2:at + 4] = saved_len
-        link &= (table[:-1, 33] & PSH) == 0  # PSH ends a run
-
-        words = self._u8[:padded].view(_SUM_DTYPE[seg & 3]).reshape(rows, -1)
-        per_word = words.itemsize // 2  # 16-bit words per column
-        ip_bad = words[:, :10 // per_word].sum(axis=1) % 0xFFFF
-        # TCP: pseudo-header (the addresses are bytes 12..19) + segment, in the LE domain (× 256)
-        l4 = words[:, 12 // words.itemsize:].sum(axis=1) + 256 * (PROTO_TCP + seg - 20)
-        l4[-1] = int(l4[-1]) + 0xFFFF * 256 - 256 * (seg - last)
-        valid = (ip_bad | (l4 % 0xFFFF)) == 0
-        if not last_ok:
-            valid[-1] = False
-        seqs = np.ndarray((rows,), ">u4", buf, 24, (seg,))
-        link &= (seqs[1:] - seqs[:-1]) == seg - hl  # uint32: wraps like sequence numbers
-        link &= valid[:-1]
-        link &= valid[1:]
-        if link.all():
-            runs = [(0, rows)]
+            mask = self._masks[(hl, size)] = _merge_mask(hl).view(dtype)
+        headers = words[:, :hl // size] & mask  # fewer, wider columns than bytes
+        differ = headers[1:] != headers[:-1]
+        for at, hi, lo in borrowed:
+            buf[at + 2] = hi
+            buf[at + 3] = lo
+        # 2. PSH ends a run; 3. so does a gap in the sequence numbers or the IP IDs (the re-split
+        # numbers them on from the first; unsigned arithmetic wraps as they do)
+        psh = self._u8[base + 33:base + (rows - 1) * seg:seg] & PSH
+        seqs = np.ndarray((rows,), ">u4", buf, base + 24, (seg,))
+        gaps = (seqs[1:] - seqs[:-1]) != seg - hl
+        ids = np.ndarray((rows,), ">u2", buf, base + 4, (seg,))
+        gaps |= (ids[1:] - ids[:-1]) != 1
+        # 4. Rows whose IP header or TCP checksum does not verify: one pass over the table sums, per
+        # row, words [0, 12) [12, 20) [20, end) bytes; IP = first two, TCP = last two + pseudo-header.
+        starts = self._starts.get((rows, seg, size))
+        if starts is None:
+            if len(self._starts) > 64:
+                self._starts.clear()
+            starts = self._starts[(rows, seg, size)] = (np.arange(rows)[:, None] * (seg // size)
+                                                        + [0, 12 // size, 20 // size]).ravel()
+        parts = _sum_at(flat, starts).reshape(rows, 3)
+        sums = parts[:, :2] + parts[:, 1:]  # [IP header, TCP with addresses]
+        sums += self._pseudo(seg)  # the rest of TCP's pseudo-header, in the LE domain (× 256)
+        for r, length in short.items():
+            sums[r, 1] += 0xFFFF * 256 - 256 * (seg - length)
+        bad = sums % 0xFFFF
+        inner = [r for r in fixed if r < rows - 1]
+        if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
+            differ[inner] = False
+            gaps[inner] = False
+        # The common case — consecutive segments of one flow, cut only after PSH — costs one count per
+        # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
+        # failures pay for per-row links.
+        if not short_bad and not (_count(differ) or _count(gaps) or _count(bad)):
+            cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if _count(psh) else inner
         else:
-            runs = []
-            start = 0
-            for i in np.flatnonzero(~link).tolist():
-                runs.append((start, i + 1))
-                start = i + 1
-            runs.append((start, rows))
-        if nbytes > MAX_IP_PACKET:  # never from UDP GRO (≤ 64 KB), but a merged packet must fit
-            runs = [r for a, b in runs for r in _cap(a, b, MAX_IP_PACKET // seg)]
-        return [r for a, b in runs for r in (self._check_head(a, b) or [(i, i + 1) for i in range(a, b)])]
+            cut = _any_per_row(differ, axis=1)
+            cut |= psh != 0
+            cut |= gaps
+            bad_row = _any_per_row(bad, axis=1)
+            bad_row[short_bad] = True
+            cut |= bad_row[:-1]
+            cut |= bad_row[1:]
+            cut[inner] = True
+            cuts = np.flatnonzero(cut).tolist()
+        most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
+        if not cuts and rows <= most:
+            return [(0, rows)] if self._head_ok(0) else _singles(0, rows)
+        runs = []
+        start = 0
+        for i in cuts:
+            runs.append((start, i + 1))
+            start = i + 1
+        runs.append((start, rows))
+        return [r for a, b in runs for c, d in _cap(a, b, most)
+                for r in ([(c, d)] if d - c > 1 and self._head_ok(c) else _singles(c, d))]
 
-    def _check_head(self, a: int, b: int) -> list[tuple[int, int]] | None:
+    def _pseudo(self, seg: int) -> np.ndarray:
+        """[0, 256 × (protocol + TCP length)]: what a full row adds to its two sums (cached)."""
+        found = self._pseudos.get(seg)
+        if found is None:
+            found = self._pseudos[seg] = np.array([0, 256 * (PROTO_TCP + seg - 20)], dtype=np.uint64)
+        return found
+
+    def _head_ok(self, a: int) -> bool:
         """Rows in a run match the first one but for ID, sequence number and checksums; so only the
         first needs looking at: IHL 5, total length = row size, not a fragment, flags exactly ACK."""
-        if b - a < 2:
-            return None
-        seg = self._shape[0]
-        at = a * seg
+        seg = self._seg
+        at = self._base + a * seg
         buf = self.buf
-        if (buf[at] != 0x45 or buf[at + 9] != PROTO_TCP or (buf[at + 2] << 8 | buf[at + 3]) != seg
-                or (buf[at + 6] & 0x3F) | buf[at + 7] or buf[at + 33] != ACK):
-            return None
-        return [(a, b)]
+        return not (buf[at] != 0x45 or buf[at + 9] != PROTO_TCP or (buf[at + 2] << 8 | buf[at + 3]) != seg
+                    or (buf[at + 6] & 0x3F) | buf[at + 7] or buf[at + 33] != ACK)
 
     def merge(self, a: int, b: int) -> list:
-        """One TUN write for rows a..b-1 of the batch last planned: vnet header + the first row's
+        """One TUN write for rows a..b-1 of the table last planned: vnet header + the first row's
         headers (as they are now, e.g. after a TTL decrement) fixed up for the total length, + every
         row's payload as a view. The TCP checksum field gets the pseudo-header sum (NEEDS_CSUM)."""
-        seg, rows, last, hl = self._shape
+        base, seg, hl = self._base, self._seg, self._hl
         mv = self._mv
-        at = a * seg
-        tail = last if b == rows else seg
+        at = base + a * seg
+        tail = self._short.get(b - 1, seg)
         total = hl + (b - a - 1) * (seg - hl) + tail - hl
         h = bytearray(mv[at:at + hl])
         h[2] = total >> 8
@@ -372,21 +525,28 @@ class Coalescer:
         check = -_words(h[:20]) % 0xFFFF
         h[10] = check >> 8
         h[11] = check & 0xFF
-        h[33] = self.buf[(b - 1) * seg + 33]
+        end = base + (b - 1) * seg
+        h[33] = self.buf[end + 33]
         partial = (_words(h[12:20]) + PROTO_TCP + total - 20) % 0xFFFF
         h[36] = partial >> 8
         h[37] = partial & 0xFF
-        key = (seg, hl)
-        views = self._payloads.get(key)
-        if views is None:
-            if len(self._payloads) > 32:
-                self._payloads.clear()
-            views = self._payloads[key] = [mv[i * seg + hl:(i + 1) * seg] for i in range(MAX_IP_PACKET // seg + 1)]
         iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
-        iov += views[a:b - 1]
-        end = (b - 1) * seg
-        iov.append(views[b - 1] if tail == seg else mv[end + hl:end + tail])
+        if base % seg == 0:  # payload views of the whole buffer, cached per row shape
+            views = self._payloads.get((seg, hl))
+            if views is None:
+                if len(self._payloads) > 32:
+                    self._payloads.clear()
+                views = self._payloads[(seg, hl)] = [mv[o + hl:o + seg] for o in range(0, len(mv) - seg + 1, seg)]
+            first = base // seg + a
+            iov += views[first:first + b - 1 - a]
+        else:
+            iov += [mv[o + hl:o + seg] for o in range(at, end, seg)]
+        iov.append(mv[end + hl:end + tail])
         return iov
+
+
+def _singles(a: int, b: int) -> list[tuple[int, int]]:
+    return [(i, i + 1) for i in range(a, b)]
 
 
 def _cap(a: int, b: int, most: int) -> list[tuple[int, int]]:
@@ -407,18 +567,20 @@ def split(packet, hdr: vnet.VnetHdr) -> list[bytes] | Verdict:
         if hdr.flags & vnet.NEEDS_CSUM and not complete_checksum(buf, n, hdr.csum_start, hdr.csum_offset):
             return Verdict.BAD_HEADER
         return [bytes(buf[:n])]
-    result = Splitter(buf).split(n, hdr.gso_type, hdr.gso_size)
+    segmenter = Segmenter(BUFFER_SIZE)
+    [result] = segmenter.cut(buf, [(0, n, hdr.gso_type, hdr.gso_size)])
     if isinstance(result, Verdict):
         return result
-    iov = result.iov
-    return [bytes(iov[2 * i]) + bytes(iov[2 * i + 1]) for i in range(result.count)]
+    out = segmenter.out
+    return [bytes(out[result.start + j * result.size:result.start + j * result.size
+                      + (result.size if j < result.count - 1 else result.last)]) for j in range(result.count)]
 
 
 def coalesce(packets) -> list[bytes]:
     """IPv4 packets in arrival order → TUN write units (vnet header + packet), merged where GRO may.
 
-    Packets are batched as UDP GRO would hand them over: equal sizes, the last of a batch maybe
-    shorter, at most 64 KB a batch.
+    Packets are laid out as UDP GRO would hand them over: runs of equal sizes, the last of a run
+    maybe shorter, at most 64 KB a batch; consecutive batches of one size share a table.
     """
     out: list[bytes] = []
     buf = packet_buffer()
@@ -432,7 +594,7 @@ def coalesce(packets) -> list[bytes]:
             total += len(packets[j])
             j += 1
         buf[:total] = b"".join(packets[i:j])
-        for a, b in coalescer.plan(total, seg):
+        for a, b in coalescer.plan(seg, [total]):
             if b - a > 1:
                 out.append(b"".join(bytes(part) for part in coalescer.merge(a, b)))
             else:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from tun import TunDevice, gso, open_tun, vnet
 from tun.offload import TunOffloads, enable_offloads
-from udpflannel.batch import inbound_batch, outbound_super
+from udpflannel.batch import inbound_batches
 from udpflannel.engine import Dataplane
 from udpflannel.forward import describe, inbound, outbound
 from udpflannel.packet import Verdict
@@ -52,7 +52,11 @@ DISABLE_ENV = "UDPFLANNEL_DISABLE_OFFLOADS"
 # Set to 1: GSO sends fail with EIO, as on kernels (before ~6.11) whose egress device lacks checksum
 # offload. Newer kernels checksum in software instead, so tests need this to reach the fallback.
 SIMULATE_EIO_ENV = "UDPFLANNEL_SIMULATE_EIO"
-SLOTS = 3  # TUN read buffers: the current one, the one a carried tail points into, and one spare
+RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
+RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
+MAX_PACKET = 0xFFFF
+TUN_ROOM = 16 + MAX_PACKET + MAX_PACKET  # one read, and the room its cut may pad
+TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one pass
 _unpack_vnet = vnet.unpack_from
 _EMPTY = b""
 
@@ -114,32 +118,18 @@ class _EioOnGso:
         return getattr(self._sock, name)
 
 
-class _Slot:
-    """One TUN read buffer with its splitter; ``pending`` counts batches that still point into it."""
-
-    __slots__ = ("hdr", "pkt", "bufs", "mv", "splitter", "pending")
-
-    def __init__(self) -> None:
-        self.hdr = bytearray(vnet.VNET_HDR_LEN)
-        self.pkt = gso.packet_buffer()
-        self.bufs = [self.hdr, self.pkt]
-        self.mv = memoryview(self.pkt)
-        self.splitter = gso.Splitter(self.pkt)
-        self.pending = 0
-
-
 class _Batch:
-    """Datagrams queued for one peer: every one ``size`` bytes but a shorter last, which closes it."""
+    """Datagrams queued for one peer: every one ``size`` bytes but a shorter last, which closes it.
+    ``iov`` holds runs of whole datagrams (views of the segmenter's output, or copies)."""
 
-    __slots__ = ("iov", "count", "size", "nbytes", "closed", "slots")
+    __slots__ = ("iov", "count", "size", "nbytes", "closed")
 
     def __init__(self, size: int) -> None:
-        self.iov: list = []  # header, payload, header, payload, ...: datagram i is iov[2i] + iov[2i+1]
+        self.iov: list = []
         self.count = 0
         self.size = size
         self.nbytes = 0
         self.closed = False
-        self.slots: list[_Slot] = []
 
 
 class FastDataplane(Dataplane):
@@ -149,11 +139,12 @@ class FastDataplane(Dataplane):
         super().__init__(**kwargs)
         self.features = features
         self._max_segments = UDP_MAX_SEGMENTS if features.udp_gso else 1
-        self._slots = [_Slot() for _ in range(SLOTS)]
-        self._slot = 0
+        self._in = bytearray(TUN_BYTES + 2 * TUN_ROOM + 64)
+        self._in_mv = memoryview(self._in)
+        self._segmenter = gso.Segmenter(2 * TUN_BYTES)
         self._batches: dict[NextHop, _Batch] = {}
         self._parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (data, size, count, hop)
-        self._rx = gso.packet_buffer()
+        self._rx = bytearray(RX_BYTES + gso.BUFFER_SIZE)
         self._rx_mv = memoryview(self._rx)
         self._coalescer = gso.Coalescer(self._rx)
         self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
@@ -163,18 +154,22 @@ class FastDataplane(Dataplane):
 
     # -- TUN -> UDP ----------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
+        """Read until EAGAIN (or the budget) back to back into one buffer, cut all the super-packets
+        in one pass (``Segmenter.cut``), then queue and send per peer, in order."""
         c = self.counters
         c.tun_wakeups += 1
         fd, routes, readv = self.tun_fd, self.routes, os.readv
-        slots, nslots = self._slots, len(self._slots)
+        buf, mv = self._in, self._in_mv
+        last = len(buf) - 2 * TUN_ROOM - 64
+        supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
+        at = 0
         for _ in range(self.budget):
-            self._slot = (self._slot + 1) % nslots
-            slot = slots[self._slot]
-            if slot.pending:
-                self._send_all()
+            if at > last:
+                self._cut_and_queue(supers)
+                supers, at = [], 0
             c.tun_reads += 1
-            try:
-                n = readv(fd, slot.bufs) - vnet.VNET_HDR_LEN
+            try:  # the vnet header lands at at+6, so the packet starts 8-aligned at at+16
+                n = readv(fd, [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -182,11 +177,13 @@ class FastDataplane(Dataplane):
             except OSError as exc:
                 log.warning("TUN read failed: %s", exc)
                 break
-            flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(slot.hdr)
-            pkt = slot.pkt
+            flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(buf, at + 6)
+            p = at + 16
+            pkt = mv[p:p + n]
             c.tun_bytes += n
             if gso_type == vnet.GSO_NONE:
                 c.tun_packets += 1
+                at = p + n + 7 & ~7
                 if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
                     self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
                     continue
@@ -196,24 +193,55 @@ class FastDataplane(Dataplane):
                 if verdict:
                     self._drop(verdict, pkt, n, c.tun_drops)
                     continue
-                self._queue(hop, [pkt[:n], _EMPTY], 1, n, n, None)  # a copy: small, and the slot stays free
+                if supers:  # keep the order: what was read before goes first
+                    self._cut_and_queue(supers)
+                    supers = []
+                self._queue(hop, memoryview(bytes(pkt)), 0, 1, n, n)  # a copy: small, and the buffer moves on
                 continue
-            verdict, hop, result = outbound_super(slot.splitter, n, gso_type, gso_size, routes)
+            at = p + n + gso_size + 7 & ~7  # room for the cut to zero-pad the last segment
+            verdict, hop = outbound(pkt, n, routes)  # one header for all segments: TTL − 1 once for all
             if self.trace:
                 trace_log.debug("tun>udp super-packet %s gso %d/%d -> %s %s", describe(pkt, n), gso_type,
                                 gso_size, verdict.name, hop)
             if verdict:
+                self._cut_and_queue(supers)  # (the offender is cut below, which reuses the output)
+                supers = []
                 c.tun_packets += 1
-                self._drop(verdict, result, len(result), c.tun_drops)  # one ICMP error at most, like one packet
+                offender = self._first_segment(p, n, gso_type, gso_size)
+                self._drop(verdict, offender, len(offender), c.tun_drops)  # one ICMP error at most, as for one packet
                 continue
-            c.tun_superpackets += 1
-            c.tun_packets += result.count
-            self._queue(hop, result.iov, result.count, result.seg_size, result.last_size, slot)
+            supers.append((p, n, gso_type, gso_size, hop))
+        self._cut_and_queue(supers)
         self._send_all()
 
-    def _queue(self, hop: NextHop, iov: list, count: int, size: int, last: int, slot: _Slot | None) -> None:
-        """Append ``count`` datagrams to ``hop``'s batch, sending whenever one is full or closed.
-        ``slot``: the read buffer ``iov`` points into (None if it points into nothing reusable)."""
+    def _first_segment(self, p: int, n: int, gso_type: int, gso_size: int) -> bytes:
+        """What an ICMP error about a refused super-packet quotes: its first segment (or itself)."""
+        [cut] = self._segmenter.cut(self._in, [(p, n, gso_type, gso_size)])
+        if isinstance(cut, Verdict):
+            return bytes(self._in_mv[p:p + n])
+        return bytes(self._segmenter.out_mv[cut.start:cut.start + (cut.size if cut.count > 1 else cut.last)])
+
+    def _cut_and_queue(self, supers: list[tuple[int, int, int, int, NextHop]]) -> None:
+        """Cut the super-packets read so far and queue their datagrams (sending what is pending first:
+        its datagrams live in the segmenter's output, which the cut reuses)."""
+        if not supers:
+            return
+        self._send_all()
+        c = self.counters
+        results = self._segmenter.cut(self._in, [item[:4] for item in supers])
+        out = self._segmenter.out_mv
+        for (p, n, _, _, hop), cut in zip(supers, results, strict=True):
+            if isinstance(cut, Verdict):
+                c.tun_packets += 1
+                self._drop(cut, self._in_mv[p:p + n], n, c.tun_drops)
+                continue
+            c.tun_superpackets += 1
+            c.tun_packets += cut.count
+            self._queue(hop, out, cut.start, cut.count, cut.size, cut.last)
+
+    def _queue(self, hop: NextHop, mv: memoryview, start: int, count: int, size: int, last: int) -> None:
+        """Append ``count`` datagrams (``size`` bytes apart from ``start`` in ``mv``, the last ``last``
+        bytes long) to ``hop``'s batch, sending whenever a batch is full or closed."""
         batches = self._batches
         batch = batches.get(hop)
         if batch is not None and (batch.closed or (batch.size != size and not (count == 1 and size < batch.size))):
@@ -225,13 +253,12 @@ class FastDataplane(Dataplane):
                 batch = batches[hop] = _Batch(size)
             most = max(1, min(self._max_segments, UDP_MAX_PAYLOAD // batch.size))
             take = min(count - done, most - batch.count)
-            batch.iov += iov[2 * done:2 * (done + take)]
-            batch.count += take
             done += take
-            batch.nbytes += (take - 1) * size + (last if done == count else size)
-            if slot is not None and (not batch.slots or batch.slots[-1] is not slot):
-                batch.slots.append(slot)
-                slot.pending += 1
+            nbytes = take * size if done < count else (take - 1) * size + last
+            at = start + (done - take) * size
+            batch.iov.append(mv[at:at + nbytes])
+            batch.count += take
+            batch.nbytes += nbytes
             if done == count and last < batch.size:
                 batch.closed = True
             if batch.count >= most or batch.closed:
@@ -245,8 +272,6 @@ class FastDataplane(Dataplane):
     def _send(self, hop: NextHop) -> None:
         """One sendmsg for ``hop``'s batch (UDP_SEGMENT if it holds several datagrams)."""
         batch = self._batches.pop(hop)
-        for slot in batch.slots:
-            slot.pending -= 1
         c = self.counters
         if self._parked_sends:  # keep order behind what is already waiting for room
             self._park_send(batch, hop, 0)
@@ -283,11 +308,12 @@ class FastDataplane(Dataplane):
         self._max_segments = 1
 
     def _send_one_by_one(self, batch: _Batch, hop: NextHop) -> None:
-        c, iov, sendmsg = self.counters, batch.iov, self.udp.sendmsg
-        for i in range(batch.count):
+        c, size, sendmsg = self.counters, batch.size, self.udp.sendmsg
+        datagrams = [chunk[i:i + size] for chunk in batch.iov for i in range(0, len(chunk), size)]
+        for i, datagram in enumerate(datagrams):
             c.udp_sends += 1
             try:
-                sent = sendmsg(iov[2 * i:2 * i + 2], (), 0, hop)
+                sent = sendmsg([datagram], (), 0, hop)
             except BlockingIOError:
                 self._park_send(batch, hop, i)
                 return
@@ -299,10 +325,10 @@ class FastDataplane(Dataplane):
             c.sent_bytes += sent
 
     def _park_send(self, batch: _Batch, hop: NextHop, first: int) -> None:
-        """The socket is full: copy what is left (the slots will be reused) and stop reading the TUN."""
+        """The socket is full: copy what is left (the buffers will be reused) and stop reading the TUN."""
         if not self._parked_sends:
             self._pause(self.tun_fd, self.udp.fileno(), self._on_udp_writable)
-        data = b"".join(batch.iov[2 * first:])
+        data = b"".join(batch.iov)[first * batch.size:]
         count = batch.count - first
         self._parked_sends.append((data, batch.size if count > 1 else len(data), count, hop))
 
@@ -333,19 +359,24 @@ class FastDataplane(Dataplane):
 
     # -- UDP -> TUN ----------------------------------------------------------------------------------
     def _on_udp_readable(self) -> None:
+        """Receive until EAGAIN (or the budget), laying the batches out back to back so one pass of
+        array operations checks them all (``Coalescer.plan``); then decide and write, in order."""
         c = self.counters
         c.udp_wakeups += 1
-        rx, mv, routes = self._rx, self._rx_mv, self.routes
-        bufs = [rx]
+        mv, room, last = self._rx_mv, RX_ROOM, len(self._rx_mv) - RX_ROOM - gso.SPLIT_SLACK
         recvmsg_into = self.udp.recvmsg_into
-        tun_mtu, check_source, peer_rx = self.tun_mtu, self.check_source, self.peer_rx
-        plain = vnet.PLAIN
+        table: list[tuple[int, int, int, NextHop]] = []  # (offset, bytes, datagram size, peer)
+        at = 0
         for _ in range(self.budget):
+            if at > last:
+                if not self._deliver(table):
+                    return
+                table, at = [], 0
             c.udp_recvs += 1
             try:
-                nbytes, ancdata, msg_flags, peer = recvmsg_into(bufs, GRO_CMSG_SPACE)
+                nbytes, ancdata, msg_flags, peer = recvmsg_into([mv[at:at + room]], GRO_CMSG_SPACE)
             except BlockingIOError:
-                return
+                break
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -356,53 +387,74 @@ class FastDataplane(Dataplane):
                 c.udp_packets += 1
                 c.udp_drops[Verdict.OVERSIZE] += 1
                 continue
-            c.udp_bytes += nbytes
-            if size >= nbytes:  # one datagram: the per-packet decision, written with a plain vnet header
-                c.udp_packets += 1
-                verdict = inbound(rx, nbytes, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
-                if self.trace:
-                    trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(rx, nbytes), verdict.name)
-                if verdict:
-                    self._drop(verdict, rx, nbytes, c.udp_drops)
-                    continue
-                peer_rx[peer] = peer_rx.get(peer, 0) + 1
-                if not self._write([plain, mv[:nbytes]], 1, nbytes):
-                    self._park_write([plain, mv[:nbytes]], 1)
-                    return
-                continue
             rows = -(-nbytes // size)
             c.udp_packets += rows
-            c.udp_gro_recvs += 1
-            c.udp_gro_datagrams += rows
-            units = inbound_batch(self._coalescer, nbytes, size, peer, routes, tun_mtu=tun_mtu,
-                                  check_source=check_source)
-            for verdict, a, b, unit in units:
+            c.udp_bytes += nbytes
+            if rows > 1:
+                c.udp_gro_recvs += 1
+                c.udp_gro_datagrams += rows
+            table.append((at, nbytes, size, peer))
+            step = size if size % 8 == 0 else 8  # rows of one size line up across batches
+            at = -(-(at + rows * size) // step) * step
+        self._deliver(table)
+
+    def _deliver(self, table: list[tuple[int, int, int, NextHop]]) -> bool:
+        """Decide about and write everything received; False if the TUN filled up (the rest is parked
+        and reading paused)."""
+        c, routes, peer_rx, plain = self.counters, self.routes, self.peer_rx, vnet.PLAIN
+        tun_mtu, check_source = self.tun_mtu, self.check_source
+        i, count = 0, len(table)
+        while i < count:
+            at, nbytes, seg, peer = table[i]
+            end = at + -(-nbytes // seg) * seg
+            j = i + 1
+            while j < count and table[j][0] == end and table[j][2] == seg:  # one table: same row size
+                end += -(-table[j][1] // seg) * seg
+                j += 1
+            if j == i + 1 and nbytes == seg:  # one datagram: the per-packet decision
+                row = self._rx_mv[at:at + nbytes]
+                verdict = inbound(row, nbytes, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
                 if self.trace:
-                    trace_log.debug("udp>tun from %s:%d %d datagram(s) of %d bytes -> %s", peer[0], peer[1],
-                                    b - a, size, verdict.name)
+                    trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(row, nbytes), verdict.name)
+                units = iter([(verdict, peer, 1, [plain, row] if verdict == Verdict.FORWARD else row)])
+            else:
+                units = inbound_batches(self._coalescer, at, seg, [t[1] for t in table[i:j]],
+                                        [t[3] for t in table[i:j]], routes, tun_mtu=tun_mtu, check_source=check_source)
+            i = j
+            for verdict, peer, n, unit in units:
                 if verdict:
                     self._drop(verdict, unit, len(unit), c.udp_drops)
                     continue
-                peer_rx[peer] = peer_rx.get(peer, 0) + b - a
-                length = min(b * size, nbytes) - a * size
-                if b - a > 1:
+                if self.trace and n > 1:
+                    trace_log.debug("udp>tun from %s:%d %d datagrams of %d bytes -> FORWARD as one", peer[0],
+                                    peer[1], n, seg)
+                peer_rx[peer] = peer_rx.get(peer, 0) + n
+                if n > 1:
                     c.tun_gso_writes += 1
-                    c.tun_gso_segments += b - a
-                if self._parked_writes or not self._write(unit, b - a, length):
-                    self._park_write(unit, b - a)
-                    for verdict, a, b, unit in units:  # the buffer is about to be reused
-                        if verdict:
-                            self._drop(verdict, unit, len(unit), c.udp_drops)
-                        else:
-                            self._park_write(unit, b - a)
-                    return
+                    c.tun_gso_segments += n
+                if self._parked_writes or not self._write(unit, n):
+                    self._park_rest(unit, n, units, table[i:])
+                    return False
+        return True
 
-    def _write(self, iov: list, packets: int, nbytes: int) -> bool:
+    def _park_rest(self, unit: list, n: int, units, table: list) -> None:
+        """The TUN is full: copy out what is decided and decide the rest now (the buffer is about to
+        be reused); writing resumes when there is room."""
+        self._park_write(unit, n)
+        for verdict, _, n, unit in units:
+            if verdict:
+                self._drop(verdict, unit, len(unit), self.counters.udp_drops)
+            else:
+                self._park_write(unit, n)
+        if table:
+            self._deliver(table)  # parks everything: something is parked already
+
+    def _write(self, iov: list, packets: int) -> bool:
         """One writev to the TUN; False if it is full (the caller parks what is left)."""
         c = self.counters
         c.tun_writes += 1
         try:
-            os.writev(self.tun_fd, iov)
+            written = os.writev(self.tun_fd, iov)
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -410,7 +462,7 @@ class FastDataplane(Dataplane):
             log.debug("TUN write failed: %s", exc)
             return True
         c.delivered_packets += packets
-        c.delivered_bytes += nbytes
+        c.delivered_bytes += written - vnet.VNET_HDR_LEN
         return True
 
     def _park_write(self, iov: list, packets: int) -> None:
