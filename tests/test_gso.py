@@ -406,7 +406,8 @@ def test_one_cut_over_many_packets(cases) -> None:
        st.integers(1, 6), st.data())
 def test_one_cut_over_a_stream(case, packets, data) -> None:
     """A sender's consecutive TSO/USO bursts of one flow (IDs and sequence numbers counting on, the
-    last burst maybe short or flagged), cut in one call: each burst gives the kernel's segments."""
+    window maybe changing, the last burst maybe short or flagged), cut in one call: each burst gives
+    the kernel's segments."""
     template, mss = case
     ihl = (template[0] & 0x0F) * 4
     hl = header_len(template)
@@ -422,6 +423,8 @@ def test_one_cut_over_a_stream(case, packets, data) -> None:
         struct.pack_into("!HH", burst, 2, len(burst), (ident + k * count) & 0xFFFF)
         if template[9] == 6:
             struct.pack_into("!I", burst, ihl + 4, (seq + k * count * mss) & 0xFFFFFFFF)
+            if data.draw(st.booleans()):  # a new window (or timestamp) from one burst to the next
+                struct.pack_into("!H", burst, ihl + 14, data.draw(st.integers(0, 0xFFFF)))
             if k == packets - 1:
                 burst[ihl + 13] = data.draw(st.sampled_from([burst[ihl + 13], burst[ihl + 13] | PSH | FIN]))
         struct.pack_into("!H", burst, 10, 0)

@@ -183,16 +183,26 @@ class Segmenter:
         # a template and count IDs and sequence numbers on: headers by broadcast, IDs and IP checksums
         # from ramps. Anything else gets per-packet templates and per-row sums.
         stream = dtype is not None and first.ident + rows_total <= 0x10000
+        same = True  # and every header alike, not just the IP ones (no TSval or window change)
         if stream:
-            ident, seq = first.ident, first.seq
+            ident, seq, ip_part = first.ident, first.seq, first.template[:ihl]
             for p in group:
-                if p.template != first.template or p.ident != ident or p.seq != seq:
+                if p.ident != ident or p.seq != seq:
                     stream = False
                     break
+                if p.template != first.template:
+                    same = False
+                    if p.template[:ihl] != ip_part:
+                        stream = False
+                        break
                 ident += p.count
                 seq = (seq + p.count * mss) & 0xFFFFFFFF
         if stream:
-            rows[:, :hl] = np.frombuffer(first.template, np.uint8)
+            if same:
+                rows[:, :hl] = np.frombuffer(first.template, np.uint8)
+            else:
+                which = np.repeat(np.arange(len(group)), counts)  # row -> packet
+                rows[:, :hl] = np.frombuffer(b"".join(p.template for p in group), np.uint8).reshape(-1, hl)[which]
             _column(out, at + 4, ">u2", rows_total, size)[:] = _ID_RAMP[first.ident:first.ident + rows_total]
             ip_sum = (_words(first.template[:ihl]) + first.ident) % 0xFFFF
             _column(out, at + 10, ">u2", rows_total, size)[:] = _CHECKSUM_RAMP[ip_sum:ip_sum + rows_total]
@@ -333,9 +343,7 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
     last = n - hl - (count - 1) * mss
     t = bytearray(buf[off:off + hl])
     ident = t[4] << 8 | t[5]
-    t[2] = (hl + mss) >> 8
-    t[3] = (hl + mss) & 0xFF
-    t[4:6] = b"\0\0"
+    t[2:6] = (hl + mss << 16).to_bytes(4, "big")  # total length of a full segment; ID 0
     t[10:12] = b"\0\0"
     if proto == PROTO_TCP:
         seq = int.from_bytes(t[ihl + 4:ihl + 8], "big")
@@ -345,16 +353,15 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
         t[ihl + 16:ihl + 18] = b"\0\0"
     else:
         seq = flags = 0
-        t[ihl + 4] = (8 + mss) >> 8
-        t[ihl + 5] = (8 + mss) & 0xFF
-        t[ihl + 6:ihl + 8] = b"\0\0"
+        t[ihl + 4:ihl + 8] = (8 + mss << 16).to_bytes(4, "big")  # UDP length of a full segment; checksum 0
     return _Packet(off, proto, ihl, hl, mss, count, last, bytes(t), ident, seq, flags)
 
 
-# Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow:
-# ID and header checksum; sequence number and checksum; PSH (ID and sequence number must count on). Everything else — version, TOS, total
-# length, DF, TTL, protocol, addresses, ports, ACK number, data offset, the other flags, window, options
-# — must match to merge (the kernel's tcp_gro_receive rules; the last segment's length is handled apart).
+# Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow: ID
+# and header checksum; sequence number and checksum; PSH (ID and sequence number must count on).
+# Everything else — version, TOS, total length, DF, TTL, protocol, addresses, ports, ACK number, data
+# offset, the other flags, window, options — must match to merge (the kernel's tcp_gro_receive rules;
+# the last segment's length is handled apart).
 _VARYING = (4, 5, 10, 11, 24, 25, 26, 27, 36, 37)
 
 
