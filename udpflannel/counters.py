@@ -17,7 +17,9 @@ class Counters:
         "sent_packets", "sent_bytes", "delivered_packets", "delivered_bytes",
         "send_errors", "tun_write_errors", "backpressure_pauses",
         "icmp_sent", "icmp_rate_limited", "tun_drops", "udp_drops",
-        # the fast path's batches (udpflannel/fastpath.py): how many wire packets each syscall moved
+        # the fast path's batches (udpflannel/fastpath.py): how many wire packets each syscall moved.
+        # There, tun_packets counts the segments a super-packet was cut into (wire packets), and
+        # tun_superpackets the TSO/USO reads they came from.
         "tun_superpackets", "udp_gso_sends", "udp_gso_datagrams", "udp_gro_recvs", "udp_gro_datagrams",
         "tun_gso_writes", "tun_gso_segments", "udp_gso_fallbacks",
     )
