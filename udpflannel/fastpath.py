@@ -58,6 +58,7 @@ MAX_PACKET = 0xFFFF
 TUN_ROOM = 16 + MAX_PACKET + MAX_PACKET  # one read, and the room its cut may pad
 TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one pass
 _unpack_vnet = vnet.unpack_from
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFlag, slow to "&" with
 _EMPTY = b""
 
 
@@ -141,11 +142,13 @@ class FastDataplane(Dataplane):
         self._max_segments = UDP_MAX_SEGMENTS if features.udp_gso else 1
         self._in = bytearray(TUN_BYTES + 2 * TUN_ROOM + 64)
         self._in_mv = memoryview(self._in)
+        self._in_start = [self._in_mv[6:16 + MAX_PACKET]]
         self._segmenter = gso.Segmenter(2 * TUN_BYTES)
         self._batches: dict[NextHop, _Batch] = {}
         self._parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (data, size, count, hop)
         self._rx = bytearray(RX_BYTES + gso.BUFFER_SIZE)
         self._rx_mv = memoryview(self._rx)
+        self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
         self._coalescer = gso.Coalescer(self._rx)
         self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
         if os.environ.get(SIMULATE_EIO_ENV) == "1":
@@ -159,17 +162,18 @@ class FastDataplane(Dataplane):
         c = self.counters
         c.tun_wakeups += 1
         fd, routes, readv = self.tun_fd, self.routes, os.readv
-        buf, mv = self._in, self._in_mv
+        buf, mv, start = self._in, self._in_mv, self._in_start
         last = len(buf) - 2 * TUN_ROOM - 64
         supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
         at = 0
+        alone = True  # nothing else read yet: a plain packet goes out at once (latency, as per packet)
         for _ in range(self.budget):
             if at > last:
                 self._cut_and_queue(supers)
                 supers, at = [], 0
             c.tun_reads += 1
             try:  # the vnet header lands at at+6, so the packet starts 8-aligned at at+16
-                n = readv(fd, [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
+                n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -179,11 +183,10 @@ class FastDataplane(Dataplane):
                 break
             flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(buf, at + 6)
             p = at + 16
-            pkt = mv[p:p + n]
             c.tun_bytes += n
-            if gso_type == vnet.GSO_NONE:
+            if gso_type == vnet.GSO_NONE:  # a copy: small, and a bytearray is quicker to work on
+                pkt = bytearray(mv[p:p + n])
                 c.tun_packets += 1
-                at = p + n + 7 & ~7
                 if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
                     self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
                     continue
@@ -193,11 +196,17 @@ class FastDataplane(Dataplane):
                 if verdict:
                     self._drop(verdict, pkt, n, c.tun_drops)
                     continue
+                if alone and not self._parked_sends:
+                    alone = False
+                    self._send_now(pkt, n, hop)
+                    continue
                 if supers:  # keep the order: what was read before goes first
                     self._cut_and_queue(supers)
                     supers = []
-                self._queue(hop, memoryview(bytes(pkt)), 0, 1, n, n)  # a copy: small, and the buffer moves on
+                self._queue(hop, memoryview(pkt), 0, 1, n, n)
                 continue
+            alone = False
+            pkt = mv[p:p + n]
             at = p + n + gso_size + 7 & ~7  # room for the cut to zero-pad the last segment
             verdict, hop = outbound(pkt, n, routes)  # one header for all segments: TTL − 1 once for all
             if self.trace:
@@ -211,8 +220,26 @@ class FastDataplane(Dataplane):
                 self._drop(verdict, offender, len(offender), c.tun_drops)  # one ICMP error at most, as for one packet
                 continue
             supers.append((p, n, gso_type, gso_size, hop))
-        self._cut_and_queue(supers)
-        self._send_all()
+        if supers:
+            self._cut_and_queue(supers)
+        if self._batches:
+            self._send_all()
+
+    def _send_now(self, pkt: bytearray, n: int, hop: NextHop) -> None:
+        """One packet, one sendto, before anything else is read: what the per-packet path does."""
+        c = self.counters
+        c.udp_sends += 1
+        try:
+            self.udp.sendto(pkt, hop)
+        except BlockingIOError:
+            self._queue(hop, memoryview(pkt), 0, 1, n, n)  # sent (or parked) with the rest
+            return
+        except OSError as exc:
+            c.send_errors += 1
+            log.debug("sendto %s failed: %s", hop, exc)
+            return
+        c.sent_packets += 1
+        c.sent_bytes += n
 
     def _first_segment(self, p: int, n: int, gso_type: int, gso_size: int) -> bytes:
         """What an ICMP error about a refused super-packet quotes: its first segment (or itself)."""
@@ -364,9 +391,10 @@ class FastDataplane(Dataplane):
         c = self.counters
         c.udp_wakeups += 1
         mv, room, last = self._rx_mv, RX_ROOM, len(self._rx_mv) - RX_ROOM - gso.SPLIT_SLACK
-        recvmsg_into = self.udp.recvmsg_into
+        recvmsg_into, start = self.udp.recvmsg_into, self._rx_start
         table: list[tuple[int, int, int, NextHop]] = []  # (offset, bytes, datagram size, peer)
         at = 0
+        alone = True  # nothing else received yet: a lone datagram is written at once (latency)
         for _ in range(self.budget):
             if at > last:
                 if not self._deliver(table):
@@ -374,7 +402,8 @@ class FastDataplane(Dataplane):
                 table, at = [], 0
             c.udp_recvs += 1
             try:
-                nbytes, ancdata, msg_flags, peer = recvmsg_into([mv[at:at + room]], GRO_CMSG_SPACE)
+                nbytes, ancdata, msg_flags, peer = recvmsg_into(start if at == 0 else [mv[at:at + room]],
+                                                                GRO_CMSG_SPACE)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -383,20 +412,43 @@ class FastDataplane(Dataplane):
                 log.debug("recvmsg failed: %s", exc)
                 continue
             size = gro_size(ancdata, nbytes) if ancdata else nbytes
-            if msg_flags & socket.MSG_TRUNC or size <= 0:
+            if msg_flags & _MSG_TRUNC or size <= 0:
                 c.udp_packets += 1
                 c.udp_drops[Verdict.OVERSIZE] += 1
                 continue
             rows = -(-nbytes // size)
             c.udp_packets += rows
             c.udp_bytes += nbytes
+            if alone and rows == 1 and not self._parked_writes:
+                alone = False
+                if not self._deliver_now(nbytes, peer):
+                    return
+                continue
+            alone = False
             if rows > 1:
                 c.udp_gro_recvs += 1
                 c.udp_gro_datagrams += rows
             table.append((at, nbytes, size, peer))
             step = size if size % 8 == 0 else 8  # rows of one size line up across batches
             at = -(-(at + rows * size) // step) * step
-        self._deliver(table)
+        if table:
+            self._deliver(table)
+
+    def _deliver_now(self, nbytes: int, peer: NextHop) -> bool:
+        """The datagram at the start of the buffer, decided and written before anything else is
+        received: what the per-packet path does. False if the TUN was full (it is parked)."""
+        row = self._rx_mv[:nbytes]
+        verdict = inbound(row, nbytes, peer, self.routes, tun_mtu=self.tun_mtu, check_source=self.check_source)
+        if self.trace:
+            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(row, nbytes), verdict.name)
+        if verdict:
+            self._drop(verdict, row, nbytes, self.counters.udp_drops)
+            return True
+        self.peer_rx[peer] = self.peer_rx.get(peer, 0) + 1
+        if self._write([vnet.PLAIN, row], 1):
+            return True
+        self._park_write([vnet.PLAIN, row], 1)
+        return False
 
     def _deliver(self, table: list[tuple[int, int, int, NextHop]]) -> bool:
         """Decide about and write everything received; False if the TUN filled up (the rest is parked
