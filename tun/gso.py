@@ -141,7 +141,7 @@ class Segmenter:
         results: list = []
         group: list[_Packet] = []
         at = 0
-        need = sum(n + (n // max(size, 1) + 2) * 128 + size for _, n, _, size in items)
+        need = sum(n + (n // size + 2) * 128 + size for _, n, _, size in items if size > 0)  # ≥ rows × row size
         if need > len(self.out):  # grow now, never halfway (earlier cuts point into out)
             self._grow(need)
         for off, n, gso_type, gso_size in items:
@@ -200,9 +200,11 @@ class Segmenter:
         if stream:
             if same:
                 rows[:, :hl] = np.frombuffer(first.template, np.uint8)
-            else:
-                which = np.repeat(np.arange(len(group)), counts)  # row -> packet
-                rows[:, :hl] = np.frombuffer(b"".join(p.template for p in group), np.uint8).reshape(-1, hl)[which]
+            else:  # a run of rows per template (a few packets: cheaper than a gather)
+                row = 0
+                for p in group:
+                    rows[row:row + p.count, :hl] = np.frombuffer(p.template, np.uint8)
+                    row += p.count
             _column(out, at + 4, ">u2", rows_total, size)[:] = _ID_RAMP[first.ident:first.ident + rows_total]
             ip_sum = (_words(first.template[:ihl]) + first.ident) % 0xFFFF
             _column(out, at + 10, ">u2", rows_total, size)[:] = _CHECKSUM_RAMP[ip_sum:ip_sum + rows_total]
@@ -306,6 +308,9 @@ class Segmenter:
         self._out_u8 = np.frombuffer(self.out, np.uint8)
 
 
+_new_packet = tuple.__new__  # builds a _Packet without NamedTuple's Python-level __new__
+
+
 def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) -> np.ndarray:
     """One header field of every row: ``count`` values of ``dtype`` every ``stride`` bytes."""
     return np.ndarray((count,), dtype, buf, offset, (stride,))
@@ -354,7 +359,7 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
     else:
         seq = flags = 0
         t[ihl + 4:ihl + 8] = (8 + mss << 16).to_bytes(4, "big")  # UDP length of a full segment; checksum 0
-    return _Packet(off, proto, ihl, hl, mss, count, last, bytes(t), ident, seq, flags)
+    return _new_packet(_Packet, (off, proto, ihl, hl, mss, count, last, bytes(t), ident, seq, flags))
 
 
 # Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow: ID
