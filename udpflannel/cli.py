@@ -70,11 +70,7 @@ async def run_static(args: argparse.Namespace) -> int:
     subnet = parse_network("--subnet", args.subnet)
     network = parse_network("--network", args.network)
     routes = [parse_route(spec) for spec in args.route]
-    check_static_layout(subnet, network, routes)
-    if not 0 < args.port < 65536:
-        from udpflannel.errors import ConfigError
-
-        raise ConfigError("--port", f"{args.port} is not a UDP port (1-65535)")
+    check_static_layout(subnet, network, routes, args.port)
     iface = await asyncio.to_thread(select_interface, args.iface, public_ip=args.public_ip or None)
     node = await asyncio.to_thread(bring_up, iface, subnet, network, args.port, budget=args.budget,
                                    check_source=not args.accept_any_inner_source, trace=args.trace,

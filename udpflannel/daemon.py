@@ -164,7 +164,7 @@ class Daemon:
     async def _own_lease(self, event: LeaseAcquired) -> None:
         """Re-acquired after a loss: usually the same subnet; if not, move flannel0 and subnet.env."""
         assert self.node is not None
-        self.lease = getattr(self.manager, "lease", self.lease)
+        self.lease = (self.manager.lease if self.manager else None) or self.lease
         if event.subnet == self.node.subnet:
             log.info("own lease %s held", event.subnet)
             return

@@ -36,8 +36,10 @@ def parse_route(spec: str) -> PeerAdded:
     return PeerAdded(parse_network("--route", subnet), address)
 
 
-def check_static_layout(subnet: IPv4Network, network: IPv4Network, routes: list[PeerAdded]) -> None:
+def check_static_layout(subnet: IPv4Network, network: IPv4Network, routes: list[PeerAdded], port: int) -> None:
     """Refuse layouts that cannot work instead of failing one packet at a time."""
+    if not 0 < port < 65536:
+        raise ConfigError("--port", f"{port} is not a UDP port (1-65535)")
     if not subnet.subnet_of(network):
         raise ConfigError("--subnet", f"{subnet} is not inside --network {network}")
     for route in routes:

@@ -129,7 +129,7 @@ class Lab:
         gw = ipaddress.IPv4Interface(gateway)
         address = gw.network.network_address + index
         pod = self._netns(f"{node.name.rsplit('-', 1)[1]}p{index}", Pod, address=address, node=node)
-        if not node.ip("link", "show", "cni0", check=False).returncode == 0:
+        if node.ip("link", "show", "cni0", check=False).returncode != 0:
             node.ip("link", "add", "cni0", "mtu", str(mtu), "type", "bridge")
             node.ip("addr", "add", str(gw), "dev", "cni0")
             node.ip("link", "set", "cni0", "up")
