@@ -19,8 +19,9 @@ from tests.strategies import slow_header_checksum
 from tests.test_engine import until
 from tests.test_gso import slow_split
 from tun import gso, vnet
+from udpflannel import fastpath
 from udpflannel.events import PeerAdded
-from udpflannel.fastpath import FastDataplane, Features
+from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
 from udpflannel.packet import Verdict, decrement_ttl
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
 
@@ -91,6 +92,28 @@ def read_tun(rig: Rig, count: int) -> list[bytes]:
     return out
 
 
+class Clock:
+    """Stands in for the engine's clock: each reading ``step`` ns after the last."""
+
+    def __init__(self, step: int) -> None:
+        self.now, self.step = 0, step
+
+    def __call__(self) -> int:
+        self.now += self.step
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def busy_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wake-ups 1 ns apart: every one drains its fd, whatever the test machine's speed."""
+    monkeypatch.setattr(fastpath, "_clock", Clock(1))
+
+
+def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wake-ups far apart: a lone packet is forwarded and the engine waits for the next wake-up."""
+    monkeypatch.setattr(fastpath, "_clock", Clock(QUIET_NS + 1))
+
+
 @pytest.fixture
 async def rig():
     r = Rig()
@@ -117,10 +140,14 @@ async def test_super_packets_leave_as_the_kernels_segments():
         r.close()
 
 
-async def test_plain_packets_and_partial_checksums():
+@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
+async def test_plain_packets_and_partial_checksums(quiet: bool, monkeypatch: pytest.MonkeyPatch):
     """gso NONE: NEEDS_CSUM is completed, the rest is the per-packet path. The first packet of a
-    wake-up leaves at once (latency, as on the per-packet path); the same-size ones queued behind it
-    share one send."""
+    wake-up leaves at once (latency, as on the per-packet path); on a busy fd the same-size ones
+    queued behind it share one send, while a quiet fd's wake-up ends with its lone packet (no read
+    to EAGAIN: the event loop wakes us again for the next one, and nothing is lost)."""
+    if quiet:
+        quiet_clock(monkeypatch)
     r = Rig()
     ack = bytearray(tcp_flow(0, flags=0x10))
     pseudo = ack[12:20] + b"\0\x06" + struct.pack("!H", len(ack) - 20)
@@ -131,7 +158,11 @@ async def test_plain_packets_and_partial_checksums():
     try:
         await until(lambda: r.dp.counters.sent_packets == 5)
         assert r.recv_datagrams(5) == [after_one_hop(slow_split(tcp_flow(0, flags=0x10), 1420)[0])] * 5
-        assert r.dp.counters.udp_sends == 2 and r.dp.counters.udp_gso_datagrams == 4
+        c = r.dp.counters
+        if quiet:
+            assert (c.tun_wakeups, c.tun_reads, c.udp_sends, c.udp_gso_datagrams) == (5, 5, 5, 0)
+        else:
+            assert (c.tun_wakeups, c.tun_reads, c.udp_sends, c.udp_gso_datagrams) == (1, 6, 2, 4)
     finally:
         r.close()
 
@@ -150,6 +181,29 @@ async def test_gro_batches_are_coalesced_into_one_tun_write(rig: Rig):
     c = rig.dp.counters
     assert c.udp_gro_recvs == 1 and c.udp_gro_datagrams == 40 and c.tun_gso_writes == 1 and c.tun_writes == 1
     assert rig.dp.peer_rx == {("127.0.0.1", rig.peer.getsockname()[1]): 40}
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
+async def test_lone_datagrams_on_a_quiet_socket(quiet: bool, monkeypatch: pytest.MonkeyPatch):
+    """Three datagrams, sent one by one: a busy socket is drained in one wake-up (the three merged into
+    one write); a quiet one gets a wake-up per datagram, each written at once, none read to EAGAIN."""
+    if quiet:
+        quiet_clock(monkeypatch)
+    r = Rig()
+    segments = slow_split(tcp_flow(3 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1420)
+    for s in segments:
+        r.peer.sendto(s, r.udp.getsockname())
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.delivered_packets == 3)
+        assert read_tun(r, 3) == [after_one_hop(s) for s in segments]
+        c = r.dp.counters
+        if quiet:
+            assert (c.udp_wakeups, c.udp_recvs, c.tun_writes) == (3, 3, 3)
+        else:
+            assert (c.udp_wakeups, c.udp_recvs, c.tun_writes) == (1, 4, 2)  # the first alone, then two merged
+    finally:
+        r.close()
 
 
 async def test_gro_rows_keep_per_packet_verdicts(rig: Rig):

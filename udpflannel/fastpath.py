@@ -14,6 +14,11 @@ consecutive super-packets to one peer share a send (carrying the tail: a 46-segm
 cost two sends). So a slot may still be referenced by a pending batch when the ring comes round to
 it; then everything pending is sent first. All batches are sent before a wake-up returns.
 
+Latency: a wake-up on a quiet fd (none for ``QUIET_NS``) whose first read is one ordinary packet
+forwards it at once and returns without reading on to EAGAIN — the level-triggered event loop calls
+again if more came. That trailing read is what a request/response exchange would otherwise wait for:
+on two vCPUs the next hop's process often needs the CPU this one is still busy on.
+
 Fallbacks, each logged once: no TSO on the TUN → the per-packet engine (node.py decides); no UDP GSO,
 or EIO from a GSO send (the egress device cannot checksum) → one send per segment; no UDP GRO → one
 datagram per receive, still written through the same path.
@@ -25,6 +30,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, fields
 
 from tun import TunDevice, gso, open_tun, vnet
@@ -59,6 +65,11 @@ TUN_ROOM = 16 + MAX_PACKET + MAX_PACKET  # one read, and the room its cut may pa
 TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one pass
 _unpack_vnet = vnet.unpack_from
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFlag, slow to "&" with
+# A wake-up that comes this long after the previous one finds a quiet fd: if its first read is a lone
+# packet, that packet is forwarded and the callback returns without reading on to EAGAIN. Under load
+# wake-ups follow each other closely and every one drains the fd as before.
+QUIET_NS = 100_000
+_clock = time.monotonic_ns
 _EMPTY = b""
 
 
@@ -151,6 +162,7 @@ class FastDataplane(Dataplane):
         self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
         self._coalescer = gso.Coalescer(self._rx)
         self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
+        self._tun_woke = self._udp_woke = 0  # when each fd last woke us (QUIET_NS)
         if os.environ.get(SIMULATE_EIO_ENV) == "1":
             self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
         log.info("fast path: %s", features.describe())
@@ -161,6 +173,8 @@ class FastDataplane(Dataplane):
         in one pass (``Segmenter.cut``), then queue and send per peer, in order."""
         c = self.counters
         c.tun_wakeups += 1
+        now = _clock()
+        quiet, self._tun_woke = now - self._tun_woke > QUIET_NS, now
         fd, routes, readv = self.tun_fd, self.routes, os.readv
         buf, mv, start = self._in, self._in_mv, self._in_start
         last = len(buf) - 2 * TUN_ROOM - 64
@@ -199,6 +213,8 @@ class FastDataplane(Dataplane):
                 if alone and not self._parked_sends:
                     alone = False
                     self._send_now(pkt, n, hop)
+                    if quiet:  # nothing else is likely to be waiting: back to sleep (latency)
+                        return
                     continue
                 if supers:  # keep the order: what was read before goes first
                     self._cut_and_queue(supers)
@@ -390,6 +406,8 @@ class FastDataplane(Dataplane):
         array operations checks them all (``Coalescer.plan``); then decide and write, in order."""
         c = self.counters
         c.udp_wakeups += 1
+        now = _clock()
+        quiet, self._udp_woke = now - self._udp_woke > QUIET_NS, now
         mv, room, last = self._rx_mv, RX_ROOM, len(self._rx_mv) - RX_ROOM - gso.SPLIT_SLACK
         recvmsg_into, start = self.udp.recvmsg_into, self._rx_start
         table: list[tuple[int, int, int, NextHop]] = []  # (offset, bytes, datagram size, peer)
@@ -421,7 +439,7 @@ class FastDataplane(Dataplane):
             c.udp_bytes += nbytes
             if alone and rows == 1 and not self._parked_writes:
                 alone = False
-                if not self._deliver_now(nbytes, peer):
+                if not self._deliver_now(nbytes, peer) or quiet:
                     return
                 continue
             alone = False
