@@ -357,8 +357,9 @@ def notes(results: dict) -> list[str]:
     return [
         "- Every row ran on a fresh two-node namespace lab with the same topology (veth underlay over a bridge, "
         "pods behind cni0), interleaved per repeat; cells are median (min–max) over the repeats.",
-        f"- TCP: iperf3 pod 1 → pod 2. RTT: {meta['rr_size']} B messages echoed over one TCP connection "
-        f"(TCP_NODELAY) by a Python client/server in the pods; the tool's own floor (same pod, loopback) is "
+        f"- TCP: iperf3 pod 1 → pod 2. RTT: {meta['rr_size']} B messages echoed (TCP_NODELAY) by a Python "
+        f"client/server in the pods, over {meta.get('rr_runs', 1)} connections in turn, each from a fresh client "
+        "process, samples pooled; the tool's own floor (same pod, loopback) is "
         f"p50 {rr['p50_us']:.0f} µs / p99 {rr['p99_us']:.0f} µs. On 2 vCPUs the kernel rows' RTT is bimodal "
         "(≈ 40 µs when client and server run on the same vCPU, ≈ 95 µs when each wake-up crosses vCPUs), "
         "so their medians and ratios move by ~2× with the scheduler's placement: read them with the spread.",

@@ -1,11 +1,12 @@
 """Request/response latency over one TCP connection (like netperf TCP_RR), standard library only.
 
     python rr.py server PORT SIZE [IDLE_SECONDS]
-    python rr.py client HOST PORT SIZE COUNT WARMUP MAX_SECONDS
+    python rr.py client HOST PORT SIZE COUNT WARMUP MAX_SECONDS [samples]
 
 The client sends SIZE bytes, waits for the SIZE-byte echo, and times each round trip with
 ``perf_counter_ns``; after WARMUP untimed round trips it does up to COUNT timed ones (fewer if
-MAX_SECONDS pass first) and prints one JSON line: n, p50/p90/p99/min/max/mean in µs. TCP_NODELAY on
+MAX_SECONDS pass first) and prints one JSON line: n, p50/p90/p99/min/max/mean in µs (with ``samples``,
+also every round trip in ns, so several runs can be pooled: see :func:`summarize`). TCP_NODELAY on
 both ends, so each message is one packet each way. The server echoes one connection at a time and
 exits after IDLE_SECONDS without a new connection (the lab kills it anyway).
 """
@@ -60,7 +61,8 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[rank - 1]
 
 
-def client(host: str, port: int, size: int, count: int, warmup: int, max_seconds: float) -> dict:
+def client(host: str, port: int, size: int, count: int, warmup: int, max_seconds: float, *,
+           keep_samples: bool = False) -> dict:
     sock = socket.create_connection((host, port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     msg = b"r" * size
@@ -80,10 +82,18 @@ def client(host: str, port: int, size: int, count: int, warmup: int, max_seconds
         if (i & 63) == 0 and time.monotonic() > deadline:
             break
     sock.close()
-    samples.sort()
-    n = len(samples)
-    if not n:
+    if not samples:
         raise SystemExit("no timed round trips (MAX_SECONDS too small?)")
+    out = summarize(samples, size=size, count=count)
+    if keep_samples:
+        out["samples_ns"] = samples
+    return out
+
+
+def summarize(samples: list[int], *, size: int, count: int) -> dict:
+    """Percentiles (µs) of round trips measured in ns; ``count`` is how many were asked for."""
+    samples = sorted(samples)
+    n = len(samples)
     us = 1e-3
     return {
         "n": n, "size": size, "stopped_by_time": n < count,
@@ -98,7 +108,8 @@ def main(argv: list[str]) -> None:
         server(int(argv[1]), int(argv[2]), float(argv[3]) if len(argv) > 3 else 600.0)
     elif argv[:1] == ["client"]:
         host, port, size, count, warmup, max_seconds = argv[1:7]
-        print(json.dumps(client(host, int(port), int(size), int(count), int(warmup), float(max_seconds))), flush=True)
+        print(json.dumps(client(host, int(port), int(size), int(count), int(warmup), float(max_seconds),
+                                keep_samples=argv[7:8] == ["samples"])), flush=True)
     else:
         raise SystemExit(__doc__)
 
