@@ -153,7 +153,10 @@ class FastDataplane(Dataplane):
         self._max_segments = UDP_MAX_SEGMENTS if features.udp_gso else 1
         self._in = bytearray(TUN_BYTES + 2 * TUN_ROOM + 64)
         self._in_mv = memoryview(self._in)
-        self._in_start = [self._in_mv[6:16 + MAX_PACKET]]
+        self._in_hdr = bytearray(vnet.VNET_HDR_LEN)
+        # A wake-up's first read: header apart, packet at offset 0, where a lone packet is decided and
+        # sent in place (no copy). Later reads land back to back, each header just before its packet.
+        self._in_start = [self._in_hdr, self._in_mv[:MAX_PACKET]]
         self._segmenter = gso.Segmenter(2 * TUN_BYTES)
         self._batches: dict[NextHop, _Batch] = {}
         self._parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (data, size, count, hop)
@@ -176,7 +179,7 @@ class FastDataplane(Dataplane):
         now = _clock()
         quiet, self._tun_woke = now - self._tun_woke > QUIET_NS, now
         fd, routes, readv = self.tun_fd, self.routes, os.readv
-        buf, mv, start = self._in, self._in_mv, self._in_start
+        buf, mv, start, first_hdr = self._in, self._in_mv, self._in_start, self._in_hdr
         last = len(buf) - 2 * TUN_ROOM - 64
         supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
         at = 0
@@ -186,7 +189,7 @@ class FastDataplane(Dataplane):
                 self._cut_and_queue(supers)
                 supers, at = [], 0
             c.tun_reads += 1
-            try:  # the vnet header lands at at+6, so the packet starts 8-aligned at at+16
+            try:  # later reads: the vnet header lands at at+6, so the packet starts 8-aligned at at+16
                 n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
             except BlockingIOError:
                 break
@@ -195,11 +198,18 @@ class FastDataplane(Dataplane):
             except OSError as exc:
                 log.warning("TUN read failed: %s", exc)
                 break
-            flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(buf, at + 6)
-            p = at + 16
+            if at == 0:
+                p = 0
+                flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(first_hdr, 0)
+            else:
+                p = at + 16
+                flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(buf, at + 6)
             c.tun_bytes += n
-            if gso_type == vnet.GSO_NONE:  # a copy: small, and a bytearray is quicker to work on
-                pkt = bytearray(mv[p:p + n])
+            if gso_type == vnet.GSO_NONE:
+                # The wake-up's first packet is worked on where it landed and sent before the next read;
+                # any other is copied (small, and it waits in a batch while reads go on).
+                in_place = alone and p == 0 and not self._parked_sends
+                pkt = buf if in_place else bytearray(mv[p:p + n])
                 c.tun_packets += 1
                 if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
                     self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
@@ -210,9 +220,9 @@ class FastDataplane(Dataplane):
                 if verdict:
                     self._drop(verdict, pkt, n, c.tun_drops)
                     continue
-                if alone and not self._parked_sends:
+                if in_place:
                     alone = False
-                    self._send_now(pkt, n, hop)
+                    self._send_now(n, hop)
                     if quiet:  # nothing else is likely to be waiting: back to sleep (latency)
                         return
                     continue
@@ -241,14 +251,15 @@ class FastDataplane(Dataplane):
         if self._batches:
             self._send_all()
 
-    def _send_now(self, pkt: bytearray, n: int, hop: NextHop) -> None:
-        """One packet, one sendto, before anything else is read: what the per-packet path does."""
+    def _send_now(self, n: int, hop: NextHop) -> None:
+        """The packet at the start of the read buffer, one sendto, before anything else is read: what
+        the per-packet path does."""
         c = self.counters
         c.udp_sends += 1
         try:
-            self.udp.sendto(pkt, hop)
+            self.udp.sendto(self._in_mv[:n], hop)
         except BlockingIOError:
-            self._queue(hop, memoryview(pkt), 0, 1, n, n)  # sent (or parked) with the rest
+            self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)  # a copy: sent (or parked) with the rest
             return
         except OSError as exc:
             c.send_errors += 1
