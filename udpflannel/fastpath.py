@@ -14,10 +14,13 @@ consecutive super-packets to one peer share a send (carrying the tail: a 46-segm
 cost two sends). So a slot may still be referenced by a pending batch when the ring comes round to
 it; then everything pending is sent first. All batches are sent before a wake-up returns.
 
-Latency: a wake-up on a quiet fd (none for ``QUIET_NS``) whose first read is one ordinary packet
-forwards it at once and returns without reading on to EAGAIN — the level-triggered event loop calls
-again if more came. That trailing read is what a request/response exchange would otherwise wait for:
-on two vCPUs the next hop's process often needs the CPU this one is still busy on.
+Latency: batching must not cost a lone packet anything. Each wake-up's first read is handled in
+the callback itself, in about as few steps as the per-packet path takes (``_on_tun_readable``,
+``_on_udp_readable``): an ordinary packet is forwarded at once, in place; only super-packets, GRO
+batches and busy fds go on to the batch loops (``_read_on``, ``_receive_on``). On a quiet fd (no
+wake-up for ``QUIET_NS``) the wake-up ends there, without reading on to EAGAIN — the level-triggered
+event loop calls again if more came. That trailing read is what a request/response exchange would
+otherwise wait for: on two vCPUs the next hop's process often needs the CPU this one is still busy on.
 
 Fallbacks, each logged once: no TSO on the TUN → the per-packet engine (node.py decides); no UDP GSO,
 or EIO from a GSO send (the egress device cannot checksum) → one send per segment; no UDP GRO → one
@@ -172,32 +175,84 @@ class FastDataplane(Dataplane):
 
     # -- TUN -> UDP ----------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
-        """Read until EAGAIN (or the budget) back to back into one buffer, cut all the super-packets
-        in one pass (``Segmenter.cut``), then queue and send per peer, in order."""
+        """A wake-up. Its first read is handled here in as few steps as the per-packet path takes: an
+        ordinary packet is forwarded at once and, on a quiet fd, that ends the wake-up. A super-packet,
+        or a busy fd, goes on to ``_read_on``."""
         c = self.counters
         c.tun_wakeups += 1
         now = _clock()
         quiet, self._tun_woke = now - self._tun_woke > QUIET_NS, now
+        c.tun_reads += 1
+        try:  # the packet lands at offset 0, its vnet header apart
+            n = os.readv(self.tun_fd, self._in_start) - vnet.VNET_HDR_LEN
+        except BlockingIOError:
+            return
+        except InterruptedError:
+            self._read_on(-1)
+            return
+        except OSError as exc:
+            log.warning("TUN read failed: %s", exc)
+            return
+        flags, gso_type, _, _, csum_start, csum_offset = _unpack_vnet(self._in_hdr, 0)
+        if gso_type != vnet.GSO_NONE:
+            self._read_on(n)
+            return
+        buf = self._in
+        c.tun_packets += 1
+        c.tun_bytes += n
+        if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(buf, n, csum_start, csum_offset):
+            self._drop(Verdict.BAD_HEADER, buf, n, c.tun_drops)
+        else:
+            verdict, hop = outbound(buf, n, self.routes)
+            if self.trace:
+                trace_log.debug("tun>udp %s -> %s %s", describe(buf, n), verdict.name, hop)
+            if verdict:
+                self._drop(verdict, buf, n, c.tun_drops)
+            else:
+                c.udp_sends += 1
+                try:
+                    self.udp.sendto(self._in_mv[:n], hop)
+                except BlockingIOError:  # a copy, sent (or parked) with the rest
+                    self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
+                except OSError as exc:
+                    c.send_errors += 1
+                    log.debug("sendto %s failed: %s", hop, exc)
+                else:
+                    c.sent_packets += 1
+                    c.sent_bytes += n
+        if not quiet:
+            self._read_on(-1)
+        elif self._batches:
+            self._send_all()
+        # else: a quiet fd, nothing else is likely to be waiting: back to sleep (latency)
+
+    def _read_on(self, first: int) -> None:
+        """Read until EAGAIN (or the budget) back to back into one buffer, cut all the super-packets
+        in one pass (``Segmenter.cut``), then queue and send per peer, in order. ``first`` ≥ 0: a
+        super-packet of that length is already at offset 0 (the wake-up's first read)."""
+        c = self.counters
         fd, routes, readv = self.tun_fd, self.routes, os.readv
         buf, mv, start, first_hdr = self._in, self._in_mv, self._in_start, self._in_hdr
         last = len(buf) - 2 * TUN_ROOM - 64
         supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
         at = 0
-        alone = True  # nothing else read yet: a plain packet goes out at once (latency, as per packet)
         for _ in range(self.budget):
             if at > last:
                 self._cut_and_queue(supers)
                 supers, at = [], 0
-            c.tun_reads += 1
-            try:  # later reads: the vnet header lands at at+6, so the packet starts 8-aligned at at+16
-                n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                log.warning("TUN read failed: %s", exc)
-                break
+            if first >= 0:
+                n, first = first, -1
+            else:
+                c.tun_reads += 1
+                try:  # at 0 as the first read; later ones back to back, each vnet header just before its packet
+                    n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    log.warning("TUN read failed: %s", exc)
+                    break
             if at == 0:
                 p = 0
                 flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(first_hdr, 0)
@@ -205,11 +260,8 @@ class FastDataplane(Dataplane):
                 p = at + 16
                 flags, gso_type, _, gso_size, csum_start, csum_offset = _unpack_vnet(buf, at + 6)
             c.tun_bytes += n
-            if gso_type == vnet.GSO_NONE:
-                # The wake-up's first packet is worked on where it landed and sent before the next read;
-                # any other is copied (small, and it waits in a batch while reads go on).
-                in_place = alone and p == 0 and not self._parked_sends
-                pkt = buf if in_place else bytearray(mv[p:p + n])
+            if gso_type == vnet.GSO_NONE:  # a copy: small, and it waits in a batch while reads go on
+                pkt = bytearray(mv[p:p + n])
                 c.tun_packets += 1
                 if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
                     self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
@@ -220,18 +272,11 @@ class FastDataplane(Dataplane):
                 if verdict:
                     self._drop(verdict, pkt, n, c.tun_drops)
                     continue
-                if in_place:
-                    alone = False
-                    self._send_now(n, hop)
-                    if quiet:  # nothing else is likely to be waiting: back to sleep (latency)
-                        return
-                    continue
                 if supers:  # keep the order: what was read before goes first
                     self._cut_and_queue(supers)
                     supers = []
                 self._queue(hop, memoryview(pkt), 0, 1, n, n)
                 continue
-            alone = False
             pkt = mv[p:p + n]
             at = p + n + gso_size + 7 & ~7  # room for the cut to zero-pad the last segment
             verdict, hop = outbound(pkt, n, routes)  # one header for all segments: TTL − 1 once for all
@@ -250,23 +295,6 @@ class FastDataplane(Dataplane):
             self._cut_and_queue(supers)
         if self._batches:
             self._send_all()
-
-    def _send_now(self, n: int, hop: NextHop) -> None:
-        """The packet at the start of the read buffer, one sendto, before anything else is read: what
-        the per-packet path does."""
-        c = self.counters
-        c.udp_sends += 1
-        try:
-            self.udp.sendto(self._in_mv[:n], hop)
-        except BlockingIOError:
-            self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)  # a copy: sent (or parked) with the rest
-            return
-        except OSError as exc:
-            c.send_errors += 1
-            log.debug("sendto %s failed: %s", hop, exc)
-            return
-        c.sent_packets += 1
-        c.sent_bytes += n
 
     def _first_segment(self, p: int, n: int, gso_type: int, gso_size: int) -> bytes:
         """What an ICMP error about a refused super-packet quotes: its first segment (or itself)."""
@@ -413,33 +441,72 @@ class FastDataplane(Dataplane):
 
     # -- UDP -> TUN ----------------------------------------------------------------------------------
     def _on_udp_readable(self) -> None:
-        """Receive until EAGAIN (or the budget), laying the batches out back to back so one pass of
-        array operations checks them all (``Coalescer.plan``); then decide and write, in order."""
+        """A wake-up. Its first receive is handled here in as few steps as the per-packet path takes: a
+        single datagram is decided and written at once and, on a quiet socket, that ends the wake-up.
+        A GRO batch, or a busy socket, goes on to ``_receive_on``."""
         c = self.counters
         c.udp_wakeups += 1
         now = _clock()
         quiet, self._udp_woke = now - self._udp_woke > QUIET_NS, now
+        c.udp_recvs += 1
+        try:
+            received = self.udp.recvmsg_into(self._rx_start, GRO_CMSG_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # (EINTR included) the batch path receives again
+            log.debug("recvmsg failed: %s", exc)
+            self._receive_on(None)
+            return
+        nbytes, ancdata, msg_flags, peer = received
+        if ancdata or msg_flags or self._parked_writes:
+            self._receive_on(received)
+            return
+        c.udp_packets += 1
+        c.udp_bytes += nbytes
+        rx = self._rx  # the bytearray itself, as the per-packet engine does: quicker than a view
+        verdict = inbound(rx, nbytes, peer, self.routes, tun_mtu=self.tun_mtu, check_source=self.check_source)
+        if self.trace:
+            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(rx, nbytes), verdict.name)
+        if verdict:
+            self._drop(verdict, rx, nbytes, c.udp_drops)
+        else:
+            self.peer_rx[peer] = self.peer_rx.get(peer, 0) + 1
+            iov = [vnet.PLAIN, self._rx_mv[:nbytes]]
+            if not self._write(iov, 1):
+                self._park_write(iov, 1)
+                return
+        if not quiet:
+            self._receive_on(None)
+        # else: a quiet socket, nothing else is likely to be waiting: back to sleep (latency)
+
+    def _receive_on(self, first: tuple | None) -> None:
+        """Receive until EAGAIN (or the budget), laying the batches out back to back so one pass of
+        array operations checks them all (``Coalescer.plan``); then decide and write, in order.
+        ``first``: what the wake-up's first ``recvmsg_into`` returned, already at offset 0."""
+        c = self.counters
         mv, room, last = self._rx_mv, RX_ROOM, len(self._rx_mv) - RX_ROOM - gso.SPLIT_SLACK
         recvmsg_into, start = self.udp.recvmsg_into, self._rx_start
         table: list[tuple[int, int, int, NextHop]] = []  # (offset, bytes, datagram size, peer)
         at = 0
-        alone = True  # nothing else received yet: a lone datagram is written at once (latency)
         for _ in range(self.budget):
             if at > last:
                 if not self._deliver(table):
                     return
                 table, at = [], 0
-            c.udp_recvs += 1
-            try:
-                nbytes, ancdata, msg_flags, peer = recvmsg_into(start if at == 0 else [mv[at:at + room]],
-                                                                GRO_CMSG_SPACE)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                log.debug("recvmsg failed: %s", exc)
-                continue
+            if first is not None:
+                (nbytes, ancdata, msg_flags, peer), first = first, None
+            else:
+                c.udp_recvs += 1
+                try:
+                    nbytes, ancdata, msg_flags, peer = recvmsg_into(start if at == 0 else [mv[at:at + room]],
+                                                                    GRO_CMSG_SPACE)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
+                    continue
+                except OSError as exc:
+                    log.debug("recvmsg failed: %s", exc)
+                    continue
             size = gro_size(ancdata, nbytes) if ancdata else nbytes
             if msg_flags & _MSG_TRUNC or size <= 0:
                 c.udp_packets += 1
@@ -448,12 +515,6 @@ class FastDataplane(Dataplane):
             rows = -(-nbytes // size)
             c.udp_packets += rows
             c.udp_bytes += nbytes
-            if alone and rows == 1 and not self._parked_writes:
-                alone = False
-                if not self._deliver_now(nbytes, peer) or quiet:
-                    return
-                continue
-            alone = False
             if rows > 1:
                 c.udp_gro_recvs += 1
                 c.udp_gro_datagrams += rows
@@ -462,23 +523,6 @@ class FastDataplane(Dataplane):
             at = -(-(at + rows * size) // step) * step
         if table:
             self._deliver(table)
-
-    def _deliver_now(self, nbytes: int, peer: NextHop) -> bool:
-        """The datagram at the start of the buffer, decided and written before anything else is
-        received: what the per-packet path does. False if the TUN was full (it is parked)."""
-        rx = self._rx  # the bytearray itself, as the per-packet engine does: quicker than a view
-        verdict = inbound(rx, nbytes, peer, self.routes, tun_mtu=self.tun_mtu, check_source=self.check_source)
-        if self.trace:
-            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(rx, nbytes), verdict.name)
-        if verdict:
-            self._drop(verdict, rx, nbytes, self.counters.udp_drops)
-            return True
-        self.peer_rx[peer] = self.peer_rx.get(peer, 0) + 1
-        iov = [vnet.PLAIN, self._rx_mv[:nbytes]]
-        if self._write(iov, 1):
-            return True
-        self._park_write(iov, 1)
-        return False
 
     def _deliver(self, table: list[tuple[int, int, int, NextHop]]) -> bool:
         """Decide about and write everything received; False if the TUN filled up (the rest is parked
