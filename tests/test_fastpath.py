@@ -140,6 +140,30 @@ async def test_super_packets_leave_as_the_kernels_segments():
         r.close()
 
 
+async def test_one_wake_up_with_super_packets_of_several_shapes():
+    """Super-packets of two MSSs (two cut groups) with an ordinary packet between them, all read in
+    one wake-up: every datagram is the kernel's segment, in the order read."""
+    r = Rig()
+    a1 = tcp_flow(30 * 500, flags=0x10, mss=500)
+    a2 = tcp_flow(30 * 500, flags=0x10, mss=500, seq=1000 + 30 * 500)
+    plain = tcp_flow(1000, flags=0x18, seq=1000 + 60 * 500)
+    b = tcp_flow(10 * 1420, flags=0x10, seq=1000 + 60 * 500 + 1000)
+    a3 = tcp_flow(7 * 500 - 123, flags=0x18, mss=500, seq=1000 + 60 * 500 + 1000 + 10 * 1420)
+    plain_hdr = vnet.VnetHdr(0, 0, 0, 0, 0, 0).pack()
+    for hdr, packet in [(tso_hdr(500), a1), (tso_hdr(500), a2), (plain_hdr, plain), (tso_hdr(1420), b),
+                        (tso_hdr(500), a3)]:
+        r.tun_app.send(hdr + packet)
+    r.dp.attach()
+    try:
+        expected = [after_one_hop(s) for s in slow_split(a1, 500) + slow_split(a2, 500) + [plain]
+                    + slow_split(b, 1420) + slow_split(a3, 500)]
+        await until(lambda: r.dp.counters.sent_packets == len(expected))
+        assert r.recv_datagrams(len(expected)) == expected
+        assert r.dp.counters.tun_superpackets == 4 and r.dp.counters.send_errors == 0
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
 async def test_plain_packets_and_partial_checksums(quiet: bool, monkeypatch: pytest.MonkeyPatch):
     """gso NONE: NEEDS_CSUM is completed, the rest is the per-packet path. The first packet of a
@@ -239,6 +263,27 @@ async def test_ttl_expiry_of_a_super_packet_is_one_packets():
         assert icmp is not None and icmp[20] == 11  # time exceeded
         assert icmp[28:28 + 28] == slow_split(packet, 1420)[0][:28]  # quotes the first segment
         assert r.dp.counters.sent_packets == 0
+    finally:
+        r.close()
+
+
+async def test_a_refused_super_packet_does_not_disturb_the_ones_before_it():
+    """A wake-up reads a good burst (its datagrams still waiting for a fuller send) and then one with
+    TTL 1: the refused one is cut again to quote its first segment, and that must not overwrite the
+    waiting datagrams."""
+    r = Rig()
+    sent: list[bytes] = []
+    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    good = tcp_flow(10 * 1420, flags=0x10)
+    expired = tcp_flow(5 * 1420, ttl=1, seq=1000 + 10 * 1420)
+    r.tun_app.send(tso_hdr() + good)
+    r.tun_app.send(tso_hdr() + expired)
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.sent_packets == 10 and r.dp.counters.tun_drops[Verdict.TTL_EXPIRED] == 1)
+        assert r.recv_datagrams(10) == [after_one_hop(s) for s in slow_split(good, 1420)]
+        [icmp] = sent
+        assert icmp is not None and icmp[28:28 + 28] == slow_split(expired, 1420)[0][:28]
     finally:
         r.close()
 
