@@ -207,6 +207,25 @@ async def test_gro_batches_are_coalesced_into_one_tun_write(rig: Rig):
     assert rig.dp.peer_rx == {("127.0.0.1", rig.peer.getsockname()[1]): 40}
 
 
+async def test_no_fd_is_quiet_while_batches_move(monkeypatch: pytest.MonkeyPatch):
+    """Right after a super-packet was cut, lone packets are the bulk flows' ACKs: however far apart
+    the wake-ups, each one drains its fd, so none waits behind the next batch's processing."""
+    quiet_clock(monkeypatch)
+    r = Rig()
+    r.tun_app.send(tso_hdr() + tcp_flow(10 * 1420, flags=0x10))
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.sent_packets == 10)
+        ack = tcp_flow(0, flags=0x10)
+        for _ in range(3):
+            r.tun_app.send(vnet.PLAIN + ack)
+        await until(lambda: r.dp.counters.sent_packets == 13)
+        c = r.dp.counters
+        assert (c.tun_wakeups, c.tun_reads) == (2, 6)  # each wake-up read on to EAGAIN
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
 async def test_lone_datagrams_on_a_quiet_socket(quiet: bool, monkeypatch: pytest.MonkeyPatch):
     """Three datagrams, sent one by one: a busy socket is drained in one wake-up (the three merged into
