@@ -8,8 +8,8 @@ segment the kernel's own GSO would have made, so flanneld and per-packet peers i
 Decisions stay in sans-IO code (``tun.gso``, ``udpflannel.batch`` on top of ``udpflannel.forward``);
 this module only moves buffers.
 
-Buffers: the reads of one wake-up land back to back in one buffer (the first with its vnet header
-apart, at offset 0, the others each just behind its header), and all their super-packets are cut in
+Buffers: the reads of one wake-up land back to back in one buffer (the first at offset 0 with its
+vnet header apart, the others each right after its vnet header), and all their super-packets are cut in
 one pass into the segmenter's output, each datagram beside its header, so a batch is a few
 contiguous buffers. The datagrams of consecutive super-packets to one peer share a send (carrying
 the tail: a 46-segment packet does not cost two sends). A batch points into the segmenter's output
