@@ -83,7 +83,6 @@ QUIET_NS = 100_000
 # processing before the loop comes back to its fd — TCP throughput fell ~10 % that way.
 BULK_NS = 10_000_000
 _clock = time.monotonic_ns
-_EMPTY = b""
 
 
 @dataclass(frozen=True)
@@ -208,34 +207,42 @@ class FastDataplane(Dataplane):
         if gso_type != vnet.GSO_NONE:
             self._read_on(n)
             return
-        buf = self._in
-        c.tun_packets += 1
         c.tun_bytes += n
-        if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(buf, n, csum_start, csum_offset):
-            self._drop(Verdict.BAD_HEADER, buf, n, c.tun_drops)
-        else:
-            verdict, hop = outbound(buf, n, self.routes)
-            if self.trace:
-                trace_log.debug("tun>udp %s -> %s %s", describe(buf, n), verdict.name, hop)
-            if verdict:
-                self._drop(verdict, buf, n, c.tun_drops)
+        hop = self._decide_plain(self._in, n, flags, csum_start, csum_offset)
+        if hop is not None:
+            c.udp_sends += 1
+            try:
+                self.udp.sendto(self._in_mv[:n], hop)
+            except BlockingIOError:  # a copy, sent (or parked) with the rest
+                self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
+            except OSError as exc:
+                c.send_errors += 1
+                log.debug("sendto %s failed: %s", hop, exc)
             else:
-                c.udp_sends += 1
-                try:
-                    self.udp.sendto(self._in_mv[:n], hop)
-                except BlockingIOError:  # a copy, sent (or parked) with the rest
-                    self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
-                except OSError as exc:
-                    c.send_errors += 1
-                    log.debug("sendto %s failed: %s", hop, exc)
-                else:
-                    c.sent_packets += 1
-                    c.sent_bytes += n
+                c.sent_packets += 1
+                c.sent_bytes += n
         if not quiet:
             self._read_on(-1)
         elif self._batches:
             self._send_all()
         # else: a quiet fd, nothing else is likely to be waiting: back to sleep (latency)
+
+    def _decide_plain(self, pkt: bytearray, n: int, flags: int, csum_start: int, csum_offset: int) -> NextHop | None:
+        """One ordinary packet read from the TUN, at the start of ``pkt``: its checksum completed if
+        the kernel left it partial, then the per-packet decision. The peer to send it to, or ``None``
+        when it was dropped (counted, and answered with ICMP where a router would)."""
+        c = self.counters
+        c.tun_packets += 1
+        if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
+            self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
+            return None
+        verdict, hop = outbound(pkt, n, self.routes)
+        if self.trace:
+            trace_log.debug("tun>udp %s -> %s %s", describe(pkt, n), verdict.name, hop)
+        if verdict:
+            self._drop(verdict, pkt, n, c.tun_drops)
+            return None
+        return hop
 
     def _read_on(self, first: int) -> None:
         """Read until EAGAIN (or the budget) back to back into one buffer, cut all the super-packets
@@ -273,15 +280,8 @@ class FastDataplane(Dataplane):
             c.tun_bytes += n
             if gso_type == vnet.GSO_NONE:  # a copy: small, and it waits in a batch while reads go on
                 pkt = bytearray(mv[p:p + n])
-                c.tun_packets += 1
-                if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
-                    self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
-                    continue
-                verdict, hop = outbound(pkt, n, routes)
-                if self.trace:
-                    trace_log.debug("tun>udp %s -> %s %s", describe(pkt, n), verdict.name, hop)
-                if verdict:
-                    self._drop(verdict, pkt, n, c.tun_drops)
+                hop = self._decide_plain(pkt, n, flags, csum_start, csum_offset)
+                if hop is None:
                     continue
                 if supers:  # keep the order: what was read before goes first
                     self._cut_and_queue(supers)
@@ -477,9 +477,7 @@ class FastDataplane(Dataplane):
         c.udp_packets += 1
         c.udp_bytes += nbytes
         rx = self._rx  # the bytearray itself, as the per-packet engine does: quicker than a view
-        verdict = inbound(rx, nbytes, peer, self.routes, tun_mtu=self.tun_mtu, check_source=self.check_source)
-        if self.trace:
-            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(rx, nbytes), verdict.name)
+        verdict = self._decide_datagram(rx, nbytes, peer)
         if verdict:
             self._drop(verdict, rx, nbytes, c.udp_drops)
         else:
@@ -491,6 +489,13 @@ class FastDataplane(Dataplane):
         if not quiet:
             self._receive_on(None)
         # else: a quiet socket, nothing else is likely to be waiting: back to sleep (latency)
+
+    def _decide_datagram(self, row, nbytes: int, peer: NextHop) -> Verdict:
+        """The per-packet decision about one datagram received alone (and its trace line)."""
+        verdict = inbound(row, nbytes, peer, self.routes, tun_mtu=self.tun_mtu, check_source=self.check_source)
+        if self.trace:
+            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(row, nbytes), verdict.name)
+        return verdict
 
     def _receive_on(self, first: tuple | None) -> None:
         """Receive until EAGAIN (or the budget), laying the batches out back to back so one pass of
@@ -552,9 +557,7 @@ class FastDataplane(Dataplane):
                 j += 1
             if j == i + 1 and nbytes == seg:  # one datagram: the per-packet decision
                 row = self._rx_mv[at:at + nbytes]
-                verdict = inbound(row, nbytes, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
-                if self.trace:
-                    trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(row, nbytes), verdict.name)
+                verdict = self._decide_datagram(row, nbytes, peer)
                 units = iter([(verdict, peer, 1, [plain, row] if verdict == Verdict.FORWARD else row)])
             else:
                 self._bulk_until = _clock() + BULK_NS
