@@ -38,6 +38,11 @@ RR_TOOL = Path(__file__).with_name("rr.py")
 IPERF_PORT = 5201
 RR_PORT = 5300
 RR_SIZE = 64
+# TCP congestion control, set on iperf3's sockets (-C) so that no figure depends on the host's default:
+# cubic is the kernel's default and what most nodes run. BBR paces its sends, which leaves a userspace
+# dataplane fewer packets per wake-up, so the 1-stream test is repeated with it (ALT_CONGESTION).
+CONGESTION = "cubic"
+ALT_CONGESTION = "bbr"
 RR_RUNS = 3  # request/response client processes per measurement, pooled (see request_response)
 
 
@@ -217,8 +222,9 @@ def iperf3(topo: Topology, args: list[str], duration: float) -> dict:
     return data
 
 
-def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int) -> dict:
-    data = iperf3(topo, ["-t", str(duration), "-P", str(streams), "-O", str(omit)], duration + omit)
+def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int, congestion: str = CONGESTION) -> dict:
+    """iperf3 TCP with ``congestion`` control set on its sockets (-C), whatever the host's default is."""
+    data = iperf3(topo, ["-t", str(duration), "-P", str(streams), "-O", str(omit), "-C", congestion], duration + omit)
     end = data["end"]
     cpu = end.get("cpu_utilization_percent", {})
     return {
@@ -228,6 +234,7 @@ def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int) -> 
         "retransmits": end["sum_sent"].get("retransmits"),
         "sender_cpu_pct": cpu.get("host_total"),
         "receiver_cpu_pct": cpu.get("remote_total"),
+        "congestion": end.get("sender_tcp_congestion", congestion),
     }
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from benchmarks.lab import Dataplane, DataplaneError, Topology, add_pods, build_nodes, wait_reachable
 from benchmarks.measure import (
+    ALT_CONGESTION,
+    CONGESTION,
     MeasureError,
     generator_ceiling,
     machine_busy_fraction,
@@ -36,7 +38,7 @@ OPEN_LABS: set[Lab] = set()
 # Namespaces are named <tag>-<host>. Other labs use "uf" + 6 hex digits, so "ufbench" (not hex) never collides.
 LAB_PREFIX = "ufbench"
 QUIET = 0.15  # fraction of the machine's CPU that other work may use before a lab without a warning
-GROUPS = ("tcp1", "tcp4", "rr", "udp64", "udp1400")
+GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "rr", "udp64", "udp1400")  # tcp1_bbr: the 1-stream test again, with BBR
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Settings:
 
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
-                f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s)")
+                f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s); TCP congestion "
+                f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)")
 
 
 FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3)
@@ -75,9 +78,11 @@ class Progress:
 
 def run_group(name: str, topo: Topology, s: Settings) -> dict:
     if name == "tcp1":
-        return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit)
+        return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
+    if name == "tcp1_bbr":
+        return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit, congestion=ALT_CONGESTION)
     if name == "tcp4":
-        return tcp_throughput(topo, streams=4, duration=s.tcp_seconds, omit=s.omit)
+        return tcp_throughput(topo, streams=4, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
     if name == "rr":
         return request_response(topo.pods[1], str(topo.pods[2].address), s.rr_count, s.rr_max_seconds)
     if name.startswith("udp"):

@@ -45,6 +45,9 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     assert all("median" in agg for agg in results["rows"]["udpflannel"]["metrics"].values())
     for ref in report.REFERENCES:
         assert "ratio" in results["ratios"]["udpflannel"][ref]["tcp1_gbps"]
+    for row in results["raw"].values():  # the congestion control iperf3 reports, not the host's default
+        groups = row["runs"][0]["groups"]
+        assert [groups[g]["congestion"] for g in ("tcp1", "tcp1_bbr", "tcp4")] == ["cubic", "bbr", "cubic"]
     strace = results["strace_check"]
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
 
@@ -70,7 +73,7 @@ def fake_run(gbps: float, *, limited: bool = False, counters: bool = False) -> d
                            "udp_packets": 1000, "udp_wakeups": 40}
     udp = {"delivered_pps": 5e4, "offered_pps": 5e4 if limited else 9e4, "generator_limited": limited,
            "generator_cpu_pct": 99.0, "window": window()}
-    return {"groups": {"tcp1": tcp, "tcp4": dict(tcp), "rr": {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()},
+    return {"groups": {"tcp1": tcp, "tcp1_bbr": dict(tcp), "tcp4": dict(tcp), "rr": {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()},
                        "udp64": udp, "udp1400": dict(udp)}}
 
 
