@@ -20,6 +20,7 @@ Never raises for bad packets: :meth:`Segmenter.cut` returns a :class:`~udpflanne
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 import numpy as np
@@ -225,9 +226,11 @@ class Segmenter:
             if proto == PROTO_TCP:  # sequence numbers, mod 2**32
                 _column(out, at + ihl + 4, ">u4", rows_total, size)[:] = base[:, 1] + ramp * mss
         row = 0
+        shorts = []  # (row, bytes short of a full segment) of each short last segment
         for p in group:  # the last (and first) segment of each packet differ in length and flags
             end = at + (row + p.count - 1) * size
             if p.last != mss:
+                shorts.append((row + p.count - 1, mss - p.last))
                 out[end + 2] = (hl + p.last) >> 8
                 out[end + 3] = (hl + p.last) & 0xFF
                 if stream:
@@ -244,7 +247,7 @@ class Segmenter:
                 out[end + ihl + 13] = p.flags if p.count == 1 else p.flags & ~CWR
                 if p.count > 1 and p.flags & CWR:
                     out[at + row * size + ihl + 13] |= CWR
-            results.append(Cut(at + row * size, p.count, size, hl + p.last))
+            results.append(_new_packet(Cut, (at + row * size, p.count, size, hl + p.last)))
             row += p.count
         if dtype is None:  # odd segment size: rows don't tile into words; one row at a time (rare)
             self._checksums_slowly(rows, proto, ihl, hl)
@@ -269,12 +272,8 @@ class Segmenter:
         # L4 checksum: the rest of the pseudo-header is the addresses and the protocol and L4 length
         rest = (_words(first.template[12:20]) + proto + size - ihl) % 0xFFFF * 256 if stream else None
         x = (_BIG - rest) - l4 if stream else _BIG - 256 * (proto + size - ihl) - parts[:, 1] - l4
-        row = 0
-        for p in group:  # a short last segment: a shorter pseudo-header length (the UDP one is in)
-            if p.last != mss:
-                i = row + p.count - 1
-                x[i] = int(x[i]) + 256 * (mss - p.last)
-            row += p.count
+        for i, short in shorts:  # a short last segment: a shorter pseudo-header length (the UDP one is in)
+            x[i] = int(x[i]) + 256 * short
         if proto == PROTO_TCP:
             _column(out, at + ihl + 16, "<u2", rows_total, size)[:] = x % 0xFFFF
         else:  # never 0: UDP's "no checksum"
@@ -308,7 +307,7 @@ class Segmenter:
         self._out_u8 = np.frombuffer(self.out, np.uint8)
 
 
-_new_packet = tuple.__new__  # builds a _Packet without NamedTuple's Python-level __new__
+_new_packet = tuple.__new__  # builds a _Packet or a Cut without NamedTuple's Python-level __new__
 
 
 def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) -> np.ndarray:
@@ -316,50 +315,55 @@ def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) ->
     return np.ndarray((count,), dtype, buf, offset, (stride,))
 
 
+# One unpack per header instead of a byte at a time (the parse runs once per super-packet, on the hot path)
+_ip_fields = struct.Struct("!BxHHHxB").unpack_from  # version/IHL, total length, ID, flags/fragment, protocol
+_tcp_fields = struct.Struct("!4xI4xBB").unpack_from  # sequence number, data offset, flags
+_pack_two_u16 = struct.Struct("!HH").pack_into
+_pack_u16 = struct.Struct("!H").pack_into
+_head_fields = struct.Struct("!BxH2xHxB").unpack_from  # version/IHL, total length, flags/fragment, protocol
+_PROTO_OF_GSO = {vnet.GSO_TCPV4: PROTO_TCP, vnet.GSO_UDP_L4: PROTO_UDP}
+_NOT_ECN = ~vnet.GSO_ECN
+_TOO_SHORT, _NOT_IPV4, _BAD_HEADER = Verdict.TOO_SHORT, Verdict.NOT_IPV4, Verdict.BAD_HEADER
+
+
 def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Verdict:
     """Validate one super-packet's headers and derive its segments' template. ``hdr_len`` from the
     vnet header is never used: header lengths come from the IHL and the TCP data offset."""
     if n < 20:
-        return Verdict.TOO_SHORT
-    p0 = buf[off]
+        return _TOO_SHORT
+    p0, total, ident, fragment, proto = _ip_fields(buf, off)
     if p0 >> 4 != 4:
-        return Verdict.NOT_IPV4
-    kind = gso_type & ~vnet.GSO_ECN
-    if kind == vnet.GSO_TCPV4:
-        proto = PROTO_TCP
-    elif kind == vnet.GSO_UDP_L4:
-        proto = PROTO_UDP
-    else:
-        return Verdict.NOT_IPV4 if kind == vnet.GSO_TCPV6 else Verdict.BAD_HEADER
+        return _NOT_IPV4
+    want = _PROTO_OF_GSO.get(gso_type & _NOT_ECN)
+    if want is None:
+        return _NOT_IPV4 if gso_type & _NOT_ECN == vnet.GSO_TCPV6 else _BAD_HEADER
     ihl = (p0 & 0x0F) << 2
-    if (ihl < 20 or (buf[off + 2] << 8 | buf[off + 3]) != n or buf[off + 9] != proto
-            or (buf[off + 6] & 0x3F) | buf[off + 7] or gso_size <= 0):
-        return Verdict.BAD_HEADER
+    if ihl < 20 or total != n or proto != want or fragment & 0x3FFF or gso_size <= 0:  # MF or an offset
+        return _BAD_HEADER
     if proto == PROTO_TCP:
-        if n < ihl + 20 or (buf[off + ihl + 12] >> 4) < 5:
-            return Verdict.BAD_HEADER
-        hl = ihl + ((buf[off + ihl + 12] >> 4) << 2)
-    else:
-        hl = ihl + 8
-    if hl > n:
-        return Verdict.BAD_HEADER
-    mss = gso_size
-    count = max(1, -(-(n - hl) // mss))
-    last = n - hl - (count - 1) * mss
-    t = bytearray(buf[off:off + hl])
-    ident = t[4] << 8 | t[5]
-    t[2:6] = (hl + mss << 16).to_bytes(4, "big")  # total length of a full segment; ID 0
-    t[10:12] = b"\0\0"
-    if proto == PROTO_TCP:
-        seq = int.from_bytes(t[ihl + 4:ihl + 8], "big")
-        flags = t[ihl + 13]
-        t[ihl + 4:ihl + 8] = b"\0\0\0\0"
-        t[ihl + 13] = flags & ~(FIN | PSH | CWR)
-        t[ihl + 16:ihl + 18] = b"\0\0"
+        if n < ihl + 20:
+            return _BAD_HEADER
+        seq, offset, flags = _tcp_fields(buf, off + ihl)
+        if offset < 0x50:
+            return _BAD_HEADER
+        hl = ihl + (offset >> 4 << 2)
     else:
         seq = flags = 0
-        t[ihl + 4:ihl + 8] = (8 + mss << 16).to_bytes(4, "big")  # UDP length of a full segment; checksum 0
-    return _new_packet(_Packet, (off, proto, ihl, hl, mss, count, last, bytes(t), ident, seq, flags))
+        hl = ihl + 8
+    if hl > n:
+        return _BAD_HEADER
+    count = -(-(n - hl) // gso_size) or 1
+    last = n - hl - (count - 1) * gso_size
+    t = bytearray(buf[off:off + hl])
+    _pack_two_u16(t, 2, hl + gso_size, 0)  # total length of a full segment; ID 0
+    t[10] = t[11] = 0
+    if proto == PROTO_TCP:
+        t[ihl + 4:ihl + 8] = b"\0\0\0\0"
+        t[ihl + 13] = flags & ~(FIN | PSH | CWR)
+        t[ihl + 16] = t[ihl + 17] = 0
+    else:
+        _pack_two_u16(t, ihl + 4, 8 + gso_size, 0)  # UDP length of a full segment; checksum 0
+    return _new_packet(_Packet, (off, proto, ihl, hl, gso_size, count, last, bytes(t), ident, seq, flags))
 
 
 # Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow: ID
@@ -515,11 +519,10 @@ class Coalescer:
     def _head_ok(self, a: int) -> bool:
         """Rows in a run match the first one but for ID, sequence number and checksums; so only the
         first needs looking at: IHL 5, total length = row size, not a fragment, flags exactly ACK."""
-        seg = self._seg
-        at = self._base + a * seg
-        buf = self.buf
-        return not (buf[at] != 0x45 or buf[at + 9] != PROTO_TCP or (buf[at + 2] << 8 | buf[at + 3]) != seg
-                    or (buf[at + 6] & 0x3F) | buf[at + 7] or buf[at + 33] != ACK)
+        at = self._base + a * self._seg
+        p0, total, fragment, proto = _head_fields(self.buf, at)
+        return (p0 == 0x45 and proto == PROTO_TCP and total == self._seg and not fragment & 0x3FFF
+                and self.buf[at + 33] == ACK)
 
     def merge(self, a: int, b: int) -> list:
         """One TUN write for rows a..b-1 of the table last planned: vnet header + the first row's
@@ -528,20 +531,19 @@ class Coalescer:
         base, seg, hl = self._base, self._seg, self._hl
         mv = self._mv
         at = base + a * seg
-        tail = self._short.get(b - 1, seg)
-        total = hl + (b - a - 1) * (seg - hl) + tail - hl
-        h = bytearray(mv[at:at + hl])
-        h[2] = total >> 8
-        h[3] = total & 0xFF
-        h[10] = h[11] = 0
-        check = -_words(h[:20]) % 0xFFFF
-        h[10] = check >> 8
-        h[11] = check & 0xFF
         end = base + (b - 1) * seg
+        tail = self._short.get(b - 1, seg)
+        total = (b - a - 1) * (seg - hl) + tail
+        h = bytearray(mv[at:at + hl])
+        # The first row's header checksum is valid (plan checked it, inbound patched its TTL), so the
+        # total length going from seg to total is an RFC 1624 update: HC' = ~(~HC + ~seg + total).
+        x = ((h[10] << 8 | h[11]) ^ 0xFFFF) + (seg ^ 0xFFFF) + total
+        x = (x & 0xFFFF) + (x >> 16)
+        x = (x & 0xFFFF) + (x >> 16)
+        _pack_u16(h, 2, total)
+        _pack_u16(h, 10, x ^ 0xFFFF)
         h[33] = self.buf[end + 33]
-        partial = (_words(h[12:20]) + PROTO_TCP + total - 20) % 0xFFFF
-        h[36] = partial >> 8
-        h[37] = partial & 0xFF
+        _pack_u16(h, 36, (_words(h[12:20]) + PROTO_TCP + total - 20) % 0xFFFF)
         iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
         if base % seg == 0:  # payload views of the whole buffer, cached per row shape
             views = self._payloads.get((seg, hl))

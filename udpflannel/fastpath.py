@@ -146,14 +146,15 @@ class _Batch:
     """Datagrams queued for one peer: every one ``size`` bytes but a shorter last, which closes it.
     ``iov`` holds runs of whole datagrams (views of the segmenter's output, or copies)."""
 
-    __slots__ = ("iov", "count", "size", "nbytes", "closed")
+    __slots__ = ("iov", "count", "size", "nbytes", "closed", "most")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_segments: int) -> None:
         self.iov: list = []
         self.count = 0
         self.size = size
         self.nbytes = 0
         self.closed = False
+        self.most = max(1, min(max_segments, UDP_MAX_PAYLOAD // size))  # datagrams one sendmsg may carry
 
 
 class FastDataplane(Dataplane):
@@ -342,23 +343,28 @@ class FastDataplane(Dataplane):
         if batch is not None and (batch.closed or (batch.size != size and not (count == 1 and size < batch.size))):
             self._send(hop)
             batch = None
-        done = 0
-        while done < count:
-            if batch is None:
-                batch = batches[hop] = _Batch(size)
-            most = max(1, min(self._max_segments, UDP_MAX_PAYLOAD // batch.size))
-            take = min(count - done, most - batch.count)
-            done += take
-            nbytes = take * size if done < count else (take - 1) * size + last
-            at = start + (done - take) * size
-            batch.iov.append(mv[at:at + nbytes])
-            batch.count += take
+        if batch is None:
+            batch = batches[hop] = _Batch(size, self._max_segments)
+        room = batch.most - batch.count
+        while count > room:  # fill the batch, send it, go on in a new one
+            nbytes = room * size
+            batch.iov.append(mv[start:start + nbytes])
+            batch.count += room
             batch.nbytes += nbytes
-            if done == count and last < batch.size:
-                batch.closed = True
-            if batch.count >= most or batch.closed:
-                self._send(hop)
-                batch = None
+            self._send(hop)
+            start += nbytes
+            count -= room
+            batch = batches[hop] = _Batch(size, self._max_segments)
+            room = batch.most
+        nbytes = (count - 1) * size + last
+        batch.iov.append(mv[start:start + nbytes])
+        batch.count += count
+        batch.nbytes += nbytes
+        if last < batch.size:  # a short datagram ends a GSO batch
+            batch.closed = True
+            self._send(hop)
+        elif count == room:
+            self._send(hop)
 
     def _send_all(self) -> None:
         for hop in list(self._batches):

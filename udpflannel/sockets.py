@@ -9,6 +9,7 @@ pod via ``cni0``, or back into flannel0 and over the overlay to a remote pod —
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ def probe_udp_offloads(sock: socket.socket, *, gro: bool = True) -> UdpOffloads:
     return UdpOffloads(gso=gso, gro=gro)
 
 
+@functools.lru_cache(maxsize=64)
 def gso_cmsg(size: int) -> list[tuple[int, int, bytes]]:
-    """The per-call control message for a UDP_SEGMENT send: exactly 2 bytes, host order."""
+    """The per-call control message for a UDP_SEGMENT send: exactly 2 bytes, host order. Cached
+    (one per datagram size; sendmsg only reads it)."""
     return [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
 
 
