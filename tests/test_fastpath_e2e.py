@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 
-from tests.cluster import ping, start_udpflannel, tcp_transfer, wait_for
+from tests.cluster import TOOLS, ping, start_udpflannel, tcp_transfer, wait_for
 from tests.conftest import require
 from udpflannel.lab.netns import Lab
 
@@ -111,6 +111,30 @@ def test_fast_to_fast_200mb_both_ways_in_batches(lab: Lab, tmp_path: Path):
         # each direction's data moved many packets per syscall (ACKs, one by one, pull the mean down)
         assert c["udp_gso_datagrams"] / c["udp_gso_sends"] > 4
         assert c["tun_gso_segments"] / c["tun_gso_writes"] > 4
+
+
+@pytest.mark.parametrize("size", [1400, 64])
+def test_a_udp_flow_is_merged_on_write_and_arrives_intact(lab: Lab, tmp_path: Path, size: int):
+    """UDP datagrams of one flow, received in GRO batches, go into node 2's TUN as GSO_UDP_L4 writes
+    (at most 64 a write); the kernel cuts them again and the pod gets every datagram as it was sent."""
+    pair = Pair(lab, tmp_path, {1: "fast", 2: "fast"})
+    assert "tun uso on" in pair.log(2)  # Linux >= 6.2
+    count = 6000
+    receiver = pair.pods[2].popen([sys.executable, str(TOOLS / "udpflow.py"), "recv", "7000", str(count), "20"],
+                                  stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout.readline().strip() == "listening"
+    before = snmp(pair.pods[2], "UdpInCsumErrors")
+    pair.pods[1].run(sys.executable, str(TOOLS / "udpflow.py"), "send", str(pair.pods[2].address), "7000",
+                     str(count), str(size), "100", timeout=60)
+    out, _ = receiver.communicate(timeout=30)
+    result = json.loads(out)
+    assert result == {"received": count, "intact": count, "distinct": count}, result
+    assert snmp(pair.pods[2], "UdpInCsumErrors") == before
+    counters = pair.stop()
+    assert counters[2]["tun_gso_writes"] > 0  # merged...
+    assert counters[2]["tun_gso_segments"] <= 64 * counters[2]["tun_gso_writes"]  # ...within the kernel's limit
+    assert counters[2]["tun_writes"] < counters[2]["delivered_packets"] / 4
+    assert not any(counters[2]["drops"]["udp_to_tun"].values()) and counters[2]["tun_write_errors"] == 0
 
 
 TTL_CLIENT = """

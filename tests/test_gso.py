@@ -175,15 +175,40 @@ def resplit(units: list[bytes]) -> list[bytes]:
             out.append(packet)
             continue
         ihl = (packet[0] & 0x0F) * 4
-        assert (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset) == (vnet.NEEDS_CSUM, vnet.GSO_TCPV4, ihl, 16)
-        assert hdr.hdr_len == header_len(packet) and len(packet) <= 0xFFFF
-        assert slow_checksum(packet[:ihl]) == 0
-        # the TCP checksum field holds the folded pseudo-header sum, as NEEDS_CSUM wants
-        pseudo = packet[12:20] + bytes([0, 6]) + struct.pack("!H", len(packet) - ihl)
-        assert struct.unpack_from("!H", packet, ihl + 16)[0] % 0xFFFF == (~slow_checksum(pseudo) & 0xFFFF) % 0xFFFF
+        proto = packet[9]
+        if proto == 17:  # a merged UDP flow: IHL 5, ≤ 64 datagrams (the kernel's limit for a TUN write)
+            assert (hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.csum_start, hdr.csum_offset) == (
+                vnet.NEEDS_CSUM, vnet.GSO_UDP_L4, 28, 20, 6)
+            assert ihl == 20 and struct.unpack_from("!H", packet, 24)[0] == len(packet) - 20
+            assert -(-(len(packet) - 28) // hdr.gso_size) <= gso.UDP_MAX_ROWS
+            check_at = 26
+        else:
+            assert (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset) == (vnet.NEEDS_CSUM, vnet.GSO_TCPV4, ihl, 16)
+            assert hdr.hdr_len == header_len(packet)
+            check_at = ihl + 16
+        assert len(packet) <= 0xFFFF and slow_checksum(packet[:ihl]) == 0
+        # the L4 checksum field holds the folded pseudo-header sum, as NEEDS_CSUM wants
+        pseudo = packet[12:20] + bytes([0, proto]) + struct.pack("!H", len(packet) - ihl)
+        assert struct.unpack_from("!H", packet, check_at)[0] % 0xFFFF == (~slow_checksum(pseudo) & 0xFFFF) % 0xFFFF
         segments = gso.split(packet, hdr)
         assert isinstance(segments, list) and len(segments) >= 2
         out.extend(segments)
+    return out
+
+
+def merged_groups(packets: list[bytes]) -> list[int]:
+    """How many packets each TUN write carries once ``packets`` are coalesced."""
+    return [len(resplit([u])) for u in gso.coalesce(packets)]
+
+
+def edited(segments: list[bytes], i: int, offset: int, value: int) -> list[bytes]:
+    """``segments`` with one byte of segment ``i`` changed, and its checksums made valid again."""
+    out = list(segments)
+    seg = bytearray(out[i])
+    seg[offset] = value
+    struct.pack_into("!H", seg, 10, 0)
+    struct.pack_into("!H", seg, 10, slow_header_checksum(seg))
+    out[i] = slow_split(bytes(seg), 1 << 16)[0] if offset >= 20 else bytes(seg)
     return out
 
 
@@ -201,10 +226,10 @@ def test_split_then_coalesce_gives_back_the_stream(case, data) -> None:
         assert len(units) < len(segments)
 
 
-@given(super_packets(protocol=6, max_segments=48), st.data())
+@given(super_packets(protocol=6, max_segments=48) | super_packets(protocol=17, max_segments=48), st.data())
 def test_coalesce_merges_nothing_damaged(case, data) -> None:
-    """Flip one byte of one segment anywhere: that segment is never merged (its IP or TCP checksum no
-    longer verifies, or a field no longer matches), so the kernel still sees it as it came."""
+    """Flip one byte of one segment (TCP or UDP) anywhere: that segment is never merged (its IP or L4
+    checksum no longer verifies, or a field no longer matches), so the kernel still sees it as it came."""
     packet, mss = case
     packet = _with_ihl5(packet)
     segments = gso.split(packet, gso_hdr(packet, mss))
@@ -215,6 +240,56 @@ def test_coalesce_merges_nothing_damaged(case, data) -> None:
     damaged[spot] ^= data.draw(st.integers(1, 255))
     segments[victim] = bytes(damaged)
     assert resplit(gso.coalesce(segments)) == segments
+
+
+@given(super_packets(protocol=17, max_segments=100), st.data())
+def test_udp_split_then_coalesce_gives_back_the_datagrams(case, data) -> None:
+    """The same for a UDP flow (USO in, GSO_UDP_L4 out): merged where the headers allow, at most 64
+    datagrams a write, and the kernel's re-split gives back every datagram as it came."""
+    packet, mss = case
+    if data.draw(st.booleans()):
+        packet = _with_ihl5(packet)
+    segments = gso.split(packet, gso_hdr(packet, mss))
+    units = gso.coalesce(segments)
+    assert resplit(units) == segments
+    if packet[0] == 0x45 and len(segments) > 1 and (28 + mss) % 2 == 0:
+        assert len(units) < len(segments)
+    assert gso.coalesce(segments, udp=False) == [vnet.PLAIN + s for s in segments]  # no USO on the TUN
+
+
+def test_udp_coalesce_rules_by_example() -> None:
+    """UDP merge rules one at a time on a 10-datagram flow (1400-byte payloads, ID wraps inside it)."""
+    payload = bytes(i * 7 % 251 for i in range(10 * 1400 - 300))
+    udp = struct.pack("!HHHH", 40000, 5201, 8 + len(payload), 0)
+    ip = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 28 + len(payload), 0xFFFA, 0x4000, 63, 17, 0,
+                               0x0A050102, 0x0A050202))
+    struct.pack_into("!H", ip, 10, slow_header_checksum(ip))
+    segments = gso.split(bytes(ip) + udp + payload, vnet.VnetHdr(0, vnet.GSO_UDP_L4, 0, 1400, 0, 0))
+    assert len(segments) == 10 and len(segments[-1]) == 28 + 1100
+    [unit] = gso.coalesce(segments)
+    assert resplit([unit]) == segments and vnet.parse(unit).gso_size == 1400
+
+    assert merged_groups(edited(segments, 4, 8, 62)) == [4, 1, 5]  # TTL differs
+    assert merged_groups(edited(segments, 4, 21, 1)) == [4, 1, 5]  # source port differs
+    assert merged_groups(edited(segments, 4, 6, 0)) == [4, 1, 5]  # DF differs
+    assert merged_groups(segments[:4] + segments[5:]) == [4, 5]  # ID gap
+    # "No checksum" (0) is valid, but the kernel's re-split would add one: not merged. The last payload
+    # word is chosen so that the datagram's words sum to 0 (as a checksum would make them): only the
+    # zero itself can tell this datagram apart.
+    no_checksum = bytearray(segments[4])
+    no_checksum[26:28] = no_checksum[-2:] = b"\0\0"
+    pseudo = no_checksum[12:20] + bytes([0, 17]) + no_checksum[24:26]
+    struct.pack_into("!H", no_checksum, len(no_checksum) - 2, slow_checksum(bytes(pseudo + no_checksum[20:])))
+    assert slow_checksum(bytes(pseudo + no_checksum[20:])) in (0, 0xFFFF)
+    assert merged_groups(segments[:4] + [bytes(no_checksum)] + segments[5:]) == [4, 1, 5]
+    bad = bytearray(segments[4])
+    bad[-1] ^= 1
+    assert merged_groups(segments[:4] + [bytes(bad)] + segments[5:]) == [4, 1, 5]  # UDP checksum
+    assert merged_groups(segments[:9] + [segments[9]] * 2) == [10, 1]  # a short datagram ends a run
+    # many small datagrams: at most 64 per write, however many fit in 64 KB
+    small = gso.split(_with_length(bytearray(ip), 28 + 100 * 64)[:20] + struct.pack("!HHHH", 1, 2, 8 + 6400, 0)
+                      + bytes(6400), vnet.VnetHdr(0, vnet.GSO_UDP_L4, 0, 64, 0, 0))
+    assert merged_groups(small) == [64, 36]
 
 
 def _with_ihl5(packet: bytes) -> bytes:
@@ -247,25 +322,13 @@ def test_coalesce_rules_by_example() -> None:
     [unit] = gso.coalesce(segments)
     assert resplit([unit]) == segments and vnet.parse(unit).gso_size == mss
 
-    def merged_groups(packets: list[bytes]) -> list[int]:
-        return [len(resplit([u])) for u in gso.coalesce(packets)]
-
-    def edit(i: int, offset: int, value: int) -> list[bytes]:
-        out = list(segments)
-        seg = bytearray(out[i])
-        seg[offset] = value
-        struct.pack_into("!H", seg, 10, 0)
-        struct.pack_into("!H", seg, 10, slow_header_checksum(seg))
-        out[i] = slow_split(bytes(seg), 1 << 16)[0] if offset >= 20 else bytes(seg)
-        return out
-
-    assert merged_groups(edit(4, 8, 62)) == [4, 1, 5]  # TTL differs
-    assert merged_groups(edit(4, 1, 4)) == [4, 1, 5]  # TOS differs
-    assert merged_groups(edit(4, 33, ACK | PSH)) == [5, 5]  # PSH ends a run
-    assert merged_groups(edit(4, 33, ACK | FIN)) == [4, 1, 5]  # other flags: never merged
-    assert merged_groups(edit(4, 30, 1)) == [4, 1, 5]  # ACK number differs
-    assert merged_groups(edit(4, 45, 0xAA)) == [4, 1, 5]  # options differ
-    assert merged_groups(edit(4, 6, 0)) == [4, 1, 5]  # DF differs
+    assert merged_groups(edited(segments, 4, 8, 62)) == [4, 1, 5]  # TTL differs
+    assert merged_groups(edited(segments, 4, 1, 4)) == [4, 1, 5]  # TOS differs
+    assert merged_groups(edited(segments, 4, 33, ACK | PSH)) == [5, 5]  # PSH ends a run
+    assert merged_groups(edited(segments, 4, 33, ACK | FIN)) == [4, 1, 5]  # other flags: never merged
+    assert merged_groups(edited(segments, 4, 30, 1)) == [4, 1, 5]  # ACK number differs
+    assert merged_groups(edited(segments, 4, 45, 0xAA)) == [4, 1, 5]  # options differ
+    assert merged_groups(edited(segments, 4, 6, 0)) == [4, 1, 5]  # DF differs
     assert merged_groups(segments[:4] + segments[5:]) == [4, 5]  # sequence gap
     bad = bytearray(segments[4])
     bad[-1] ^= 1

@@ -320,6 +320,7 @@ _ip_fields = struct.Struct("!BxHHHxB").unpack_from  # version/IHL, total length,
 _tcp_fields = struct.Struct("!4xI4xBB").unpack_from  # sequence number, data offset, flags
 _pack_two_u16 = struct.Struct("!HH").pack_into
 _pack_u16 = struct.Struct("!H").pack_into
+_udp_length = struct.Struct("!H").unpack_from
 _head_fields = struct.Struct("!BxH2xHxB").unpack_from  # version/IHL, total length, flags/fragment, protocol
 _PROTO_OF_GSO = {vnet.GSO_TCPV4: PROTO_TCP, vnet.GSO_UDP_L4: PROTO_UDP}
 _NOT_ECN = ~vnet.GSO_ECN
@@ -372,10 +373,20 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
 # offset, the other flags, window, options — must match to merge (the kernel's tcp_gro_receive rules;
 # the last segment's length is handled apart).
 _VARYING = (4, 5, 10, 11, 24, 25, 26, 27, 36, 37)
+# For UDP (IHL 5): ID, header checksum and the UDP checksum; the rest — ports and UDP length included —
+# must match (the kernel's udp_gro_receive rules; a short last datagram is handled apart).
+_VARYING_UDP = (4, 5, 10, 11, 26, 27)
+UDP_HEADERS = 28
+# Datagrams one GSO_UDP_L4 write may carry: the kernel refuses more than UDP_MAX_SEGMENTS (64 before
+# Linux 6.9, 128 since) from a virtio_net_hdr.
+UDP_MAX_ROWS = 64
 
 
-def _merge_mask(hl: int) -> np.ndarray:
+def _merge_mask(hl: int, proto: int) -> np.ndarray:
     mask = np.full(hl, 0xFF, np.uint8)
+    if proto == PROTO_UDP:
+        mask[list(_VARYING_UDP)] = 0
+        return mask
     mask[list(_VARYING)] = 0
     mask[33] = 0xFF & ~PSH
     return mask
@@ -389,18 +400,23 @@ class Coalescer:
     first packet of each run between them:
 
     1. :meth:`plan` → runs ``(a, b)`` covering every row in order; ``b - a >= 2`` means rows a..b-1
-       are consecutive segments of one TCP flow with valid IP and TCP checksums, safe to merge;
-    2. :meth:`merge` → the iovec of one TUN write carrying rows a..b-1 as one GSO_TCPV4 super-packet.
+       are consecutive segments of one TCP flow (or, with ``udp``, datagrams of one UDP flow) with
+       valid IP and L4 checksums, safe to merge;
+    2. :meth:`merge` → the iovec of one TUN write carrying rows a..b-1 as one GSO_TCPV4 (GSO_UDP_L4)
+       super-packet.
+
+    ``udp``: merge UDP flows too — only where the TUN takes GSO_UDP_L4 writes (USO, Linux >= 6.2).
     """
 
-    def __init__(self, buf: bytearray) -> None:
+    def __init__(self, buf: bytearray, *, udp: bool = False) -> None:
         self.buf = buf
+        self.udp = udp
         self._mv, self._u8 = _views(buf)
-        self._masks: dict[tuple[int, int], np.ndarray] = {}
+        self._masks: dict[tuple[int, int, int], np.ndarray] = {}
         self._starts: dict[tuple[int, int, int], np.ndarray] = {}
-        self._pseudos: dict[int, np.ndarray] = {}
+        self._pseudos: dict[tuple[int, int], np.ndarray] = {}
         self._payloads: dict[tuple[int, int], list] = {}
-        self._base, self._seg, self._hl = 0, 1, 0  # the table last planned
+        self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
         self._short: dict[int, int] = {}  # its rows shorter than seg: row -> length
 
     def row(self, i: int) -> memoryview:
@@ -425,47 +441,63 @@ class Coalescer:
                 short[rows - 1] = nbytes % seg
             ends.append(rows - 1)
         self._base, self._seg, self._short = base, seg, short
-        if rows < 2 or seg & 1 or seg < 40 or buf[base] != 0x45 or buf[base + 9] != PROTO_TCP:
+        if rows < 2 or seg & 1 or seg < UDP_HEADERS + 2 or buf[base] != 0x45:
             return _singles(0, rows)
-        hl = self._hl = 20 + ((buf[base + 32] >> 4) << 2)
-        if hl < 40 or hl >= seg:
+        proto = buf[base + 9]
+        if proto == PROTO_TCP and seg >= 40:
+            hl = 20 + ((buf[base + 32] >> 4) << 2)
+            if hl < 40:
+                return _singles(0, rows)
+        elif proto == PROTO_UDP and self.udp:
+            hl = UDP_HEADERS
+        else:
             return _singles(0, rows)
+        if hl >= seg:
+            return _singles(0, rows)
+        self._hl, self._proto = hl, proto
+        udp = proto == PROTO_UDP
         dtype = _SUM_DTYPE[seg & 3]
         size = dtype.itemsize
         flat = self._u8[base:base + rows * seg].view(dtype)
         words = flat.reshape(rows, -1)
 
-        # Short rows may only end a run. Each lends the comparison below its two length bytes (checked
-        # here, restored after): then the comparison covers every row's total length at no cost.
+        # Short rows may only end a run. Each lends the comparison below its length bytes (checked
+        # here, restored after): then the comparison covers every row's total length (and UDP
+        # length) at no cost.
         fixed = sorted(set(short) | {ends[j] for j in split_after if j < len(ends)})  # runs end here
         short_bad = []
         borrowed = []
         for r, length in short.items():
             at = base + r * seg
             buf[at + length:at + seg] = _ZEROS[:seg - length]
-            if (buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl:
+            if ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
+                    or udp and (buf[at + 24] << 8 | buf[at + 25]) != length - 20):
                 short_bad.append(r)
-            borrowed.append((at, buf[at + 2], buf[at + 3]))
-            buf[at + 2] = seg >> 8
-            buf[at + 3] = seg & 0xFF
+            borrowed.append((at, bytes(buf[at + 2:at + 4]), bytes(buf[at + 24:at + 26])))
+            _pack_u16(buf, at + 2, seg)
+            if udp:
+                _pack_u16(buf, at + 24, seg - 20)
         # 1. Where consecutive rows differ in a byte that must match
-        mask = self._masks.get((hl, size))
+        mask = self._masks.get((hl, size, proto))
         if mask is None:
-            mask = self._masks[(hl, size)] = _merge_mask(hl).view(dtype)
+            mask = self._masks[(hl, size, proto)] = _merge_mask(hl, proto).view(dtype)
         headers = words[:, :hl // size] & mask  # fewer, wider columns than bytes
         differ = headers[1:] != headers[:-1]
-        for at, hi, lo in borrowed:
-            buf[at + 2] = hi
-            buf[at + 3] = lo
-        # 2. PSH ends a run; 3. so does a gap in the sequence numbers or the IP IDs (the re-split
-        # numbers them on from the first; unsigned arithmetic wraps as they do)
-        psh = self._u8[base + 33:base + (rows - 1) * seg:seg] & PSH
-        seqs = np.ndarray((rows,), ">u4", buf, base + 24, (seg,))
-        gaps = (seqs[1:] - seqs[:-1]) != seg - hl
+        for at, total, udp_length in borrowed:
+            buf[at + 2:at + 4] = total
+            buf[at + 24:at + 26] = udp_length
+        # 2. A gap in the IP IDs ends a run (the re-split numbers them on from the first; unsigned
+        # arithmetic wraps as they do); for TCP, so do PSH and a gap in the sequence numbers
         ids = np.ndarray((rows,), ">u2", buf, base + 4, (seg,))
-        gaps |= (ids[1:] - ids[:-1]) != 1
-        # 4. Rows whose IP header or TCP checksum does not verify: one pass over the table sums, per
-        # row, words [0, 12) [12, 20) [20, end) bytes; IP = first two, TCP = last two + pseudo-header.
+        gaps = (ids[1:] - ids[:-1]) != 1
+        if udp:
+            psh = None
+        else:
+            psh = self._u8[base + 33:base + (rows - 1) * seg:seg] & PSH
+            seqs = np.ndarray((rows,), ">u4", buf, base + 24, (seg,))
+            gaps |= (seqs[1:] - seqs[:-1]) != seg - hl
+        # 3. Rows whose IP header or L4 checksum does not verify: one pass over the table sums, per
+        # row, words [0, 12) [12, 20) [20, end) bytes; IP = first two, L4 = last two + pseudo-header.
         starts = self._starts.get((rows, seg, size))
         if starts is None:
             if len(self._starts) > 64:
@@ -473,11 +505,13 @@ class Coalescer:
             starts = self._starts[(rows, seg, size)] = (np.arange(rows)[:, None] * (seg // size)
                                                         + [0, 12 // size, 20 // size]).ravel()
         parts = _sum_at(flat, starts).reshape(rows, 3)
-        sums = parts[:, :2] + parts[:, 1:]  # [IP header, TCP with addresses]
-        sums += self._pseudo(seg)  # the rest of TCP's pseudo-header, in the LE domain (× 256)
+        sums = parts[:, :2] + parts[:, 1:]  # [IP header, L4 with addresses]
+        sums += self._pseudo(seg, proto)  # the rest of the pseudo-header, in the LE domain (× 256)
         for r, length in short.items():
             sums[r, 1] += 0xFFFF * 256 - 256 * (seg - length)
         bad = sums % 0xFFFF
+        if udp:  # a UDP checksum of 0 means "none": such a datagram is passed on as it came
+            bad[:, 1] += np.ndarray((rows,), ">u2", buf, base + 26, (seg,)) == 0
         inner = [r for r in fixed if r < rows - 1]
         if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
             differ[inner] = False
@@ -486,10 +520,11 @@ class Coalescer:
         # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
         # failures pay for per-row links.
         if not short_bad and not (_count(differ) or _count(gaps) or _count(bad)):
-            cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if _count(psh) else inner
+            cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if psh is not None and _count(psh) else inner
         else:
             cut = _any_per_row(differ, axis=1)
-            cut |= psh != 0
+            if psh is not None:
+                cut |= psh != 0
             cut |= gaps
             bad_row = _any_per_row(bad, axis=1)
             bad_row[short_bad] = True
@@ -498,6 +533,8 @@ class Coalescer:
             cut[inner] = True
             cuts = np.flatnonzero(cut).tolist()
         most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
+        if udp:
+            most = min(most, UDP_MAX_ROWS)
         if not cuts and rows <= most:
             return [(0, rows)] if self._head_ok(0) else _singles(0, rows)
         runs = []
@@ -509,20 +546,25 @@ class Coalescer:
         return [r for a, b in runs for c, d in _cap(a, b, most)
                 for r in ([(c, d)] if d - c > 1 and self._head_ok(c) else _singles(c, d))]
 
-    def _pseudo(self, seg: int) -> np.ndarray:
-        """[0, 256 × (protocol + TCP length)]: what a full row adds to its two sums (cached)."""
-        found = self._pseudos.get(seg)
+    def _pseudo(self, seg: int, proto: int) -> np.ndarray:
+        """[0, 256 × (protocol + L4 length)]: what a full row adds to its two sums (cached)."""
+        found = self._pseudos.get((seg, proto))
         if found is None:
-            found = self._pseudos[seg] = np.array([0, 256 * (PROTO_TCP + seg - 20)], dtype=np.uint64)
+            found = self._pseudos[(seg, proto)] = np.array([0, 256 * (proto + seg - 20)], dtype=np.uint64)
         return found
 
     def _head_ok(self, a: int) -> bool:
         """Rows in a run match the first one but for ID, sequence number and checksums; so only the
-        first needs looking at: IHL 5, total length = row size, not a fragment, flags exactly ACK."""
-        at = self._base + a * self._seg
+        first needs looking at: IHL 5, total length = row size, not a fragment; for TCP flags exactly
+        ACK, for UDP the UDP length = row size − 20 (the checksums were checked with the rows)."""
+        seg = self._seg
+        at = self._base + a * seg
         p0, total, fragment, proto = _head_fields(self.buf, at)
-        return (p0 == 0x45 and proto == PROTO_TCP and total == self._seg and not fragment & 0x3FFF
-                and self.buf[at + 33] == ACK)
+        if p0 != 0x45 or proto != self._proto or total != seg or fragment & 0x3FFF:
+            return False
+        if proto == PROTO_UDP:
+            return _udp_length(self.buf, at + 24)[0] == seg - 20
+        return self.buf[at + 33] == ACK
 
     def merge(self, a: int, b: int) -> list:
         """One TUN write for rows a..b-1 of the table last planned: vnet header + the first row's
@@ -542,9 +584,14 @@ class Coalescer:
         x = (x & 0xFFFF) + (x >> 16)
         _pack_u16(h, 2, total)
         _pack_u16(h, 10, x ^ 0xFFFF)
-        h[33] = self.buf[end + 33]
-        _pack_u16(h, 36, (_words(h[12:20]) + PROTO_TCP + total - 20) % 0xFFFF)
-        iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
+        pseudo = (_words(h[12:20]) + self._proto + total - 20) % 0xFFFF
+        if self._proto == PROTO_UDP:
+            _pack_two_u16(h, 24, total - 20, pseudo)  # UDP length; the pseudo-header sum
+            iov = [vnet.udpv4_gso(seg - hl) + h]
+        else:
+            h[33] = self.buf[end + 33]  # PSH as on the last row
+            _pack_u16(h, 36, pseudo)
+            iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
         if base % seg == 0:  # payload views of the whole buffer, cached per row shape
             views = self._payloads.get((seg, hl))
             if views is None:
@@ -590,15 +637,16 @@ def split(packet, hdr: vnet.VnetHdr) -> list[bytes] | Verdict:
                       + (result.size if j < result.count - 1 else result.last)]) for j in range(result.count)]
 
 
-def coalesce(packets) -> list[bytes]:
-    """IPv4 packets in arrival order → TUN write units (vnet header + packet), merged where GRO may.
+def coalesce(packets, *, udp: bool = True) -> list[bytes]:
+    """IPv4 packets in arrival order → TUN write units (vnet header + packet), merged where GRO may
+    (UDP flows too if ``udp``: the TUN takes GSO_UDP_L4 writes).
 
     Packets are laid out as UDP GRO would hand them over: runs of equal sizes, the last of a run
     maybe shorter, at most 64 KB a batch; consecutive batches of one size share a table.
     """
     out: list[bytes] = []
     buf = packet_buffer()
-    coalescer = Coalescer(buf)
+    coalescer = Coalescer(buf, udp=udp)
     i = 0
     while i < len(packets):
         seg = len(packets[i])

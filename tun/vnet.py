@@ -71,3 +71,10 @@ def tcpv4_gso(hdr_len: int, gso_size: int, ip_header_len: int) -> bytes:
     """Header for a coalesced TCPv4 super-packet: the kernel re-segments it (or hands it on whole)
     and completes each segment's checksum from the pseudo-header sum we leave in the TCP header."""
     return _HDR.pack(NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, ip_header_len, 16)
+
+
+def udpv4_gso(gso_size: int) -> bytes:
+    """Header for a coalesced UDPv4 super-packet (IHL 5): the kernel cuts it into ``gso_size``-byte
+    datagrams again (Linux >= 6.2 takes GSO_UDP_L4 from a TUN writer) and completes each one's
+    checksum from the pseudo-header sum we leave in the UDP header."""
+    return _HDR.pack(NEEDS_CSUM, GSO_UDP_L4, 28, gso_size, 20, 6)

@@ -2,6 +2,7 @@
 
     TUN read (one TSO super-packet) → split → per-peer batch → one sendmsg with UDP_SEGMENT
     UDP_GRO recvmsg_into (up to 64 datagrams) → per-row checks → coalesce → one writev per TCP run
+                                                                 (or UDP run, where the TUN has USO)
 
 The wire does not change: every datagram is one ordinary IPv4 packet with correct checksums, the
 segment the kernel's own GSO would have made, so flanneld and per-packet peers interoperate.
@@ -90,7 +91,7 @@ class Features:
     """Kernel features the fast path uses, probed once at start-up (kernel versions in brackets)."""
 
     tun_tso: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD CSUM|TSO4|TSO6 [2.6.27]: reads up to 64 KB
-    tun_uso: bool = False  # TUN_F_USO4|USO6 [6.2]: UDP super-packets too
+    tun_uso: bool = False  # TUN_F_USO4|USO6 [6.2]: UDP super-packets too, read and (merged) written
     udp_gso: bool = False  # UDP_SEGMENT [4.18]: one send, many datagrams
     udp_gro: bool = False  # UDP_GRO [5.0]: one receive, many datagrams
 
@@ -176,7 +177,7 @@ class FastDataplane(Dataplane):
         self._rx = bytearray(RX_BYTES + gso.BUFFER_SIZE)
         self._rx_mv = memoryview(self._rx)
         self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
-        self._coalescer = gso.Coalescer(self._rx)
+        self._coalescer = gso.Coalescer(self._rx, udp=features.tun_uso)  # USO: the TUN takes UDP super-packets
         self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
         self._tun_woke = self._udp_woke = 0  # when each fd last woke us (QUIET_NS)
         self._bulk_until = 0  # batches moved recently: no fd counts as quiet before then (BULK_NS)
