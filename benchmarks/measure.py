@@ -238,20 +238,31 @@ def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int, con
     }
 
 
-def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
-    """iperf3 UDP at full speed (``-b 0``) with ``payload``-byte datagrams; rates counted on the pods' eth0.
+def udp_mib(ns: Netns) -> dict[str, int]:
+    """The ``Udp:`` line of ``/proc/net/snmp`` in ``ns`` (what ``nstat`` shows as Udp*)."""
+    lines = ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+    names, values = next((a, b) for a, b in zip(lines[::2], lines[1::2], strict=True) if a.startswith("Udp:"))
+    return dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
 
-    Offered = packets pod 1's eth0 sent; delivered = packets pod 2's eth0 received. If the dataplane
-    delivered ≥ 95 % of what was offered, the generator set the pace: the figure is a lower bound
-    (``generator_limited``). The generator's own CPU (iperf3's ``host_total``) is reported alongside.
+
+def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
+    """iperf3 UDP at full speed (``-b 0``) with ``payload``-byte datagrams.
+
+    Offered = packets pod 1's eth0 sent (the generator's datagrams, one packet each); delivered =
+    datagrams that reached pod 2's UDP layer: read by iperf3 (``InDatagrams``) or dropped because its
+    socket was full (``RcvbufErrors``). Not pod 2's eth0 packets: a dataplane that merges a flow's
+    datagrams (GRO) hands the pod one packet for many, which the pod's UDP layer cuts again. If the
+    dataplane delivered ≥ 95 % of what was offered, the generator set the pace: the figure is a lower
+    bound (``generator_limited``). The generator's own CPU (iperf3's ``host_total``) is reported alongside.
     """
-    before = {1: link_stats(topo.pods[1]), 2: link_stats(topo.pods[2])}
+    before_tx, before_udp = link_stats(topo.pods[1])["tx_packets"], udp_mib(topo.pods[2])
     data = iperf3(topo, ["-u", "-b", "0", "-l", str(payload), "-t", str(duration)], duration)
-    after = {1: link_stats(topo.pods[1]), 2: link_stats(topo.pods[2])}
+    after_tx, after_udp = link_stats(topo.pods[1])["tx_packets"], udp_mib(topo.pods[2])
     end = data["end"]
     seconds = end["sum"]["seconds"] or duration
-    offered = after[1]["tx_packets"] - before[1]["tx_packets"]
-    delivered = after[2]["rx_packets"] - before[2]["rx_packets"]
+    offered = after_tx - before_tx
+    delta = {k: after_udp[k] - before_udp.get(k, 0) for k in after_udp}
+    delivered = delta["InDatagrams"] + delta["RcvbufErrors"]
     ratio = delivered / offered if offered else 0.0
     return {
         "payload": payload,
@@ -261,6 +272,7 @@ def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
         "delivered_fraction": round(ratio, 4),
         "generator_limited": ratio >= 0.95,
         "generator_cpu_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
+        "pod_udp": {k: delta[k] for k in ("InDatagrams", "RcvbufErrors", "InErrors", "InCsumErrors") if k in delta},
         "iperf_sent_packets": end["sum"].get("packets"),
         "iperf_lost_percent": end["sum"].get("lost_percent"),
     }

@@ -369,7 +369,8 @@ def notes(results: dict) -> list[str]:
         "(≈ 40 µs when client and server run on the same vCPU, ≈ 95 µs when each wake-up crosses vCPUs), "
         "so their medians and ratios move by ~2× with the scheduler's placement: read them with the spread.",
         "- UDP forwarding rate: iperf3 `-u -b 0` with 64 B / 1400 B payloads (92 / 1428 B IP packets), counted as "
-        f"packets received on pod 2's eth0. {GENERATOR_LIMITED_MARK} = generator-limited: the dataplane delivered "
+        "datagrams that reached pod 2's UDP layer (/proc/net/snmp InDatagrams + RcvbufErrors; not eth0 packets, "
+        f"since a dataplane that merges a flow's datagrams hands the pod one packet for many). {GENERATOR_LIMITED_MARK} = generator-limited: the dataplane delivered "
         "≥ 95 % of what the single-threaded generator offered, so the true capacity is at least this; ratios with "
         "≥/≤ are bounds, ~ means both sides were generator-limited. The generator alone (to loopback in a pod) "
         f"offers {g64['offered_pps'] / 1e3:.0f} kpps (64 B) and {g1400['offered_pps'] / 1e3:.0f} kpps (1400 B); "

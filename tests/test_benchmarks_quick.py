@@ -48,6 +48,8 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     for row in results["raw"].values():  # the congestion control iperf3 reports, not the host's default
         groups = row["runs"][0]["groups"]
         assert [groups[g]["congestion"] for g in ("tcp1", "tcp1_bbr", "tcp4")] == ["cubic", "bbr", "cubic"]
+        for g in ("udp64", "udp1400"):  # delivered = datagrams that reached the pod's UDP layer
+            assert groups[g]["pod_udp"]["InDatagrams"] > 0 and groups[g]["pod_udp"]["InCsumErrors"] == 0
     strace = results["strace_check"]
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
 
