@@ -43,7 +43,7 @@ RR_SIZE = 64
 # dataplane fewer packets per wake-up, so the 1-stream test is repeated with it (ALT_CONGESTION).
 CONGESTION = "cubic"
 ALT_CONGESTION = "bbr"
-RR_RUNS = 3  # request/response client processes per measurement, pooled (see request_response)
+RR_RUNS = 5  # request/response client processes per measurement, pooled (see request_response)
 
 
 class MeasureError(RuntimeError):
