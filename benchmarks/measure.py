@@ -238,13 +238,6 @@ def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int, con
     }
 
 
-def udp_mib(ns: Netns) -> dict[str, int]:
-    """The ``Udp:`` line of ``/proc/net/snmp`` in ``ns`` (what ``nstat`` shows as Udp*)."""
-    lines = ns.run("cat", "/proc/net/snmp").stdout.splitlines()
-    names, values = next((a, b) for a, b in zip(lines[::2], lines[1::2], strict=True) if a.startswith("Udp:"))
-    return dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=True))
-
-
 def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
     """iperf3 UDP at full speed (``-b 0``) with ``payload``-byte datagrams.
 
@@ -255,13 +248,13 @@ def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
     dataplane delivered ≥ 95 % of what was offered, the generator set the pace: the figure is a lower
     bound (``generator_limited``). The generator's own CPU (iperf3's ``host_total``) is reported alongside.
     """
-    before_tx, before_udp = link_stats(topo.pods[1])["tx_packets"], udp_mib(topo.pods[2])
+    before_tx, before_udp = link_stats(topo.pods[1])["tx_packets"], topo.pods[2].snmp()
     data = iperf3(topo, ["-u", "-b", "0", "-l", str(payload), "-t", str(duration)], duration)
-    after_tx, after_udp = link_stats(topo.pods[1])["tx_packets"], udp_mib(topo.pods[2])
+    after_tx, after_udp = link_stats(topo.pods[1])["tx_packets"], topo.pods[2].snmp()
     end = data["end"]
     seconds = end["sum"]["seconds"] or duration
     offered = after_tx - before_tx
-    delta = {k: after_udp[k] - before_udp.get(k, 0) for k in after_udp}
+    delta = {k: after_udp[f"Udp{k}"] - before_udp[f"Udp{k}"] for k in ("InDatagrams", "RcvbufErrors", "InErrors", "InCsumErrors")}
     delivered = delta["InDatagrams"] + delta["RcvbufErrors"]
     ratio = delivered / offered if offered else 0.0
     return {
@@ -272,7 +265,7 @@ def udp_flood(topo: Topology, payload: int, duration: float) -> dict:
         "delivered_fraction": round(ratio, 4),
         "generator_limited": ratio >= 0.95,
         "generator_cpu_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
-        "pod_udp": {k: delta[k] for k in ("InDatagrams", "RcvbufErrors", "InErrors", "InCsumErrors") if k in delta},
+        "pod_udp": delta,
         "iperf_sent_packets": end["sum"].get("packets"),
         "iperf_lost_percent": end["sum"].get("lost_percent"),
     }

@@ -70,17 +70,6 @@ class Pair:
         assert sent == received, f"SHA-256 differs after {nbytes} bytes pod {a} -> pod {b}"
 
 
-def snmp(ns, key: str) -> int:
-    """One counter of /proc/net/snmp inside ``ns``, e.g. ``IcmpInTimeExcds``."""
-    lines = ns.run("cat", "/proc/net/snmp").stdout.splitlines()
-    for names, values in zip(lines[::2], lines[1::2], strict=True):
-        proto = names.split(":")[0]
-        for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
-            if proto + name == key:
-                return int(value)
-    raise KeyError(key)
-
-
 def test_fast_and_per_packet_nodes_interoperate_both_ways(lab: Lab, tmp_path: Path):
     """The per-packet node is what a flanneld peer is on the wire: if it takes our datagrams and we take
     its, the wire format is unchanged. 200 MB each way."""
@@ -123,13 +112,13 @@ def test_a_udp_flow_is_merged_on_write_and_arrives_intact(lab: Lab, tmp_path: Pa
     receiver = pair.pods[2].popen([sys.executable, str(TOOLS / "udpflow.py"), "recv", "7000", str(count), "20"],
                                   stdout=subprocess.PIPE, text=True)
     assert receiver.stdout.readline().strip() == "listening"
-    before = snmp(pair.pods[2], "UdpInCsumErrors")
+    before = pair.pods[2].snmp()["UdpInCsumErrors"]
     pair.pods[1].run(sys.executable, str(TOOLS / "udpflow.py"), "send", str(pair.pods[2].address), "7000",
                      str(count), str(size), "100", timeout=60)
     out, _ = receiver.communicate(timeout=30)
     result = json.loads(out)
     assert result == {"received": count, "intact": count, "distinct": count}, result
-    assert snmp(pair.pods[2], "UdpInCsumErrors") == before
+    assert pair.pods[2].snmp()["UdpInCsumErrors"] == before
     counters = pair.stop()
     assert counters[2]["tun_gso_writes"] > 0  # merged...
     assert counters[2]["tun_gso_segments"] <= 64 * counters[2]["tun_gso_writes"]  # ...within the kernel's limit
@@ -161,9 +150,9 @@ def test_a_tcp_stream_whose_ttl_expires_gets_time_exceeded(lab: Lab, tmp_path: P
     server = pair.pods[2].popen(["iperf3", "-s", "-1", "-p", "5201"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     wait_for(lambda: "5201" in pair.pods[2].run("ss", "-ltn").stdout, timeout=5, what="iperf3 listening")
-    before = snmp(pair.pods[1], "IcmpInTimeExcds")
+    before = pair.pods[1].snmp()["IcmpInTimeExcds"]
     pair.pods[1].run(sys.executable, "-c", TTL_CLIENT, str(pair.pods[2].address), str(ttl), timeout=30)
-    assert snmp(pair.pods[1], "IcmpInTimeExcds") > before
+    assert pair.pods[1].snmp()["IcmpInTimeExcds"] > before
     server.kill()
     counters = pair.stop()
     direction = "tun_to_udp" if dropper == 1 else "udp_to_tun"

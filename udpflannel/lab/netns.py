@@ -58,6 +58,17 @@ class Netns:
     def sysctl(self, key: str, value: str) -> None:
         self.run("sysctl", "-qw", f"{key}={value}")
 
+    def snmp(self) -> dict[str, int]:
+        """Every counter of ``/proc/net/snmp`` in this namespace, named as ``nstat`` does
+        (``UdpInDatagrams``, ``IcmpInTimeExcds``...)."""
+        lines = self.run("cat", "/proc/net/snmp").stdout.splitlines()
+        out: dict[str, int] = {}
+        for names, values in zip(lines[::2], lines[1::2], strict=True):
+            proto = names.split(":")[0]
+            for name, value in zip(names.split()[1:], values.split()[1:], strict=True):
+                out[proto + name] = int(value)
+        return out
+
 
 @dataclass
 class Node(Netns):
