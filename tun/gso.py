@@ -473,7 +473,7 @@ class Coalescer:
             if ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
                     or udp and (buf[at + 24] << 8 | buf[at + 25]) != length - 20):
                 short_bad.append(r)
-            borrowed.append((at, bytes(buf[at + 2:at + 4]), bytes(buf[at + 24:at + 26])))
+            borrowed.append((at, bytes(buf[at + 2:at + 4]), bytes(buf[at + 24:at + 26]) if udp else None))
             _pack_u16(buf, at + 2, seg)
             if udp:
                 _pack_u16(buf, at + 24, seg - 20)
@@ -485,7 +485,8 @@ class Coalescer:
         differ = headers[1:] != headers[:-1]
         for at, total, udp_length in borrowed:
             buf[at + 2:at + 4] = total
-            buf[at + 24:at + 26] = udp_length
+            if udp_length is not None:
+                buf[at + 24:at + 26] = udp_length
         # 2. A gap in the IP IDs ends a run (the re-split numbers them on from the first; unsigned
         # arithmetic wraps as they do); for TCP, so do PSH and a gap in the sequence numbers
         ids = np.ndarray((rows,), ">u2", buf, base + 4, (seg,))
