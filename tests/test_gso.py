@@ -329,6 +329,9 @@ def test_coalesce_rules_by_example() -> None:
     assert merged_groups(edited(segments, 4, 30, 1)) == [4, 1, 5]  # ACK number differs
     assert merged_groups(edited(segments, 4, 45, 0xAA)) == [4, 1, 5]  # options differ
     assert merged_groups(edited(segments, 4, 6, 0)) == [4, 1, 5]  # DF differs
+    assert merged_groups(edited(segments, 4, 5, segments[4][5] ^ 0x10)) == [4, 1, 5]  # IP ID gap
+    assert merged_groups(edited(segments, 4, 34, segments[4][34] ^ 1)) == [4, 1, 5]  # window differs
+    assert merged_groups(edited(segments, 4, 39, 1)) == [4, 1, 5]  # urgent pointer differs
     assert merged_groups(segments[:4] + segments[5:]) == [4, 5]  # sequence gap
     bad = bytearray(segments[4])
     bad[-1] ^= 1

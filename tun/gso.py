@@ -133,7 +133,6 @@ class Segmenter:
         self.out = bytearray(capacity)
         self.out_mv = memoryview(self.out)
         self._out_u8 = np.frombuffer(self.out, np.uint8)
-        self._starts: dict[tuple, np.ndarray] = {}
 
     def cut(self, buf: bytearray, items) -> list[Cut | Verdict]:
         """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
@@ -257,13 +256,12 @@ class Segmenter:
         if stream:
             # IP headers are done, so each row's L4 part plus the next row's (valid: sums to 0) IP
             # header is one interval: a single start per row.
-            starts = self._starts_for(rows_total, size, (ihl,), w)
-            l4 = _sum_at(flat, starts)
+            l4 = _sum_at(flat, _row_starts(rows_total, size // w, (ihl // w,)))
         else:
             # Per row, [0, 12) [12, 20) [20, ihl) [ihl, next row): IP = the first three, L4 = the last;
             # the IP checksums go in after.
-            bounds = (0, 12, 20, ihl) if ihl > 20 else (0, 12, 20)
-            parts = _sum_at(flat, self._starts_for(rows_total, size, bounds, w)).reshape(rows_total, len(bounds))
+            bounds = (0, 12 // w, 20 // w, ihl // w) if ihl > 20 else (0, 12 // w, 20 // w)
+            parts = _sum_at(flat, _row_starts(rows_total, size // w, bounds)).reshape(rows_total, len(bounds))
             ip = parts[:, 0] + parts[:, 1]
             if ihl > 20:
                 ip += parts[:, 2]
@@ -279,15 +277,6 @@ class Segmenter:
         else:  # never 0: UDP's "no checksum"
             _column(out, at + ihl + 6, "<u2", rows_total, size)[:] = 0xFFFF - (_BIG - x) % 0xFFFF
         return at + rows_total * size + 8 & ~7
-
-    def _starts_for(self, rows: int, size: int, bounds: tuple, w: int) -> np.ndarray:
-        key = (rows, size, bounds, w)
-        starts = self._starts.get(key)
-        if starts is None:
-            if len(self._starts) > 64:
-                self._starts.clear()
-            starts = self._starts[key] = (np.arange(rows)[:, None] * (size // w) + [b // w for b in bounds]).ravel()
-        return starts
 
     def _checksums_slowly(self, rows: np.ndarray, proto: int, ihl: int, hl: int) -> None:
         for r in rows:
@@ -308,6 +297,21 @@ class Segmenter:
 
 
 _new_packet = tuple.__new__  # builds a _Packet or a Cut without NamedTuple's Python-level __new__
+
+
+_STARTS: dict[tuple[int, int, tuple[int, ...]], np.ndarray] = {}
+
+
+def _row_starts(rows: int, row_words: int, offsets: tuple[int, ...]) -> np.ndarray:
+    """``add.reduceat``'s starts for ``rows`` rows of ``row_words`` words: ``offsets`` (in words)
+    into each row. Cached per power of two of rows and sliced, as row counts change every batch."""
+    cap = 1 << (rows - 1).bit_length()
+    found = _STARTS.get((cap, row_words, offsets))
+    if found is None:
+        if len(_STARTS) > 64:
+            _STARTS.clear()
+        found = _STARTS[(cap, row_words, offsets)] = (np.arange(cap)[:, None] * row_words + list(offsets)).ravel()
+    return found[:rows * len(offsets)]
 
 
 def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) -> np.ndarray:
@@ -367,29 +371,33 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
     return _new_packet(_Packet, (off, proto, ihl, hl, gso_size, count, last, bytes(t), ident, seq, flags))
 
 
-# Bytes of an IPv4 (IHL 5) + TCP header that may differ between consecutive segments of one flow: ID
-# and header checksum; sequence number and checksum; PSH (ID and sequence number must count on).
-# Everything else — version, TOS, total length, DF, TTL, protocol, addresses, ports, ACK number, data
-# offset, the other flags, window, options — must match to merge (the kernel's tcp_gro_receive rules;
-# the last segment's length is handled apart).
-_VARYING = (4, 5, 10, 11, 24, 25, 26, 27, 36, 37)
-# For UDP (IHL 5): ID, header checksum and the UDP checksum; the rest — ports and UDP length included —
-# must match (the kernel's udp_gro_receive rules; a short last datagram is handled apart).
-_VARYING_UDP = (4, 5, 10, 11, 26, 27)
+# The merge rules, over an IPv4 (IHL 5) header and the TCP or UDP header after it (the kernel's
+# tcp_gro_receive and udp_gro_receive rules; a short last segment is handled apart). Consecutive rows
+# of a run may differ only in their checksums and, for TCP, PSH (which ends the run after its row);
+# the IP ID must count on by one and a TCP sequence number by one payload; everything else — version,
+# TOS, total length, DF, TTL, protocol, addresses, ports, UDP length, ACK number, data offset, the
+# other flags, window, options — must match.
+_FREE_TCP = (10, 11, 36, 37)  # header and TCP checksums
+_FREE_UDP = (10, 11, 26, 27)  # header and UDP checksums
 UDP_HEADERS = 28
 # Datagrams one GSO_UDP_L4 write may carry: the kernel refuses more than UDP_MAX_SEGMENTS (64 before
 # Linux 6.9, 128 since) from a virtio_net_hdr.
 UDP_MAX_ROWS = 64
 
 
-def _merge_mask(hl: int, proto: int) -> np.ndarray:
-    mask = np.full(hl, 0xFF, np.uint8)
-    if proto == PROTO_UDP:
-        mask[list(_VARYING_UDP)] = 0
-        return mask
-    mask[list(_VARYING)] = 0
-    mask[33] = 0xFF & ~PSH
-    return mask
+def _merge_rule(hl: int, seg: int, proto: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rules above as (mask, step) over a row's headers read as big-endian 32-bit words: masked,
+    each row must equal the row before plus ``step``, in unsigned 32-bit arithmetic. The ID is the
+    upper half of word 1, so ``1 << 16`` counts it on with the kernel's 16-bit wrap while the
+    fragment field (the lower half) must stay equal; word 6 is the TCP sequence number."""
+    keep = np.full(hl, 0xFF, np.uint8)
+    keep[list(_FREE_UDP if proto == PROTO_UDP else _FREE_TCP)] = 0
+    step = np.zeros(hl >> 2, np.uint32)
+    step[1] = 1 << 16
+    if proto == PROTO_TCP:
+        keep[33] = 0xFF & ~PSH
+        step[6] = seg - hl
+    return keep.view(">u4").astype(np.uint32), step
 
 
 class Coalescer:
@@ -412,8 +420,7 @@ class Coalescer:
         self.buf = buf
         self.udp = udp
         self._mv, self._u8 = _views(buf)
-        self._masks: dict[tuple[int, int, int], np.ndarray] = {}
-        self._starts: dict[tuple[int, int, int], np.ndarray] = {}
+        self._rules: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pseudos: dict[tuple[int, int], np.ndarray] = {}
         self._payloads: dict[tuple[int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
@@ -459,7 +466,6 @@ class Coalescer:
         dtype = _SUM_DTYPE[seg & 3]
         size = dtype.itemsize
         flat = self._u8[base:base + rows * seg].view(dtype)
-        words = flat.reshape(rows, -1)
 
         # Short rows may only end a run. Each lends the comparison below its length bytes (checked
         # here, restored after): then the comparison covers every row's total length (and UDP
@@ -477,35 +483,25 @@ class Coalescer:
             _pack_u16(buf, at + 2, seg)
             if udp:
                 _pack_u16(buf, at + 24, seg - 20)
-        # 1. Where consecutive rows differ in a byte that must match
-        mask = self._masks.get((hl, size, proto))
-        if mask is None:
-            mask = self._masks[(hl, size, proto)] = _merge_mask(hl, proto).view(dtype)
-        headers = words[:, :hl // size] & mask  # fewer, wider columns than bytes
-        differ = headers[1:] != headers[:-1]
+        # 1. Pairs of rows that break a header rule (``_merge_rule``: one array comparison checks
+        # the fields that must match, the IDs and sequence numbers that must count on); PSH apart
+        rule = self._rules.get((hl, seg, proto))
+        if rule is None:
+            if len(self._rules) > 64:
+                self._rules.clear()
+            rule = self._rules[(hl, seg, proto)] = _merge_rule(hl, seg, proto)
+        mask, step = rule
+        headers = np.ndarray((rows, hl >> 2), ">u4", buf, base, (seg, 4)).astype(np.uint32)
         for at, total, udp_length in borrowed:
             buf[at + 2:at + 4] = total
             if udp_length is not None:
                 buf[at + 24:at + 26] = udp_length
-        # 2. A gap in the IP IDs ends a run (the re-split numbers them on from the first; unsigned
-        # arithmetic wraps as they do); for TCP, so do PSH and a gap in the sequence numbers
-        ids = np.ndarray((rows,), ">u2", buf, base + 4, (seg,))
-        gaps = (ids[1:] - ids[:-1]) != 1
-        if udp:
-            psh = None
-        else:
-            psh = self._u8[base + 33:base + (rows - 1) * seg:seg] & PSH
-            seqs = np.ndarray((rows,), ">u4", buf, base + 24, (seg,))
-            gaps |= (seqs[1:] - seqs[:-1]) != seg - hl
-        # 3. Rows whose IP header or L4 checksum does not verify: one pass over the table sums, per
+        psh = None if udp else headers[:-1, 8] & (PSH << 16)  # TCP flags: word 8, second byte
+        headers &= mask
+        differ = (headers[1:] - headers[:-1]) != step
+        # 2. Rows whose IP header or L4 checksum does not verify: one pass over the table sums, per
         # row, words [0, 12) [12, 20) [20, end) bytes; IP = first two, L4 = last two + pseudo-header.
-        starts = self._starts.get((rows, seg, size))
-        if starts is None:
-            if len(self._starts) > 64:
-                self._starts.clear()
-            starts = self._starts[(rows, seg, size)] = (np.arange(rows)[:, None] * (seg // size)
-                                                        + [0, 12 // size, 20 // size]).ravel()
-        parts = _sum_at(flat, starts).reshape(rows, 3)
+        parts = _sum_at(flat, _row_starts(rows, seg // size, (0, 12 // size, 20 // size))).reshape(rows, 3)
         sums = parts[:, :2] + parts[:, 1:]  # [IP header, L4 with addresses]
         sums += self._pseudo(seg, proto)  # the rest of the pseudo-header, in the LE domain (× 256)
         for r, length in short.items():
@@ -516,17 +512,15 @@ class Coalescer:
         inner = [r for r in fixed if r < rows - 1]
         if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
             differ[inner] = False
-            gaps[inner] = False
         # The common case — consecutive segments of one flow, cut only after PSH — costs one count per
         # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
         # failures pay for per-row links.
-        if not short_bad and not (_count(differ) or _count(gaps) or _count(bad)):
+        if not short_bad and not (_count(differ) or _count(bad)):
             cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if psh is not None and _count(psh) else inner
         else:
             cut = _any_per_row(differ, axis=1)
             if psh is not None:
                 cut |= psh != 0
-            cut |= gaps
             bad_row = _any_per_row(bad, axis=1)
             bad_row[short_bad] = True
             cut |= bad_row[:-1]
