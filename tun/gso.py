@@ -133,6 +133,9 @@ class Segmenter:
         self.out = bytearray(capacity)
         self.out_mv = memoryview(self.out)
         self._out_u8 = np.frombuffer(self.out, np.uint8)
+        self._views: dict[tuple[int, int, int, int, int], tuple] = {}
+        self._in: bytearray | None = None
+        self._in_u8 = self._out_u8
 
     def cut(self, buf: bytearray, items) -> list[Cut | Verdict]:
         """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
@@ -167,9 +170,12 @@ class Segmenter:
         size = hl + mss
         counts = [p.count for p in group]
         rows_total = sum(counts)
-        out, u8 = self.out, self._out_u8
-        rows = u8[at:at + rows_total * size].reshape(rows_total, size)
-        in_u8 = np.frombuffer(buf, np.uint8)
+        out = self.out
+        views = self._views.get((at, rows_total, size, ihl, proto))
+        if views is None:
+            views = self._views_for(at, rows_total, size, ihl, proto)
+        rows, flat, ids, ip_checks, seqs, l4_checks = views
+        in_u8 = self._in_u8 if buf is self._in else self._input(buf)
         index = 0
         for p in group:  # payloads beside their headers (the last one's tail zero-padded in the input)
             end = p.at + hl + p.count * mss
@@ -205,11 +211,11 @@ class Segmenter:
                 for p in group:
                     rows[row:row + p.count, :hl] = np.frombuffer(p.template, np.uint8)
                     row += p.count
-            _column(out, at + 4, ">u2", rows_total, size)[:] = _ID_RAMP[first.ident:first.ident + rows_total]
+            ids[:] = _ID_RAMP[first.ident:first.ident + rows_total]
             ip_sum = (_words(first.template[:ihl]) + first.ident) % 0xFFFF
-            _column(out, at + 10, ">u2", rows_total, size)[:] = _CHECKSUM_RAMP[ip_sum:ip_sum + rows_total]
+            ip_checks[:] = _CHECKSUM_RAMP[ip_sum:ip_sum + rows_total]
             if proto == PROTO_TCP:
-                _column(out, at + ihl + 4, ">u4", rows_total, size)[:] = _steps(mss)[:rows_total] + first.seq
+                seqs[:] = _steps(mss)[:rows_total] + first.seq
         else:
             which = np.repeat(np.arange(len(group)), counts)  # row -> packet
             rows[:, :hl] = np.frombuffer(b"".join(p.template for p in group), np.uint8).reshape(len(group), hl)[which]
@@ -221,9 +227,9 @@ class Segmenter:
             base = np.array([((p.ident - f) & 0xFFFF, (p.seq - f * mss) & 0xFFFFFFFF)
                              for p, f in zip(group, firsts, strict=True)], dtype=np.uint64)[which]
             ramp = np.arange(rows_total, dtype=np.uint64)
-            _column(out, at + 4, ">u2", rows_total, size)[:] = base[:, 0] + ramp  # IDs count on, and wrap
+            ids[:] = base[:, 0] + ramp  # IDs count on, and wrap
             if proto == PROTO_TCP:  # sequence numbers, mod 2**32
-                _column(out, at + ihl + 4, ">u4", rows_total, size)[:] = base[:, 1] + ramp * mss
+                seqs[:] = base[:, 1] + ramp * mss
         row = 0
         shorts = []  # (row, bytes short of a full segment) of each short last segment
         for p in group:  # the last (and first) segment of each packet differ in length and flags
@@ -252,7 +258,6 @@ class Segmenter:
             self._checksums_slowly(rows, proto, ihl, hl)
             return at + rows_total * size + 8 & ~7
         w = dtype.itemsize
-        flat = u8[at:at + rows_total * size].view(dtype)
         if stream:
             # IP headers are done, so each row's L4 part plus the next row's (valid: sums to 0) IP
             # header is one interval: a single start per row.
@@ -273,9 +278,9 @@ class Segmenter:
         for i, short in shorts:  # a short last segment: a shorter pseudo-header length (the UDP one is in)
             x[i] = int(x[i]) + 256 * short
         if proto == PROTO_TCP:
-            _column(out, at + ihl + 16, "<u2", rows_total, size)[:] = x % 0xFFFF
+            l4_checks[:] = x % 0xFFFF
         else:  # never 0: UDP's "no checksum"
-            _column(out, at + ihl + 6, "<u2", rows_total, size)[:] = 0xFFFF - (_BIG - x) % 0xFFFF
+            l4_checks[:] = 0xFFFF - (_BIG - x) % 0xFFFF
         return at + rows_total * size + 8 & ~7
 
     def _checksums_slowly(self, rows: np.ndarray, proto: int, ihl: int, hl: int) -> None:
@@ -294,6 +299,31 @@ class Segmenter:
         self.out = bytearray(size)
         self.out_mv = memoryview(self.out)
         self._out_u8 = np.frombuffer(self.out, np.uint8)
+        self._views.clear()
+
+    def _views_for(self, at: int, rows: int, size: int, ihl: int, proto: int) -> tuple:
+        """The arrays a cut of ``rows`` rows of ``size`` bytes at ``at`` in ``out`` writes through:
+        the rows, their words for the sums, and the IP ID, IP checksum, TCP sequence number and L4
+        checksum columns. Cached: a steady flow cuts the same shapes again and again, and building
+        six views costs more than the dict lookup."""
+        if len(self._views) > 64:
+            self._views.clear()
+        out, dtype = self.out, _SUM_DTYPE.get(size & 3)
+        table = self._out_u8[at:at + rows * size]
+        views = self._views[(at, rows, size, ihl, proto)] = (
+            table.reshape(rows, size),
+            table.view(dtype) if dtype is not None else None,
+            _column(out, at + 4, ">u2", rows, size),
+            _column(out, at + 10, ">u2", rows, size),
+            _column(out, at + ihl + 4, ">u4", rows, size) if proto == PROTO_TCP else None,
+            _column(out, at + ihl + (16 if proto == PROTO_TCP else 6), "<u2", rows, size),
+        )
+        return views
+
+    def _input(self, buf: bytearray) -> np.ndarray:
+        """``buf`` as bytes for numpy, kept for the next cut (the fast path cuts from one buffer)."""
+        self._in, self._in_u8 = buf, np.frombuffer(buf, np.uint8)
+        return self._in_u8
 
 
 _new_packet = tuple.__new__  # builds a _Packet or a Cut without NamedTuple's Python-level __new__
@@ -421,6 +451,7 @@ class Coalescer:
         self.udp = udp
         self._mv, self._u8 = _views(buf)
         self._rules: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pseudos: dict[tuple[int, int], np.ndarray] = {}
         self._payloads: dict[tuple[int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
@@ -463,9 +494,15 @@ class Coalescer:
             return _singles(0, rows)
         self._hl, self._proto = hl, proto
         udp = proto == PROTO_UDP
-        dtype = _SUM_DTYPE[seg & 3]
-        size = dtype.itemsize
-        flat = self._u8[base:base + rows * seg].view(dtype)
+        size = 4 if seg & 3 == 0 else 2
+        views = self._views.get((base, rows, seg, hl))
+        if views is None:
+            if len(self._views) > 64:
+                self._views.clear()
+            views = self._views[(base, rows, seg, hl)] = (
+                self._u8[base:base + rows * seg].view(_SUM_DTYPE[seg & 3]),  # the table, for the sums
+                np.ndarray((rows, hl >> 2), ">u4", buf, base, (seg, 4)))  # every row's headers
+        flat, header_words = views
 
         # Short rows may only end a run. Each lends the comparison below its length bytes (checked
         # here, restored after): then the comparison covers every row's total length (and UDP
@@ -491,7 +528,7 @@ class Coalescer:
                 self._rules.clear()
             rule = self._rules[(hl, seg, proto)] = _merge_rule(hl, seg, proto)
         mask, step = rule
-        headers = np.ndarray((rows, hl >> 2), ">u4", buf, base, (seg, 4)).astype(np.uint32)
+        headers = header_words.astype(np.uint32)
         for at, total, udp_length in borrowed:
             buf[at + 2:at + 4] = total
             if udp_length is not None:
