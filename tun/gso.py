@@ -453,7 +453,7 @@ class Coalescer:
         self._rules: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pseudos: dict[tuple[int, int], np.ndarray] = {}
-        self._payloads: dict[tuple[int, int], list] = {}
+        self._payloads: dict[tuple[int, int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
         self._short: dict[int, int] = {}  # its rows shorter than seg: row -> length
 
@@ -569,14 +569,17 @@ class Coalescer:
             most = min(most, UDP_MAX_ROWS)
         if not cuts and rows <= most:
             return [(0, rows)] if self._head_ok(0) else _singles(0, rows)
-        runs = []
+        plan = []
         start = 0
-        for i in cuts:
-            runs.append((start, i + 1))
-            start = i + 1
-        runs.append((start, rows))
-        return [r for a, b in runs for c, d in _cap(a, b, most)
-                for r in ([(c, d)] if d - c > 1 and self._head_ok(c) else _singles(c, d))]
+        for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table
+            for c in range(start, end + 1, most):  # no more than ``most`` rows in one write
+                d = min(c + most, end + 1)
+                if d - c > 1 and self._head_ok(c):
+                    plan.append((c, d))
+                else:
+                    plan += _singles(c, d)
+            start = end + 1
+        return plan
 
     def _pseudo(self, seg: int, proto: int) -> np.ndarray:
         """[0, 256 × (protocol + L4 length)]: what a full row adds to its two sums (cached)."""
@@ -624,12 +627,14 @@ class Coalescer:
             h[33] = self.buf[end + 33]  # PSH as on the last row
             _pack_u16(h, 36, pseudo)
             iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
-        if base % seg == 0:  # payload views of the whole buffer, cached per row shape
-            views = self._payloads.get((seg, hl))
+        if seg >= 512:  # payload views of the whole buffer, cached per row shape and phase
+            phase = base % seg
+            views = self._payloads.get((seg, hl, phase))
             if views is None:
-                if len(self._payloads) > 32:
+                if len(self._payloads) > 16:  # each list holds ~len(buf) / seg views
                     self._payloads.clear()
-                views = self._payloads[(seg, hl)] = [mv[o + hl:o + seg] for o in range(0, len(mv) - seg + 1, seg)]
+                views = self._payloads[(seg, hl, phase)] = [mv[o + hl:o + seg]
+                                                            for o in range(phase, len(mv) - seg + 1, seg)]
             first = base // seg + a
             iov += views[first:first + b - 1 - a]
         else:
@@ -640,10 +645,6 @@ class Coalescer:
 
 def _singles(a: int, b: int) -> list[tuple[int, int]]:
     return [(i, i + 1) for i in range(a, b)]
-
-
-def _cap(a: int, b: int, most: int) -> list[tuple[int, int]]:
-    return [(i, min(i + most, b)) for i in range(a, b, most)]
 
 
 # -- the same, one call per packet list: for tests and for reading, not for the hot path -----------------
