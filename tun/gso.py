@@ -453,7 +453,7 @@ class Coalescer:
         self._rules: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._pseudos: dict[tuple[int, int], np.ndarray] = {}
-        self._payloads: dict[tuple[int, int, int], list] = {}
+        self._payloads: dict[tuple[int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
         self._short: dict[int, int] = {}  # its rows shorter than seg: row -> length
 
@@ -627,17 +627,15 @@ class Coalescer:
             h[33] = self.buf[end + 33]  # PSH as on the last row
             _pack_u16(h, 36, pseudo)
             iov = [vnet.tcpv4_gso(hl, seg - hl, 20) + h]
-        if seg >= 512:  # payload views of the whole buffer, cached per row shape and phase
-            phase = base % seg
-            views = self._payloads.get((seg, hl, phase))
+        if base % seg == 0:  # payload views of the whole buffer, cached per row shape
+            views = self._payloads.get((seg, hl))
             if views is None:
-                if len(self._payloads) > 16:  # each list holds ~len(buf) / seg views
+                if len(self._payloads) > 32:
                     self._payloads.clear()
-                views = self._payloads[(seg, hl, phase)] = [mv[o + hl:o + seg]
-                                                            for o in range(phase, len(mv) - seg + 1, seg)]
+                views = self._payloads[(seg, hl)] = [mv[o + hl:o + seg] for o in range(0, len(mv) - seg + 1, seg)]
             first = base // seg + a
             iov += views[first:first + b - 1 - a]
-        else:
+        else:  # (not per phase too: tables start on any 8-byte boundary, and a list is len(buf)/seg views)
             iov += [mv[o + hl:o + seg] for o in range(at, end, seg)]
         iov.append(mv[end + hl:end + tail])
         return iov
