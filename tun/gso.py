@@ -494,13 +494,14 @@ class Coalescer:
             return _singles(0, rows)
         self._hl, self._proto = hl, proto
         udp = proto == PROTO_UDP
-        size = 4 if seg & 3 == 0 else 2
+        dtype = _SUM_DTYPE[seg & 3]
+        size = dtype.itemsize
         views = self._views.get((base, rows, seg, hl))
         if views is None:
             if len(self._views) > 64:
                 self._views.clear()
             views = self._views[(base, rows, seg, hl)] = (
-                self._u8[base:base + rows * seg].view(_SUM_DTYPE[seg & 3]),  # the table, for the sums
+                self._u8[base:base + rows * seg].view(dtype),  # the table, for the sums
                 np.ndarray((rows, hl >> 2), ">u4", buf, base, (seg, 4)))  # every row's headers
         flat, header_words = views
 
@@ -567,8 +568,6 @@ class Coalescer:
         most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
         if udp:
             most = min(most, UDP_MAX_ROWS)
-        if not cuts and rows <= most:
-            return [(0, rows)] if self._head_ok(0) else _singles(0, rows)
         plan = []
         start = 0
         for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table
