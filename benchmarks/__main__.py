@@ -52,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="an extra row: COMMAND runs in each node's namespace; placeholders {node} {index} {iface} "
                         "{address} {subnet} {peer_subnet} {peer_address} {network} {port} {mtu} {subnet_file}")
     p.add_argument("--external-mtu", type=int, default=1472, help="pod MTU for --external rows that write no subnet file")
+    p.add_argument("--rtt-pairs", type=int, metavar="N",
+                   help=f"per repeat, N turns each of the fast-path and per-packet rows in one lab, for a paired RTT "
+                        f"comparison (default {FULL.rtt_pairs}; --quick: {QUICK.rtt_pairs}; 0: off)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each lab, wait up to SECONDS for other work on the machine to drop below 15%% CPU")
     p.add_argument("--code", metavar="REV", help="run udpflannel from this git revision (default: a copy of the "
@@ -118,7 +121,8 @@ def git_commit() -> str:
 def rebuild_report(out: Path, update: bool) -> int:
     """Re-derive every table and plot from the raw data a previous run saved (after a change to report.py)."""
     saved = json.loads((out / "results.json").read_text())
-    raw = {"rows": saved["raw"], "strace": saved.get("strace_check"), "calibration": saved.get("calibration")}
+    raw = {"rows": saved["raw"], "strace": saved.get("strace_check"), "calibration": saved.get("calibration"),
+           "rtt_pairs": saved.get("rtt_pairs", {}).get("raw", [])}
     results = report.build_results(raw, saved["meta"])
     paths = report.write_all(results, out)
     print(f"rebuilt {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat or base.repeat, tcp_seconds=args.seconds or base.tcp_seconds, omit=base.omit,
         udp_seconds=args.seconds or base.udp_seconds, rr_count=base.rr_count, rr_max_seconds=base.rr_max_seconds,
         strace_seconds=base.strace_seconds, wait_idle=args.wait_idle,
+        rtt_pairs=base.rtt_pairs if args.rtt_pairs is None else args.rtt_pairs, rtt_pair_count=base.rtt_pair_count,
     )
     out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
     workdir = out / "tmp" / "logs"

@@ -9,6 +9,7 @@ aggregate over repeats is ``{"median", "min", "max", "n", "values", ...}`` or ``
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,68 @@ def build_results(raw: dict, meta: dict) -> dict:
             }
     return {"meta": meta, "metrics": {m.key: {"label": m.label, "unit": m.unit, "better": m.better} for m in METRICS},
             "rows": rows, "ratios": ratios, "strace_check": raw.get("strace"), "calibration": raw.get("calibration"),
-            "raw": raw["rows"]}
+            "rtt_pairs": summarize_pairs(raw.get("rtt_pairs") or []), "raw": raw["rows"]}
+
+
+# -- paired RTT (benchmarks.pairs) ----------------------------------------------------------------------------
+BOOTSTRAP_ROUNDS = 2000
+BOOTSTRAP_SEED = 8285  # fixed: rebuilding the report from results.json gives the same interval
+
+
+def bootstrap_median_ci(values: list[float], *, rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (resampled with replacement)."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(rounds))
+    tail = (1 - level) / 2
+    return medians[int(tail * rounds)], medians[min(rounds - 1, int((1 - tail) * rounds))]
+
+
+def summarize_pairs(labs: list[dict]) -> dict:
+    """Pairs of turns (same lab, same pair index) → per row: median RTT p50 and daemon CPU per round
+    trip over its turns; per pair: the first row's p50 (and CPU) ÷ the second's, summarized by its
+    median with a bootstrap 95 % interval and the share of pairs where the first row was not slower."""
+    if not labs:
+        return {"unsupported": "no paired RTT in this run (it needs the fast-path and the per-packet rows; --rtt-pairs)"}
+    names = labs[0]["rows"]
+    turns = [(i, t) for i, lab in enumerate(labs) for t in lab["turns"]]
+    by_pair: dict[tuple[int, int], dict[str, dict]] = {}
+    for i, t in turns:
+        by_pair.setdefault((i, t["pair"]), {})[t["row"]] = t
+    complete = [p for p in by_pair.values() if len(p) == 2]
+    out: dict = {"rows": names, "labs": len(labs), "pairs": len(complete), "raw": labs,
+                 "errors": [lab["error"] for lab in labs if "error" in lab]}
+    if not complete:
+        return {**out, "unsupported": "no complete pair was measured: " + "; ".join(out["errors"] or ["no turns"])}
+    a, b = names
+    out["p50_us"] = {n: statistics.median(p[n]["p50_us"] for p in complete) for n in names}
+    out["cpu_us_per_rt"] = {n: statistics.median(p[n]["daemon_cpu_us_per_rt"] for p in complete) for n in names}
+    for key, field in (("p50_ratio", "p50_us"), ("cpu_ratio", "daemon_cpu_us_per_rt")):
+        ratios = [p[a][field] / p[b][field] for p in complete if p[b][field] > 0]
+        lo, hi = bootstrap_median_ci(ratios)
+        out[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
+                    "not_slower_share": sum(r <= 1 for r in ratios) / len(ratios), "n": len(ratios)}
+    return out
+
+
+def pairs_text(results: dict) -> str:
+    s = results.get("rtt_pairs") or {}
+    if "p50_ratio" not in s:
+        return f"Not measured: {s.get('unsupported', 'no paired RTT in this run')}"
+    a, b = s["rows"]
+    r, c = s["p50_ratio"], s["cpu_ratio"]
+    lines = [f"{s['pairs']} pairs of turns in {s['labs']} lab(s), one lab per repeat: in each pair both rows' daemons "
+             "run in turn in the same lab (order alternating), each turn a fresh start of the daemons and "
+             f"{results['meta'].get('rr_runs', 1)} request/response client processes, pooled. Medians over the turns:", "",
+             "| row | RTT p50 (µs) | daemon CPU per round trip, both nodes (µs) |", "|---|---:|---:|"]
+    lines += [f"| {n} | {s['p50_us'][n]:.0f} | {s['cpu_us_per_rt'][n]:.1f} |" for n in (a, b)]
+    lines += ["", f"{a} ÷ {b}, pair by pair: RTT p50 **{r['median']:.3f}×** (95 % bootstrap interval "
+              f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}; not slower in {r['not_slower_share'] * 100:.0f} % of the pairs), "
+              f"daemon CPU per round trip {c['median']:.3f}× ({c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})."]
+    if s["errors"]:
+        lines += ["", "Failed: " + "; ".join(s["errors"])]
+    return "\n".join(lines)
 
 
 GROUP_LABELS = {"tcp1": "TCP 1 stream", "tcp1_bbr": "TCP 1 stream, BBR", "tcp4": "TCP 4 streams", "rr": "request/response",
@@ -273,6 +335,8 @@ def markdown(results: dict, images: list[str]) -> str:
     strace = results.get("strace_check")
     if strace:
         lines += ["### Syscall counters cross-checked with strace", "", strace_text(strace), ""]
+    if "p50_ratio" in (results.get("rtt_pairs") or {}):
+        lines += ["### RTT of the fast path and the per-packet path, paired in one lab", "", pairs_text(results), ""]
     lines += ["### Notes", ""]
     lines += notes(results)
     unsupported = [(n, m.key, rows[n]["metrics"][m.key]["unsupported"]) for n in names for m in METRICS
@@ -468,6 +532,9 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
              "", main_table(results), "", foreign_line(results), ""]
     if "vxlan" in results["rows"]:
         parts += ["Ratio to kernel VXLAN from the same run:", "", ratio_table(results, "vxlan"), ""]
+    if "p50_ratio" in (results.get("rtt_pairs") or {}):
+        parts += ["RTT of the fast path and the per-packet path, paired (the table's RTT cells move ±10 % from lab "
+                  "to lab, more than the two paths differ):", "", pairs_text(results), ""]
     parts += ["¹ kernel rows: the whole machine's system + softirq + irq time (no process of their own), so not "
               "compared across kinds; ² all non-idle CPU, generators included; ³ not applicable, reasons in the "
               "full report; ≥ generator-limited (a lower bound). Medians (min–max) over the repeats.", "",

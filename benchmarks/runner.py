@@ -32,6 +32,7 @@ from benchmarks.measure import (
     udp_flood,
     window,
 )
+from benchmarks.pairs import pair_rows, paired_rtt
 from udpflannel.lab.netns import Lab
 
 OPEN_LABS: set[Lab] = set()
@@ -50,16 +51,22 @@ class Settings:
     rr_count: int
     rr_max_seconds: float
     strace_seconds: int
+    rtt_pairs: int = 0  # per repeat: turns of the fast-path and per-packet rows in one lab (benchmarks.pairs)
+    rtt_pair_count: int = 2000  # round trips per turn
     wait_idle: float = 0.0  # seconds to wait, before each lab, for the machine to be < QUIET busy
 
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
                 f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s); TCP congestion "
-                f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)")
+                f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)"
+                + (f"; paired RTT: {self.rtt_pairs} pair(s) of turns per repeat, {self.rtt_pair_count} round trips each"
+                   if self.rtt_pairs else ""))
 
 
-FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3)
-QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1)
+FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3,
+                rtt_pairs=10, rtt_pair_count=2000)
+QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1,
+                 rtt_pairs=1, rtt_pair_count=400)
 
 
 class Progress:
@@ -234,8 +241,9 @@ def _strace(dp: Dataplane, topo: Topology, s: Settings, progress: Progress) -> d
 def run_all(dataplanes: dict[str, Dataplane], s: Settings, workdir: Path, progress: Progress) -> dict:
     raw: dict = {"rows": {name: {"kind": dp.kind, "description": dp.description, "has_counters": dp.has_counters,
                                  "runs": []} for name, dp in dataplanes.items()},
-                 "strace": None, "calibration": None}
+                 "strace": None, "calibration": None, "rtt_pairs": []}
     names = list(dataplanes)
+    paired = pair_rows(dataplanes) if s.rtt_pairs else None
     for rep in range(s.repeat):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
@@ -250,4 +258,10 @@ def run_all(dataplanes: dict[str, Dataplane], s: Settings, workdir: Path, progre
                 raw["strace"] = strace
             if calibration is not None:
                 raw["calibration"] = calibration
+        if paired:
+            progress(f"repeat {rep + 1}/{s.repeat}: paired RTT, {' vs '.join(paired)}")
+            wait_for_quiet(s.wait_idle)
+            raw["rtt_pairs"].append(paired_rtt(
+                paired, s.rtt_pairs, s.rtt_pair_count, s.rr_max_seconds, lab_tag=f"{LAB_PREFIX}{secrets.token_hex(3)}",
+                workdir=workdir / f"paired-r{rep + 1}", progress=progress, open_labs=OPEN_LABS))
     return raw

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,16 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
             assert groups[g]["pod_udp"]["InDatagrams"] > 0 and groups[g]["pod_udp"]["InCsumErrors"] == 0
     strace = results["strace_check"]
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
+    pairs = results["rtt_pairs"]  # one pair of turns: fast path and per-packet path in one lab
+    assert not pairs["errors"] and pairs["pairs"] == 1, pairs
+    assert all(pairs["cpu_us_per_rt"][n] > 0 for n in pairs["rows"]), pairs
 
     md = (tmp_path / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| metric |"))
     assert header.startswith("| metric | udpflannel |") and "| vxlan |" in header and "| host-gw |" in header
     assert "Ratio to vxlan" in md and "Ratio to host-gw" in md
     assert "Not available" in md  # the kernel rows' per-process metrics, with their reasons
+    assert "paired in one lab" in md
 
 
 # -- report rules on fake data (no root) -------------------------------------------------------------------
@@ -133,3 +138,31 @@ def test_markdown_and_plots_render(tmp_path: Path) -> None:
     assert "≥ 10.00" not in md and "0.90 (0.80–1.00) [2 of 3]" in md
     assert "≥ 50" in md  # generator-limited packet rate is shown as a lower bound
     assert all(p.stat().st_size > 0 for p in paths.values())
+
+
+def turn(row: str, pair: int, p50: float, cpu: float) -> dict:
+    return {"row": row, "pair": pair, "p50_us": p50, "p99_us": 2 * p50, "n": 100, "daemon_cpu_us_per_rt": cpu}
+
+
+def test_paired_rtt_is_compared_pair_by_pair() -> None:
+    # lab 0: A is 10 % faster in every pair although lab 1 is much slower than lab 0 for both rows;
+    # lab 1's last pair is incomplete (B's turn failed) and must be left out, not paired across labs.
+    first = [t for i in range(3) for t in (turn("A", i, 90 + i, 50), turn("B", i, 100 + i, 60))]
+    labs = [{"rows": ["A", "B"], "turns": first},
+            {"rows": ["A", "B"], "turns": [turn("A", 0, 270, 50), turn("B", 0, 300, 60), turn("A", 1, 280, 50)],
+             "error": "DataplaneError: boom"}]
+    s = report.summarize_pairs(labs)
+    assert (s["pairs"], s["labs"], s["errors"]) == (4, 2, ["DataplaneError: boom"])
+    assert s["p50_ratio"]["median"] == pytest.approx(0.9, abs=0.01) and s["p50_ratio"]["not_slower_share"] == 1
+    lo, hi = s["p50_ratio"]["ci95"]
+    assert lo <= s["p50_ratio"]["median"] <= hi < 1
+    assert s["cpu_ratio"]["median"] == pytest.approx(50 / 60)
+    assert s["p50_us"] == {"A": pytest.approx((91 + 92) / 2), "B": pytest.approx((101 + 102) / 2)}
+    assert "unsupported" in report.summarize_pairs([])
+
+
+def test_bootstrap_interval_is_reproducible_and_covers_the_median() -> None:
+    values = [1.0, 0.9, 1.1, 0.95, 1.05, 0.97, 1.2, 0.85]
+    ci = report.bootstrap_median_ci(values)
+    assert ci == report.bootstrap_median_ci(values) and ci[0] <= statistics.median(values) <= ci[1]
+    assert report.bootstrap_median_ci([1.0] * 5) == (1.0, 1.0)

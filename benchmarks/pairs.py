@@ -1,0 +1,91 @@
+"""Request/response latency of two udpflannel rows, paired: one lab, the rows' daemons taking turns.
+
+Why: on 2 vCPUs one row's RTT p50 moves by ±10 % from lab to lab with where the scheduler puts the
+four processes of a round trip (client, two daemons, server), so the main table cannot tell apart
+two rows closer than that — and the fast path's "no worse than the per-packet path" is such a
+comparison. Here both rows run in the same lab, one after the other, many times (restarting the
+daemons re-draws their placement; the order alternates A B, B A, ...), so the lab and the machine's
+drift cancel in each pair. Each turn also reads the daemons' own CPU time from
+``/proc/<pid>/task/*/schedstat`` (nanoseconds), divided by the round trips: a per-packet cost
+with far less noise than the latency itself.
+
+Pure summaries (:func:`summarize_pairs`) live in ``benchmarks.report``; this module only measures.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from benchmarks.lab import (
+    NO_FAST_PATH,
+    DataplaneError,
+    UdpflannelStatic,
+    add_pods,
+    build_nodes,
+    wait_reachable,
+)
+from benchmarks.measure import MeasureError, request_response, runtime_ns, start_servers
+from udpflannel.lab.netns import Lab
+
+WARMUP = 100  # untimed round trips per client process (request_response's default)
+
+
+def paired_rtt(rows: dict[str, UdpflannelStatic], pairs: int, count: int, max_seconds: float, *, lab_tag: str,
+               workdir: Path, progress, open_labs: set) -> dict:
+    """``pairs`` turns of each row (two rows) in one fresh lab; ``count`` round trips per turn.
+
+    Returns ``{"rows": [a, b], "turns": [{"row", "pair", "p50_us", "p99_us", "n", "daemon_cpu_us_per_rt"}, ...]}``
+    with ``"error": reason`` added if a turn failed (the turns before it are kept).
+    """
+    names = list(rows)
+    assert len(names) == 2, names
+    out: dict = {"rows": names, "turns": [], "lab_tag": lab_tag}
+    lab = Lab(tag=lab_tag)
+    open_labs.add(lab)
+    try:
+        topo = build_nodes(lab, workdir)
+        servers = None
+        for dp in rows.values():
+            dp.setup(topo)
+        for pair in range(pairs):
+            order = names if pair % 2 == 0 else names[::-1]
+            for name in order:
+                dp = rows[name]
+                dp.start()
+                if servers is None:
+                    add_pods(topo, dp.pod_mtu)
+                    servers = start_servers(topo)
+                wait_reachable(topo)
+                pids = dp.pids()
+                before = runtime_ns(pids)
+                rr = request_response(topo.pods[1], str(topo.pods[2].address), count, max_seconds, warmup=WARMUP)
+                spent = runtime_ns(pids) - before
+                round_trips = rr["n"] + WARMUP * rr["runs"]
+                out["turns"].append({"row": name, "pair": pair, "p50_us": round(rr["p50_us"], 1),
+                                     "p99_us": round(rr["p99_us"], 1), "n": rr["n"],
+                                     "daemon_cpu_us_per_rt": round(spent / round_trips / 1e3, 2)})
+                dp.stop()
+        progress(f"paired RTT ({pairs} pairs): " + ", ".join(
+            f"{n} p50 {sorted(t['p50_us'] for t in out['turns'] if t['row'] == n)[pairs // 2]:.0f} µs" for n in names))
+    except (DataplaneError, MeasureError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        progress(f"paired RTT failed: {exc}")
+    finally:
+        try:
+            for dp in rows.values():
+                dp.teardown()
+        finally:
+            lab.close()
+            open_labs.discard(lab)
+    return out
+
+
+def pair_rows(dataplanes: dict) -> dict[str, UdpflannelStatic] | None:
+    """The fast-path row and the per-packet row, if this run has both (fresh objects: their own slugs)."""
+    fast, per_packet = dataplanes.get("udpflannel"), dataplanes.get(f"udpflannel {NO_FAST_PATH}")
+    if not isinstance(fast, UdpflannelStatic) or not isinstance(per_packet, UdpflannelStatic):
+        return None
+    return {name: UdpflannelStatic(f"{name} paired", dp.extra_args, code=dp.code, description=dp.description)
+            for name, dp in (("udpflannel", fast), (f"udpflannel {NO_FAST_PATH}", per_packet))}
+
