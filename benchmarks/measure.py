@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,35 +74,34 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+def _thread_files(pid: int, name: str) -> Iterator[str]:
+    """The text of ``/proc/<pid>/task/*/<name>`` for each of the process's live threads (none once it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            yield Path(f"/proc/{pid}/task/{tid}/{name}").read_text()
+        except OSError:
+            continue
+
+
 def runtime_ns(pids: list[int]) -> int:
     """CPU time the live threads of ``pids`` have run, in ns (``/proc/<pid>/task/*/schedstat``, field 1):
     exact where ``utime + stime`` counts 10 ms ticks, so it can price a few thousand round trips."""
     total = 0
     for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
+        for text in _thread_files(pid, "schedstat"):
+            fields = text.split()
+            total += int(fields[0]) if fields else 0
     return total
 
 
 def proc_ctxsw(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches summed over the process's threads."""
     vol = invol = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0, 0
-    for tid in tasks:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except OSError:
-            continue
+    for text in _thread_files(pid, "status"):
         for line in text.splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
                 vol += int(line.split()[1])
@@ -334,7 +334,8 @@ def request_response(client: Netns, target: str, count: int, max_seconds: float,
         out = json.loads(proc.stdout)
         samples += out["samples_ns"]
         per_run.append(round(out["p50_us"], 1))
-    return {**rr_tool.summarize(samples, size=RR_SIZE, count=each * runs), "runs": runs, "run_p50_us": per_run}
+    return {**rr_tool.summarize(samples, size=RR_SIZE, count=each * runs), "runs": runs, "warmup": warmup,
+            "run_p50_us": per_run}
 
 
 # -- strace cross-check ---------------------------------------------------------------------------------------
