@@ -20,6 +20,7 @@ Never raises for bad packets: :meth:`Segmenter.cut` returns a :class:`~udpflanne
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -329,19 +330,15 @@ class Segmenter:
 _new_packet = tuple.__new__  # builds a _Packet or a Cut without NamedTuple's Python-level __new__
 
 
-_STARTS: dict[tuple[int, int, tuple[int, ...]], np.ndarray] = {}
-
-
 def _row_starts(rows: int, row_words: int, offsets: tuple[int, ...]) -> np.ndarray:
     """``add.reduceat``'s starts for ``rows`` rows of ``row_words`` words: ``offsets`` (in words)
-    into each row. Cached per power of two of rows and sliced, as row counts change every batch."""
-    cap = 1 << (rows - 1).bit_length()
-    found = _STARTS.get((cap, row_words, offsets))
-    if found is None:
-        if len(_STARTS) > 64:
-            _STARTS.clear()
-        found = _STARTS[(cap, row_words, offsets)] = (np.arange(cap)[:, None] * row_words + list(offsets)).ravel()
-    return found[:rows * len(offsets)]
+    into each row. Built per power of two of rows and sliced, as row counts change every batch."""
+    return _starts_upto(1 << (rows - 1).bit_length(), row_words, offsets)[:rows * len(offsets)]
+
+
+@functools.lru_cache(maxsize=64)
+def _starts_upto(rows: int, row_words: int, offsets: tuple[int, ...]) -> np.ndarray:
+    return (np.arange(rows)[:, None] * row_words + list(offsets)).ravel()
 
 
 def _column(buf: bytearray, offset: int, dtype: str, count: int, stride: int) -> np.ndarray:
@@ -415,6 +412,7 @@ UDP_HEADERS = 28
 UDP_MAX_ROWS = 64
 
 
+@functools.lru_cache(maxsize=64)
 def _merge_rule(hl: int, seg: int, proto: int) -> tuple[np.ndarray, np.ndarray]:
     """The rules above as (mask, step) over a row's headers read as big-endian 32-bit words: masked,
     each row must equal the row before plus ``step``, in unsigned 32-bit arithmetic. The ID is the
@@ -428,6 +426,12 @@ def _merge_rule(hl: int, seg: int, proto: int) -> tuple[np.ndarray, np.ndarray]:
         keep[33] = 0xFF & ~PSH
         step[6] = seg - hl
     return keep.view(">u4").astype(np.uint32), step
+
+
+@functools.lru_cache(maxsize=64)
+def _pseudo(seg: int, proto: int) -> np.ndarray:
+    """[0, 256 × (protocol + L4 length)]: what a full row of ``seg`` bytes adds to its two sums."""
+    return np.array([0, 256 * (proto + seg - 20)], dtype=np.uint64)
 
 
 class Coalescer:
@@ -450,9 +454,7 @@ class Coalescer:
         self.buf = buf
         self.udp = udp
         self._mv, self._u8 = _views(buf)
-        self._rules: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
-        self._pseudos: dict[tuple[int, int], np.ndarray] = {}
         self._payloads: dict[tuple[int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
         self._short: dict[int, int] = {}  # its rows shorter than seg: row -> length
@@ -523,12 +525,7 @@ class Coalescer:
                 _pack_u16(buf, at + 24, seg - 20)
         # 1. Pairs of rows that break a header rule (``_merge_rule``: one array comparison checks
         # the fields that must match, the IDs and sequence numbers that must count on); PSH apart
-        rule = self._rules.get((hl, seg, proto))
-        if rule is None:
-            if len(self._rules) > 64:
-                self._rules.clear()
-            rule = self._rules[(hl, seg, proto)] = _merge_rule(hl, seg, proto)
-        mask, step = rule
+        mask, step = _merge_rule(hl, seg, proto)
         headers = header_words.astype(np.uint32)
         for at, total, udp_length in borrowed:
             buf[at + 2:at + 4] = total
@@ -541,7 +538,7 @@ class Coalescer:
         # row, words [0, 12) [12, 20) [20, end) bytes; IP = first two, L4 = last two + pseudo-header.
         parts = _sum_at(flat, _row_starts(rows, seg // size, (0, 12 // size, 20 // size))).reshape(rows, 3)
         sums = parts[:, :2] + parts[:, 1:]  # [IP header, L4 with addresses]
-        sums += self._pseudo(seg, proto)  # the rest of the pseudo-header, in the LE domain (× 256)
+        sums += _pseudo(seg, proto)  # the rest of the pseudo-header, in the LE domain (× 256)
         for r, length in short.items():
             sums[r, 1] += 0xFFFF * 256 - 256 * (seg - length)
         bad = sums % 0xFFFF
@@ -579,13 +576,6 @@ class Coalescer:
                     plan += _singles(c, d)
             start = end + 1
         return plan
-
-    def _pseudo(self, seg: int, proto: int) -> np.ndarray:
-        """[0, 256 × (protocol + L4 length)]: what a full row adds to its two sums (cached)."""
-        found = self._pseudos.get((seg, proto))
-        if found is None:
-            found = self._pseudos[(seg, proto)] = np.array([0, 256 * (proto + seg - 20)], dtype=np.uint64)
-        return found
 
     def _head_ok(self, a: int) -> bool:
         """Rows in a run match the first one but for ID, sequence number and checksums; so only the
