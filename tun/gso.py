@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tun import vnet
+from tun import gso_jit, vnet
 from udpflannel.packet import Verdict
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
@@ -35,6 +35,10 @@ MAX_IP_PACKET = 0xFFFF
 # Read buffers must have this much room beyond the largest packet: split() zero-pads the last segment's
 # payload to a whole segment so one reshape sums every segment (the zeros don't change a checksum).
 SPLIT_SLACK = MAX_IP_PACKET + 8
+
+# Segmenters and Coalescers run the compiled loops of gso_jit where numba is installed, unless built
+# with jit=False or this is False (the tests run both and compare).
+COMPILED = gso_jit.AVAILABLE
 
 _ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here
@@ -130,13 +134,15 @@ class Segmenter:
     segment's IP-header and L4 sums, from which both checksums follow. Packets are parsed in Python.
     """
 
-    def __init__(self, capacity: int = 20 * BUFFER_SIZE) -> None:
+    def __init__(self, capacity: int = 20 * BUFFER_SIZE, *, jit: bool | None = None) -> None:
+        self.jit = (COMPILED if jit is None else jit) and gso_jit.AVAILABLE  # gso_jit's loops, not the arrays below
         self.out = bytearray(capacity)
         self.out_mv = memoryview(self.out)
         self._out_u8 = np.frombuffer(self.out, np.uint8)
         self._views: dict[tuple[int, int, int, int, int], tuple] = {}
         self._in: bytearray | None = None
         self._in_u8 = self._out_u8
+        self._in_u32 = self._out_u8
 
     def cut(self, buf: bytearray, items) -> list[Cut | Verdict]:
         """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
@@ -169,6 +175,8 @@ class Segmenter:
         first = group[0]
         proto, ihl, hl, mss = first.proto, first.ihl, first.hl, first.mss
         size = hl + mss
+        if self.jit:
+            return self._flush_compiled(buf, group, results, at)
         counts = [p.count for p in group]
         rows_total = sum(counts)
         out = self.out
@@ -284,6 +292,21 @@ class Segmenter:
             l4_checks[:] = 0xFFFF - (_BIG - x) % 0xFFFF
         return at + rows_total * size + 8 & ~7
 
+    def _flush_compiled(self, buf: bytearray, group: list[_Packet], results: list, at: int) -> int:
+        """:meth:`_flush` as one compiled loop (:func:`tun.gso_jit.cut`): each row written once."""
+        first = group[0]
+        hl, size = first.hl, first.hl + first.mss
+        if buf is not self._in:
+            self._input(buf)
+        templates = np.frombuffer(b"".join([p.template for p in group]), np.uint8).reshape(len(group), hl)
+        packets = np.array([p[:1] + p[5:7] + p[8:] for p in group], np.int64)  # at, count, last, ident, seq, flags
+        gso_jit.cut(self._in_u8, self._in_u32, self._out_u8, at, first.proto, first.ihl, hl, first.mss, templates, packets)
+        row = 0
+        for p in group:
+            results.append(_new_packet(Cut, (at + row * size, p.count, size, hl + p.last)))
+            row += p.count
+        return at + row * size + 8 & ~7
+
     def _checksums_slowly(self, rows: np.ndarray, proto: int, ihl: int, hl: int) -> None:
         for r in rows:
             data = r.tobytes()
@@ -324,6 +347,7 @@ class Segmenter:
     def _input(self, buf: bytearray) -> np.ndarray:
         """``buf`` as bytes for numpy, kept for the next cut (the fast path cuts from one buffer)."""
         self._in, self._in_u8 = buf, np.frombuffer(buf, np.uint8)
+        self._in_u32 = np.frombuffer(buf, np.uint32, len(buf) >> 2)
         return self._in_u8
 
 
@@ -450,10 +474,12 @@ class Coalescer:
     ``udp``: merge UDP flows too — only where the TUN takes GSO_UDP_L4 writes (USO, Linux >= 6.2).
     """
 
-    def __init__(self, buf: bytearray, *, udp: bool = False) -> None:
+    def __init__(self, buf: bytearray, *, udp: bool = False, jit: bool | None = None) -> None:
         self.buf = buf
         self.udp = udp
+        self.jit = (COMPILED if jit is None else jit) and gso_jit.AVAILABLE  # gso_jit's loops, not arrays
         self._mv, self._u8 = _views(buf)
+        self._u32 = np.frombuffer(buf, np.uint32, len(buf) >> 2)
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._payloads: dict[tuple[int, int], list] = {}
         self._base, self._seg, self._hl, self._proto = 0, 1, 0, PROTO_TCP  # the table last planned
@@ -495,6 +521,49 @@ class Coalescer:
         if hl >= seg:
             return _singles(0, rows)
         self._hl, self._proto = hl, proto
+        fixed = sorted(set(short) | {ends[j] for j in split_after if j < len(ends)})  # runs end here
+        udp = proto == PROTO_UDP
+        checks = self._checks_compiled if self.jit else self._checks
+        differ, bad, psh, short_bad = checks(base, rows, seg, hl, proto, short)
+        inner = [r for r in fixed if r < rows - 1]
+        if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
+            differ[inner] = False
+        # The common case — consecutive segments of one flow, cut only after PSH — costs one count per
+        # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
+        # failures pay for per-row links.
+        if not short_bad and not (_count(differ) or _count(bad)):
+            cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if psh is not None and _count(psh) else inner
+        else:
+            cut = _any_per_row(differ, axis=1)
+            if psh is not None:
+                cut |= psh != 0
+            bad_row = _any_per_row(bad, axis=1)
+            bad_row[short_bad] = True
+            cut |= bad_row[:-1]
+            cut |= bad_row[1:]
+            cut[inner] = True
+            cuts = np.flatnonzero(cut).tolist()
+        most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
+        if udp:
+            most = min(most, UDP_MAX_ROWS)
+        plan = []
+        start = 0
+        for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table
+            for c in range(start, end + 1, most):  # no more than ``most`` rows in one write
+                d = min(c + most, end + 1)
+                if d - c > 1 and self._head_ok(c):
+                    plan.append((c, d))
+                else:
+                    plan += _singles(c, d)
+            start = end + 1
+        return plan
+
+    def _checks(self, base: int, rows: int, seg: int, hl: int, proto: int, short: dict[int, int]) -> tuple:
+        """The header rules and checksums of every row, as array operations: ``differ`` (a row per pair
+        of rows, true where the pair breaks a rule), ``bad`` (a row per row, true where a checksum
+        fails), ``psh`` (per pair: the first has PSH; None for UDP) and the short rows whose lengths
+        are wrong."""
+        buf = self.buf
         udp = proto == PROTO_UDP
         dtype = _SUM_DTYPE[seg & 3]
         size = dtype.itemsize
@@ -510,7 +579,6 @@ class Coalescer:
         # Short rows may only end a run. Each lends the comparison below its length bytes (checked
         # here, restored after): then the comparison covers every row's total length (and UDP
         # length) at no cost.
-        fixed = sorted(set(short) | {ends[j] for j in split_after if j < len(ends)})  # runs end here
         short_bad = []
         borrowed = []
         for r, length in short.items():
@@ -544,38 +612,25 @@ class Coalescer:
         bad = sums % 0xFFFF
         if udp:  # a UDP checksum of 0 means "none": such a datagram is passed on as it came
             bad[:, 1] += np.ndarray((rows,), ">u2", buf, base + 26, (seg,)) == 0
-        inner = [r for r in fixed if r < rows - 1]
-        if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
-            differ[inner] = False
-        # The common case — consecutive segments of one flow, cut only after PSH — costs one count per
-        # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
-        # failures pay for per-row links.
-        if not short_bad and not (_count(differ) or _count(bad)):
-            cuts = sorted(set(inner).union(np.flatnonzero(psh).tolist())) if psh is not None and _count(psh) else inner
-        else:
-            cut = _any_per_row(differ, axis=1)
-            if psh is not None:
-                cut |= psh != 0
-            bad_row = _any_per_row(bad, axis=1)
-            bad_row[short_bad] = True
-            cut |= bad_row[:-1]
-            cut |= bad_row[1:]
-            cut[inner] = True
-            cuts = np.flatnonzero(cut).tolist()
-        most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
-        if udp:
-            most = min(most, UDP_MAX_ROWS)
-        plan = []
-        start = 0
-        for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table
-            for c in range(start, end + 1, most):  # no more than ``most`` rows in one write
-                d = min(c + most, end + 1)
-                if d - c > 1 and self._head_ok(c):
-                    plan.append((c, d))
-                else:
-                    plan += _singles(c, d)
-            start = end + 1
-        return plan
+        return differ, bad, psh, short_bad
+
+    def _checks_compiled(self, base: int, rows: int, seg: int, hl: int, proto: int, short: dict[int, int]) -> tuple:
+        """:meth:`_checks` as one compiled loop over the rows (:func:`tun.gso_jit.check`)."""
+        buf = self.buf
+        lengths = np.full(rows, seg, np.int64)
+        short_bad = []
+        for r, length in short.items():
+            at = base + r * seg
+            lengths[r] = length
+            if ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
+                    or proto == PROTO_UDP and (buf[at + 24] << 8 | buf[at + 25]) != length - 20):
+                short_bad.append(r)
+        differ = np.zeros((rows - 1, 1), np.bool_)
+        bad = np.zeros((rows, 1), np.bool_)
+        psh = np.zeros(rows - 1, np.bool_)
+        mask, step = _merge_rule(hl, seg, proto)
+        gso_jit.check(self._u8, self._u32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh)
+        return differ, bad, None if proto == PROTO_UDP else psh, short_bad
 
     def _head_ok(self, a: int) -> bool:
         """Rows in a run match the first one but for ID, sequence number and checksums; so only the
@@ -683,3 +738,21 @@ def coalesce(packets, *, udp: bool = True) -> list[bytes]:
                 out.append(vnet.PLAIN + bytes(packets[i + a]))
         i = j
     return out
+
+
+def warm_up() -> None:
+    """Run the compiled loops once on a small TCP flow and a UDP flow, with the argument types of the
+    hot path, so a daemon compiles them (or loads them from numba's cache) at start-up, not in the
+    middle of its first transfer. A no-op without numba."""
+    if not gso_jit.AVAILABLE:
+        return
+    for proto in (PROTO_TCP, PROTO_UDP):
+        head = bytearray(b"\x45\0\0\0\0\x01\x40\0\x40" + bytes([proto]) + b"\0\0\x0a\x05\x01\x02\x0a\x05\x02\x02")
+        head[2:4] = (20 + (20 if proto == PROTO_TCP else 8) + 3 * 100).to_bytes(2, "big")
+        head[10:12] = (-_words(head) % 0xFFFF).to_bytes(2, "big")
+        l4 = b"\x30\x39\x1f\x90" + (b"\0\0\0\x01\0\0\0\x01\x50\x10\xff\xff\0\0\0\0" if proto == PROTO_TCP else b"\x01\x34\0\0")
+        hdr = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4 if proto == PROTO_TCP else vnet.GSO_UDP_L4,
+                           len(head) + len(l4), 100, 20, 16 if proto == PROTO_TCP else 6)
+        segments = split(bytes(head) + l4 + bytes(300), hdr)
+        if isinstance(segments, Verdict) or len(coalesce(segments)) != 1:
+            raise RuntimeError(f"the compiled GSO loops failed their warm-up ({proto=}): {segments!r}")

@@ -43,7 +43,7 @@ import socket
 import time
 from dataclasses import dataclass, fields
 
-from tun import TunDevice, gso, open_tun, vnet
+from tun import TunDevice, gso, gso_jit, open_tun, vnet
 from tun.offload import TunOffloads, enable_offloads
 from udpflannel.batch import inbound_batches
 from udpflannel.engine import Dataplane
@@ -183,7 +183,9 @@ class FastDataplane(Dataplane):
         self._bulk_until = 0  # batches moved recently: no fd counts as quiet before then (BULK_NS)
         if os.environ.get(SIMULATE_EIO_ENV) == "1":
             self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
-        log.info("fast path: %s", features.describe())
+        gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
+        log.info("fast path: %s; GSO/GRO loops: %s", features.describe(),
+                 "compiled (numba)" if gso_jit.AVAILABLE else f"numpy ({gso_jit.WHY_NOT})")
 
     # -- TUN -> UDP ----------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
