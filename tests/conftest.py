@@ -21,6 +21,14 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_sessionstart(session) -> None:
+    """Compile tun.gso's loops (numba) once, before any test or daemon needs them: a fresh clone would
+    otherwise compile them in every daemon the first tests start, seconds each."""
+    from tun import gso
+
+    gso.warm_up()
+
+
 @pytest.fixture
 def root_lab_tools() -> None:
     require(os.geteuid() == 0, "needs root (network namespaces, TUN devices)")
