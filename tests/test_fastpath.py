@@ -407,3 +407,20 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
         assert r.dp.counters.delivered_packets == 160 and r.dp.counters.tun_write_errors == 0
     finally:
         r.close()
+
+
+def test_only_the_fast_path_loads_numba() -> None:
+    """tun.gso_jit.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
+    node never pays its ~100 MB and ~0.4 s), and the first Segmenter loads it where it is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, udpflannel.cli, udpflannel.node; assert 'numba' not in sys.modules, 'imported early'\n"
+            "from tun import gso, gso_jit\n"
+            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, gso_jit.load(), 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    from tun import gso_jit
+
+    loaded = gso_jit.load()
+    assert out.stdout.split() == [str(loaded)] * 3

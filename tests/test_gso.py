@@ -28,7 +28,7 @@ def backend(request):
     numpy reference. Module-scoped, so hypothesis sees no per-test fixture."""
     compiled = request.param == "compiled"
     if compiled:
-        require(gso_jit.AVAILABLE, f"the compiled GSO loops need numba: {gso_jit.WHY_NOT}")
+        require(gso_jit.load(), f"the compiled GSO loops need numba: {gso_jit.WHY_NOT}")
         gso.warm_up()  # compile before hypothesis starts timing examples
     saved, gso.COMPILED = gso.COMPILED, compiled
     try:
@@ -548,7 +548,7 @@ def _laid_out(packets: list[tuple[bytes, int]]) -> tuple[bytearray, list[tuple[i
 def test_compiled_cut_is_the_numpy_cut(backend, cases, one_flow) -> None:
     """Several super-packets in one cut (alike ones are cut together, in the numpy code by templates
     and ramps or per packet): the compiled loop writes the same datagrams, byte for byte."""
-    require(gso_jit.AVAILABLE, f"needs numba: {gso_jit.WHY_NOT}")
+    require(gso_jit.load(), f"needs numba: {gso_jit.WHY_NOT}")
     if one_flow:  # consecutive bursts of one flow, the common case (IDs and sequence numbers count on)
         cases = [cases[0]] * len(cases)
     buf, items = _laid_out(cases)
@@ -566,7 +566,7 @@ def test_compiled_cut_is_the_numpy_cut(backend, cases, one_flow) -> None:
 def test_compiled_checks_are_the_numpy_checks(backend, case, data) -> None:
     """A GRO table with some rows damaged (a flipped byte, a missing row, a stranger's row): the
     compiled checks make the same plan as the numpy ones, run for run."""
-    require(gso_jit.AVAILABLE, f"needs numba: {gso_jit.WHY_NOT}")
+    require(gso_jit.load(), f"needs numba: {gso_jit.WHY_NOT}")
     packet, mss = case
     segments = gso.split(_with_ihl5(packet), gso_hdr(_with_ihl5(packet), mss))
     assume(len(segments) > 2)

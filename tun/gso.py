@@ -38,7 +38,7 @@ SPLIT_SLACK = MAX_IP_PACKET + 8
 
 # Segmenters and Coalescers run the compiled loops of gso_jit where numba is installed, unless built
 # with jit=False or this is False (the tests run both and compare).
-COMPILED = gso_jit.AVAILABLE
+COMPILED = True
 
 _ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here
@@ -135,7 +135,7 @@ class Segmenter:
     """
 
     def __init__(self, capacity: int = 20 * BUFFER_SIZE, *, jit: bool | None = None) -> None:
-        self.jit = (COMPILED if jit is None else jit) and gso_jit.AVAILABLE  # gso_jit's loops, not the arrays below
+        self.jit = (COMPILED if jit is None else jit) and gso_jit.load()  # gso_jit's loops, not the arrays below
         self.out = bytearray(capacity)
         self.out_mv = memoryview(self.out)
         self._out_u8 = np.frombuffer(self.out, np.uint8)
@@ -477,7 +477,7 @@ class Coalescer:
     def __init__(self, buf: bytearray, *, udp: bool = False, jit: bool | None = None) -> None:
         self.buf = buf
         self.udp = udp
-        self.jit = (COMPILED if jit is None else jit) and gso_jit.AVAILABLE  # gso_jit's loops, not arrays
+        self.jit = (COMPILED if jit is None else jit) and gso_jit.load()  # gso_jit's loops, not arrays
         self._mv, self._u8 = _views(buf)
         self._u32 = np.frombuffer(buf, np.uint32, len(buf) >> 2)
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -744,7 +744,7 @@ def warm_up() -> None:
     """Run the compiled loops once on a small TCP flow and a UDP flow, with the argument types of the
     hot path, so a daemon compiles them (or loads them from numba's cache) at start-up, not in the
     middle of its first transfer. A no-op without numba."""
-    if not gso_jit.AVAILABLE:
+    if not gso_jit.load():
         return
     for proto in (PROTO_TCP, PROTO_UDP):
         head = bytearray(b"\x45\0\0\0\0\x01\x40\0\x40" + bytes([proto]) + b"\0\0\x0a\x05\x01\x02\x0a\x05\x02\x02")

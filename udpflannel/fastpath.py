@@ -185,7 +185,7 @@ class FastDataplane(Dataplane):
             self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
         gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
         log.info("fast path: %s; GSO/GRO loops: %s", features.describe(),
-                 "compiled (numba)" if gso_jit.AVAILABLE else f"numpy ({gso_jit.WHY_NOT})")
+                 "compiled (numba)" if gso_jit.load() else f"numpy ({gso_jit.WHY_NOT})")
 
     # -- TUN -> UDP ----------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
