@@ -531,10 +531,11 @@ def test_one_cut_over_a_stream(case, packets, data) -> None:
 
 
 def _laid_out(packets: list[tuple[bytes, int]]) -> tuple[bytearray, list[tuple[int, int, int, int]]]:
-    """Super-packets in one input buffer as the fast path reads them: 8-byte aligned, each with room
-    for one more segment after it (a cut may pad there)."""
+    """Super-packets in one input buffer as the fast path reads them, each with room for one more
+    segment after it (a cut may pad there); 8-byte aligned, but for an odd count the first starts at
+    offset 3: the compiled loops must not depend on alignment."""
     buf = bytearray(sum(len(p) + mss + 16 for p, mss in packets) + gso.BUFFER_SIZE)
-    items, at = [], 3 * (len(packets) % 2)  # an odd start too: the loops must not assume alignment
+    items, at = [], 3 * (len(packets) % 2)
     for packet, mss in packets:
         buf[at:at + len(packet)] = packet
         items.append((at, len(packet), gso_hdr(packet, mss).gso_type, mss))

@@ -6,8 +6,10 @@ ordinary MTU-sized IPv4 packets; on the way back consecutive segments of one TCP
 super-packet the TUN takes in a single write. Nothing on the wire changes: every segment we produce is
 a complete IPv4 packet with correct IP and L4 checksums, exactly what the kernel's own GSO would emit.
 
-Why numpy: a plain Python loop costs ~2 µs per segment, which eats the gain. All per-segment work here
-is a fixed number of array operations per super-packet (~20, each ~1 µs), whatever the segment count.
+Why not Python: a plain Python loop costs ~2 µs per segment, which eats the gain. Where numba is
+installed the per-segment work runs as compiled loops over the rows (:mod:`tun.gso_jit`); the numpy
+code here is the reference they are tested against and the fallback: a fixed number of array
+operations per batch (~20, each ~1 µs), whatever the segment count.
 Checksums use ``% 0xFFFF`` (2**16 ≡ 1 mod 0xFFFF, so a sum of 16- or 32-bit words folds to the one's
 complement sum, and ``-s % 0xFFFF`` is the checksum of a sum ``s``: exactly what the kernel stores).
 Payload words are read *little-endian* straight from the buffer: for any bytes ``sum_LE ≡ 256 · sum_BE
@@ -132,6 +134,8 @@ class Segmenter:
     operations, whatever the packet and segment counts: headers from the templates, IDs and sequence
     numbers, payloads copied beside them, then **one** ``add.reduceat`` over the output gives every
     segment's IP-header and L4 sums, from which both checksums follow. Packets are parsed in Python.
+    With ``jit`` (the default where numba is installed: :data:`COMPILED`) one compiled loop
+    (:func:`tun.gso_jit.cut`) does all of it per row instead.
     """
 
     def __init__(self, capacity: int = 20 * BUFFER_SIZE, *, jit: bool | None = None) -> None:
@@ -472,6 +476,8 @@ class Coalescer:
        super-packet.
 
     ``udp``: merge UDP flows too — only where the TUN takes GSO_UDP_L4 writes (USO, Linux >= 6.2).
+    ``jit``: check the rows in one compiled loop (:func:`tun.gso_jit.check`; the default where numba
+    is installed) instead of the array operations.
     """
 
     def __init__(self, buf: bytearray, *, udp: bool = False, jit: bool | None = None) -> None:
@@ -584,8 +590,7 @@ class Coalescer:
         for r, length in short.items():
             at = base + r * seg
             buf[at + length:at + seg] = _ZEROS[:seg - length]
-            if ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
-                    or udp and (buf[at + 24] << 8 | buf[at + 25]) != length - 20):
+            if _short_row_wrong(buf, at, length, hl, udp):
                 short_bad.append(r)
             borrowed.append((at, bytes(buf[at + 2:at + 4]), bytes(buf[at + 24:at + 26]) if udp else None))
             _pack_u16(buf, at + 2, seg)
@@ -622,8 +627,7 @@ class Coalescer:
         for r, length in short.items():
             at = base + r * seg
             lengths[r] = length
-            if ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
-                    or proto == PROTO_UDP and (buf[at + 24] << 8 | buf[at + 25]) != length - 20):
+            if _short_row_wrong(buf, at, length, hl, proto == PROTO_UDP):
                 short_bad.append(r)
         differ = np.zeros((rows - 1, 1), np.bool_)
         bad = np.zeros((rows, 1), np.bool_)
@@ -683,6 +687,13 @@ class Coalescer:
             iov += [mv[o + hl:o + seg] for o in range(at, end, seg)]
         iov.append(mv[end + hl:end + tail])
         return iov
+
+
+def _short_row_wrong(buf: bytearray, at: int, length: int, hl: int, udp: bool) -> bool:
+    """A GRO batch's short last datagram (``length`` bytes at ``at``) whose total length (or UDP
+    length) disagrees, or that has no payload: it may not end a run."""
+    return ((buf[at + 2] << 8 | buf[at + 3]) != length or length <= hl
+            or udp and (buf[at + 24] << 8 | buf[at + 25]) != length - 20)
 
 
 def _singles(a: int, b: int) -> list[tuple[int, int]]:

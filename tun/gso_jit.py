@@ -57,8 +57,8 @@ def load() -> bool:
 
 def _le_sum(b8, b32, p, n):
     """Bytes ``p .. p+n`` of ``b8`` (``b32`` is the same memory as words): Σ even-index bytes +
-    256 · Σ odd-index bytes, not yet folded. Whole words from ``b32``, four running sums (twice as fast as one here); the
-    unaligned head and tail byte by byte."""
+    256 · Σ odd-index bytes, not yet folded. Whole words from ``b32`` into four running sums (twice
+    as fast as one here); the unaligned head and tail byte by byte."""
     s = 0
     end = p + n
     while p < end and p & 3:
@@ -134,7 +134,7 @@ def _cut(src8, src32, out8, at, proto, ihl, hl, mss, templates, packets):
             else:
                 _put16(out8, d + ihl + 4, 8 + payload)
             s = off + hl + r * mss
-            into = out8[d + hl:d + hl + payload]  # slices, so the copy compiles to a vector loop
+            into = out8[d + hl:d + hl + payload]  # through slices: indexing out8 and src8 was 40x slower
             source = src8[s:s + payload]
             for k in range(payload):
                 into[k] = source[k]
@@ -180,4 +180,3 @@ def _check(b8, b32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad
             prev[w] = v
         if i < rows - 1:
             psh[i] = proto == _TCP and b8[at + 33] & 0x08 != 0
-    return 0
