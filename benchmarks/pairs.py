@@ -29,18 +29,17 @@ from benchmarks.measure import MeasureError, request_response, runtime_ns, start
 from udpflannel.lab.netns import Lab
 
 
-def paired_rtt(rows: dict[str, UdpflannelStatic], pairs: int, count: int, max_seconds: float, *, lab_tag: str,
-               workdir: Path, progress, open_labs: set) -> dict:
-    """``pairs`` turns of each row (two rows) in one fresh lab; ``count`` round trips per turn.
+def paired_rtt(rows: dict[str, UdpflannelStatic], lab: Lab, pairs: int, count: int, max_seconds: float, *,
+               workdir: Path, progress) -> dict:
+    """``pairs`` turns of each row (two rows) in ``lab``, fresh (the caller tears the rows down and
+    closes it); ``count`` round trips per turn.
 
     Returns ``{"rows": [a, b], "turns": [{"row", "pair", "p50_us", "p99_us", "n", "daemon_cpu_us_per_rt"}, ...]}``
     with ``"error": reason`` added if a turn failed (the turns before it are kept).
     """
     names = list(rows)
     assert len(names) == 2, names
-    out: dict = {"rows": names, "turns": [], "lab_tag": lab_tag}
-    lab = Lab(tag=lab_tag)
-    open_labs.add(lab)
+    out: dict = {"rows": names, "turns": [], "lab_tag": lab.tag}
     try:
         topo = build_nodes(lab, workdir)
         servers = None
@@ -69,13 +68,6 @@ def paired_rtt(rows: dict[str, UdpflannelStatic], pairs: int, count: int, max_se
     except (DataplaneError, MeasureError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         progress(f"paired RTT failed: {exc}")
-    finally:
-        try:
-            for dp in rows.values():
-                dp.teardown()
-        finally:
-            lab.close()
-            open_labs.discard(lab)
     return out
 
 

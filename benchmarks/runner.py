@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +118,8 @@ def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress,
     if waited:
         progress(f"waited {waited:.0f}s for other work to calm down (now {busy * 100:.0f}% busy)")
     strace_result = calibration = None
-    lab = Lab(tag=f"{LAB_PREFIX}{secrets.token_hex(3)}")
-    run["lab_tag"] = lab.tag
-    OPEN_LABS.add(lab)
-    try:
+    with fresh_lab([dp], progress) as lab:
+        run["lab_tag"] = lab.tag
         try:
             topo = build_nodes(lab, workdir / f"{dp.slug}-{label}")
             dp.setup(topo)
@@ -140,15 +139,6 @@ def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress,
             calibration = _calibrate(topo, s, progress)
         if strace and dp.has_counters:
             strace_result = _strace(dp, topo, s, progress)
-    finally:
-        with signals_deferred():
-            try:
-                dp.teardown()
-            except DataplaneError as exc:
-                progress(f"{dp.name}: teardown: {exc}")
-            finally:
-                lab.close()
-                OPEN_LABS.discard(lab)
     return run, strace_result, calibration
 
 
@@ -177,6 +167,28 @@ def signals_deferred():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def fresh_lab(dataplanes: list[Dataplane], progress: Progress) -> Iterator[Lab]:
+    """A new lab for ``dataplanes``, listed in :data:`OPEN_LABS` while open. On the way out, whatever
+    happened, each dataplane is torn down (a failure is reported, the rest go on) and the lab closed,
+    with Ctrl-C held meanwhile."""
+    lab = Lab(tag=f"{LAB_PREFIX}{secrets.token_hex(3)}")
+    OPEN_LABS.add(lab)
+    try:
+        yield lab
+    finally:
+        with signals_deferred():
+            try:
+                for dp in dataplanes:
+                    try:
+                        dp.teardown()
+                    except DataplaneError as exc:
+                        progress(f"{dp.name}: teardown: {exc}")
+            finally:
+                lab.close()
+                OPEN_LABS.discard(lab)
 
 
 def _calibrate(topo: Topology, s: Settings, progress: Progress) -> dict:
@@ -261,7 +273,7 @@ def run_all(dataplanes: dict[str, Dataplane], s: Settings, workdir: Path, progre
         if paired:
             progress(f"repeat {rep + 1}/{s.repeat}: paired RTT, {' vs '.join(paired)}")
             wait_for_quiet(s.wait_idle)
-            raw["rtt_pairs"].append(paired_rtt(
-                paired, s.rtt_pairs, s.rtt_pair_count, s.rr_max_seconds, lab_tag=f"{LAB_PREFIX}{secrets.token_hex(3)}",
-                workdir=workdir / f"paired-r{rep + 1}", progress=progress, open_labs=OPEN_LABS))
+            with fresh_lab(list(paired.values()), progress) as lab:
+                raw["rtt_pairs"].append(paired_rtt(paired, lab, s.rtt_pairs, s.rtt_pair_count, s.rr_max_seconds,
+                                                   workdir=workdir / f"paired-r{rep + 1}", progress=progress))
     return raw
