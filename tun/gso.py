@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tun import gso_jit, vnet
-from udpflannel.packet import Verdict
+from udpflannel.packet import Verdict, ipv4_header_checksum
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 PROTO_TCP, PROTO_UDP = 6, 17
@@ -46,17 +46,14 @@ _ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here
 _ID_RAMP = (np.arange(2 << 16) & 0xFFFF).astype(np.uint16)  # IP IDs from any start, wrapping
 _CHECKSUM_RAMP = ((0xFFFF - np.arange(0xFFFF + (1 << 16)) % 0xFFFF) % 0xFFFF).astype(np.uint16)  # of s, s+1, ...
-_STEPS: dict[int, np.ndarray] = {}
 
 
+@functools.lru_cache(maxsize=8)
 def _steps(mss: int) -> np.ndarray:
     """``i * mss`` for every row index a cut can have (uint64: sequence numbers wrap on assignment)."""
-    found = _STEPS.get(mss)
-    if found is None:
-        if len(_STEPS) > 8:
-            _STEPS.clear()
-        found = _STEPS[mss] = np.arange(1 << 16, dtype=np.uint64) * mss  # a stream cut has ≤ 2**16 rows
-    return found
+    return np.arange(1 << 16, dtype=np.uint64) * mss  # a stream cut has ≤ 2**16 rows
+
+
 _SUM_DTYPE = {0: np.dtype("<u4"), 2: np.dtype("<u2")}
 _any_per_row = np.logical_or.reduce
 _count = np.count_nonzero
@@ -176,11 +173,11 @@ class Segmenter:
         """Cut ``group`` into ``out`` from ``at``; append its Cuts; return the next free offset."""
         if not group:
             return at
+        if self.jit:
+            return self._flush_compiled(buf, group, results, at)
         first = group[0]
         proto, ihl, hl, mss = first.proto, first.ihl, first.hl, first.mss
         size = hl + mss
-        if self.jit:
-            return self._flush_compiled(buf, group, results, at)
         counts = [p.count for p in group]
         rows_total = sum(counts)
         out = self.out
@@ -760,7 +757,7 @@ def warm_up() -> None:
     for proto in (PROTO_TCP, PROTO_UDP):
         head = bytearray(b"\x45\0\0\0\0\x01\x40\0\x40" + bytes([proto]) + b"\0\0\x0a\x05\x01\x02\x0a\x05\x02\x02")
         head[2:4] = (20 + (20 if proto == PROTO_TCP else 8) + 3 * 100).to_bytes(2, "big")
-        head[10:12] = (-_words(head) % 0xFFFF).to_bytes(2, "big")
+        head[10:12] = ipv4_header_checksum(head).to_bytes(2, "big")
         l4 = b"\x30\x39\x1f\x90" + (b"\0\0\0\x01\0\0\0\x01\x50\x10\xff\xff\0\0\0\0" if proto == PROTO_TCP else b"\x01\x34\0\0")
         hdr = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4 if proto == PROTO_TCP else vnet.GSO_UDP_L4,
                            len(head) + len(l4), 100, 20, 16 if proto == PROTO_TCP else 6)
