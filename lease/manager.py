@@ -129,7 +129,7 @@ class SubnetManager:
         self._rng = rng if rng is not None else random.SystemRandom()
         self._ttl = lease_ttl
         self._lifecycle = LeaseLifecycle(renew_margin=renew_margin * 60, retry_interval=renew_retry)
-        self._peers = PeerTable(self.prefix)
+        self._peers = PeerTable(self.prefix, own_ip=self.public_ip)
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._own_rev = 0  # mod revision of our key as we last wrote or saw it
         self._keeper: asyncio.Task[None] | None = None

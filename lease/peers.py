@@ -9,7 +9,10 @@ records; each call returns the events to deliver. Differences from flanneld's Le
   PublicIPs and vanished peers are both picked up (flanneld misses the former, §5.2);
 - a PUT that changes nothing (a Go node's renewal) yields no event; DELETE of an unknown key neither;
 - the own subnet is excluded by subnet equality at all times, including after it changes, and a record
-  with host bits set in its key, or with no PublicIP, is not routed.
+  with host bits set in its key, or with no PublicIP, is not routed;
+- a record naming this node's own PublicIP (a stale lease of ours, under another subnet) is not routed:
+  flanneld routes it to itself (§5.5), so its traffic loops until the TTL runs out; here it has no
+  route, and a sender gets ICMP net-unreachable.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ PeerEvent = PeerAdded | PeerRemoved
 
 
 class PeerTable:
-    def __init__(self, prefix: str, own: IPv4Network | None = None) -> None:
+    def __init__(self, prefix: str, own: IPv4Network | None = None, own_ip: IPv4Address | None = None) -> None:
         self._prefix = prefix
         self._own = own
+        self._own_ip = own_ip
         self._records: dict[str, tuple[IPv4Network, IPv4Address]] = {}
         self._by_subnet: dict[IPv4Network, dict[str, IPv4Address]] = {}
         self.ignored = 0  # malformed records seen (for metrics and tests)
@@ -124,10 +128,11 @@ class PeerTable:
         return subnet, attrs.public_ip
 
     def _view(self, subnet: IPv4Network) -> IPv4Address | None:
+        """Where ``subnet`` is routed: its first holder (in key order) that is not this node."""
         if subnet == self._own:
             return None
-        holders = self._by_subnet.get(subnet)
-        return holders[min(holders)] if holders else None
+        holders = self._by_subnet.get(subnet, {})
+        return next((holders[name] for name in sorted(holders) if holders[name] != self._own_ip), None)
 
     def _store(self, name: str, subnet: IPv4Network, ip: IPv4Address) -> None:
         self._records[name] = (subnet, ip)

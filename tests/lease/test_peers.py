@@ -100,3 +100,13 @@ def test_duplicate_records_for_one_subnet_first_key_wins():
     assert t.put(dual, val("10.0.0.77")) == []  # the plain key sorts first and still routes
     assert t.delete(key("10.5.2.0/24")) == [added("10.5.2.0/24", "10.0.0.77")]
     assert t.delete(dual) == [PeerRemoved(IPv4Network("10.5.2.0/24"))]
+
+
+def test_a_record_naming_our_own_public_ip_is_not_routed():
+    """flanneld routes a stale lease of its own (another subnet, its own PublicIP) to itself, a loop."""
+    t = PeerTable(P, IPv4Network("10.5.1.0/24"), own_ip=IPv4Address("10.0.0.1"))
+    assert t.reset([(key("10.5.1.0/24"), val("10.0.0.1")), (key("10.5.9.0/24"), val("10.0.0.1"))]) == Snapshot(())
+    assert t.put(key("10.5.8.0/24"), val("10.0.0.1")) == []
+    assert t.put(key("10.5.8.0/24"), val("10.0.0.8")) == [added("10.5.8.0/24", "10.0.0.8")]  # now someone else's
+    assert t.put(key("10.5.8.0/24"), val("10.0.0.1")) == [PeerRemoved(IPv4Network("10.5.8.0/24"))]
+    assert t.peers == {}
