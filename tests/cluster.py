@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,3 +64,64 @@ def tcp_transfer(sender: Netns, receiver: Netns, receiver_ip: str, nbytes: int, 
     recv_hash, recv_len = out.split()
     assert int(sent_len) == int(recv_len) == nbytes, (sent_len, recv_len)
     return sent_hash, recv_hash
+
+
+class Pinger:
+    """``ping`` in the background at a short interval, each reply time-stamped (``-D``), so the longest
+    gap in the replies can be read afterwards (how long traffic stopped during a restart, say)."""
+
+    REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
+
+    def __init__(self, src: Netns, dst_ip: str, *, interval: float = 0.01) -> None:
+        self.interval = interval
+        self._out = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads one while ping runs, and a full one stops it
+        self.proc = src.popen(["ping", "-D", "-n", "-i", str(interval), "-W", "1", dst_ip],
+                              stdout=self._out, stderr=subprocess.STDOUT, text=True)
+        self.replies: list[tuple[float, int]] = []  # (wall-clock time, icmp_seq)
+        self.output = ""
+
+    def stop(self) -> Pinger:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=10)
+        self._out.seek(0)
+        self.output = self._out.read()
+        self._out.close()
+        self.replies = [(float(m[1]), int(m[2])) for m in map(self.REPLY.match, self.output.splitlines()) if m]
+        return self
+
+    @property
+    def lost(self) -> int:
+        """Requests sent (the highest sequence answered or not) that got no reply."""
+        sent = re.search(r"(\d+) packets transmitted", self.output)
+        return int(sent[1]) - len({seq for _, seq in self.replies}) if sent else -1
+
+    def longest_gap(self) -> tuple[float, float]:
+        """(seconds between two consecutive replies, wall-clock time the gap began)."""
+        stamps = [t for t, _ in self.replies]
+        if len(stamps) < 2:
+            raise AssertionError(f"too few replies to measure a gap:\n{self.output[-2000:]}")
+        return max((b - a, a) for a, b in itertools.pairwise(stamps))
+
+
+class BackgroundTransfer:
+    """A TCP transfer (tools/tcpxfer.py) that runs while the test does other things; ``finish()``
+    returns the SHA-256 each end saw (a reset ends either side with an error, which fails here)."""
+
+    def __init__(self, sender: Netns, receiver: Netns, receiver_ip: str, nbytes: int, *, rate: float,
+                 port: int = 5202) -> None:
+        self.nbytes = nbytes
+        self.recv = receiver.popen([sys.executable, str(TOOLS / "tcpxfer.py"), "recv", str(port)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.recv.stdout is not None and self.recv.stdout.readline().strip() == "listening"
+        self.send = sender.popen([sys.executable, str(TOOLS / "tcpxfer.py"), "send", receiver_ip, str(port),
+                                  str(nbytes), str(rate)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self, timeout: float = 120) -> tuple[str, str]:
+        sent, _ = self.send.communicate(timeout=timeout)
+        received, _ = self.recv.communicate(timeout=60)
+        assert self.send.returncode == 0, f"sender failed:\n{sent}"
+        assert self.recv.returncode == 0, f"receiver failed:\n{received}"
+        (sent_hash, sent_len), (recv_hash, recv_len) = sent.split(), received.split()
+        assert int(sent_len) == int(recv_len) == self.nbytes, (sent_len, recv_len)
+        return sent_hash, recv_hash

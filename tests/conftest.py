@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -29,12 +30,16 @@ def pytest_sessionstart(session) -> None:
     gso.warm_up()
 
 
-@pytest.fixture
-def root_lab_tools() -> None:
+def check_lab_tools() -> None:
     require(os.geteuid() == 0, "needs root (network namespaces, TUN devices)")
     for tool in ("ip", "ping"):
         require(shutil.which(tool) is not None, f"needs `{tool}` (./dev setup installs it)")
     require(os.path.exists("/dev/net/tun"), "needs /dev/net/tun")
+
+
+@pytest.fixture
+def root_lab_tools() -> None:
+    check_lab_tools()
 
 
 @pytest.fixture
@@ -46,3 +51,17 @@ def lab(root_lab_tools):
         yield lab
     leaked = leftover_namespaces(lab.tag)
     assert not leaked, f"namespaces left behind: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def flannel_binaries(tmp_path_factory) -> tuple[Path, Path]:
+    """(flanneld, flannel's CNI plugin), unpacked for this test run from ../shared/bin (or $FLANNELD and
+    $FLANNEL_CNI). Elsewhere the interop tests skip without them; CI must have them."""
+    from udpflannel.lab.flanneld import BinaryNotFound, find_flannel_cni, find_flanneld
+
+    directory = tmp_path_factory.mktemp("flannel-bin")
+    try:
+        return find_flanneld(directory), find_flannel_cni(directory)
+    except BinaryNotFound as exc:
+        require(False, str(exc))
+        raise

@@ -1,15 +1,18 @@
 """Move N pseudo-random bytes over one TCP connection and print the SHA-256 each end saw.
 
     python tcpxfer.py recv PORT          # prints "<sha256> <bytes>" after the sender closes
-    python tcpxfer.py send HOST PORT N   # prints "<sha256> <bytes>" of what it sent
+    python tcpxfer.py send HOST PORT N [RATE]   # prints "<sha256> <bytes>" of what it sent
 
 The payload is generated from a fixed seed in 64 KiB chunks, so neither end holds it all in memory.
+RATE (bytes per second) paces the sender, so a transfer can span a slow event (a rolling restart).
+A connection reset ends either side with a traceback and a non-zero exit.
 """
 
 import hashlib
 import random
 import socket
 import sys
+import time
 
 CHUNK = 65536
 
@@ -33,15 +36,20 @@ def recv(port: int) -> None:
     print(digest.hexdigest(), total, flush=True)
 
 
-def send(host: str, port: int, size: int) -> None:
+def send(host: str, port: int, size: int, rate: float = 0.0) -> None:
     rng = random.Random(2026)
     sock = socket.create_connection((host, port), timeout=60)
     digest, left = hashlib.sha256(), size
+    start = time.monotonic()
     while left:
         chunk = rng.randbytes(min(CHUNK, left))
         sock.sendall(chunk)
         digest.update(chunk)
         left -= len(chunk)
+        if rate:
+            ahead = start + (size - left) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
     sock.shutdown(socket.SHUT_WR)
     sock.recv(1)
     sock.close()
@@ -52,4 +60,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "recv":
         recv(int(sys.argv[2]))
     else:
-        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)

@@ -7,12 +7,19 @@ The demo, the cluster tests and the benchmarks all build the same thing with it:
         node = cluster.start_node(1)          # udpflannel with flanneld-style flags
         env = cluster.wait_ready(1)           # subnet.env as a dict
         pod = cluster.add_pod(1)              # cni0 = FLANNEL_SUBNET, pod = .2
+
+Given flannel's binaries (``udpflannel.lab.flanneld``), a node can run the real ``flanneld`` instead,
+with the same flags, and its pods are then wired by flannel's own CNI plugin::
+
+    cluster = Cluster(lab, workdir, flanneld=find_flanneld(workdir), flannel_cni=find_flannel_cni(workdir))
+    cluster.start_flanneld(4)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +51,7 @@ class ClusterNode:
     proc: subprocess.Popen | None = None
     pod: Pod | None = None
     extra_args: list[str] = field(default_factory=list)
+    kind: str = "udpflannel"  # or "flanneld": which daemon runs (or ran last) on this node
 
     @property
     def subnet_file(self) -> Path:
@@ -70,10 +78,13 @@ class ClusterNode:
 class Cluster:
     """Owns etcd and the daemons; the ``Lab`` owns the namespaces."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, healthz_port: int = 8286) -> None:
+    def __init__(self, lab: Lab, workdir: Path, *, healthz_port: int = 8286, flanneld: Path | None = None,
+                 flannel_cni: Path | None = None) -> None:
         self.lab = lab
         self.workdir = Path(workdir)
         self.healthz_port = healthz_port
+        self.flanneld = flanneld
+        self.flannel_cni = flannel_cni
         self.hub = lab.hub or lab.add_hub()
         self.etcd = EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=self.hub.name)
         self.nodes: dict[int, ClusterNode] = {}
@@ -117,14 +128,27 @@ class Cluster:
     def start_node(self, index: int, *extra: str) -> ClusterNode:
         """Start (or restart) udpflannel on node ``index`` with flanneld's flags."""
         n = self.nodes.get(index) or self.add_node(index)
-        if extra:
+        if extra or n.kind != "udpflannel":
             n.extra_args = list(extra)
-        args = [
-            sys.executable, "-m", "udpflannel",
-            f"--etcd-endpoints={self.endpoint}", "--iface=eth0",
-            f"--subnet-file={n.subnet_file}", f"--control-socket={n.control_socket}",
-            f"--healthz-port={self.healthz_port}", *n.extra_args,
-        ]
+        n.kind = "udpflannel"
+        return self._launch(n, [sys.executable, "-m", "udpflannel", *self._common_flags(n),
+                                f"--control-socket={n.control_socket}", *n.extra_args])
+
+    def start_flanneld(self, index: int, *extra: str) -> ClusterNode:
+        """Start (or restart) flannel's own daemon on node ``index``, with the flags a udpflannel node gets."""
+        if self.flanneld is None:
+            raise RuntimeError("this cluster was built without a flanneld binary (Cluster(..., flanneld=PATH))")
+        n = self.nodes.get(index) or self.add_node(index)
+        if extra or n.kind != "flanneld":
+            n.extra_args = list(extra)
+        n.kind = "flanneld"
+        return self._launch(n, [str(self.flanneld), *self._common_flags(n), *n.extra_args])
+
+    def _common_flags(self, n: ClusterNode) -> list[str]:
+        return [f"--etcd-endpoints={self.endpoint}", "--iface=eth0", f"--subnet-file={n.subnet_file}",
+                f"--healthz-port={self.healthz_port}"]
+
+    def _launch(self, n: ClusterNode, args: list[str]) -> ClusterNode:
         log = open(n.log_path, "ab")
         n.proc = n.node.popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
@@ -136,11 +160,24 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while not n.subnet_file.exists():
             if n.proc is not None and n.proc.poll() is not None:
-                raise RuntimeError(f"udpflannel on node {index} exited {n.proc.returncode}:\n{n.log()[-4000:]}")
+                raise RuntimeError(f"{n.kind} on node {index} exited {n.proc.returncode}:\n{n.log()[-4000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {index} not ready after {timeout}s:\n{n.log()[-4000:]}")
             time.sleep(0.05)
         return n.env()
+
+    def routed_subnets(self, index: int) -> set[str]:
+        """The peer subnets node ``index`` routes now: from udpflannel's status, or from flanneld's log
+        (its ``Subnet added: X`` / ``Subnet removed: X`` lines are its only record of them)."""
+        n = self.nodes[index]
+        if n.kind == "flanneld":
+            routed: set[str] = set()
+            for verb, subnet in re.findall(r"Subnet (added|removed): (\S+)", n.log()):
+                (routed.add if verb == "added" else routed.discard)(subnet)
+            return routed
+        out = n.node.run(sys.executable, "-m", "udpflannel", "status", "--json",
+                         f"--control-socket={n.control_socket}", check=False).stdout
+        return {peer["subnet"] for peer in json.loads(out)["peers"]} if out else set()
 
     def add_pod(self, index: int, *, cni: bool = True) -> Pod:
         """A pod on node ``index``, wired as kubelet would: udpflannel-cni delegating to bridge + host-local.
@@ -159,23 +196,27 @@ class Cluster:
         return pod
 
     def cni(self, index: int, command: str, container: str) -> str:
-        """Run udpflannel-cni in node ``index`` as a container runtime would; returns its stdout."""
+        """Run the node's CNI plugin as a container runtime would; returns its stdout. A flanneld node's
+        pods are wired by flannel's own plugin when the cluster has it, every other pod by udpflannel-cni."""
         n = self.nodes[index]
+        flannel_plugin = n.kind == "flanneld" and self.flannel_cni is not None
         netconf = {
-            "cniVersion": "1.0.0", "name": self.cni_network, "type": "flannel",
+            "cniVersion": "0.4.0" if flannel_plugin else "1.0.0", "name": self.cni_network, "type": "flannel",
             "subnetFile": str(n.subnet_file), "dataDir": str(n.dir / "cni"),
             "delegate": {"hairpinMode": True, "isDefaultGateway": True},
         }
+        plugin = [str(self.flannel_cni)] if flannel_plugin else cni_plugin_command()
         env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": f"/var/run/netns/{container}",
                "CNI_IFNAME": "eth0", "CNI_PATH": CNI_PATH}
-        proc = subprocess.run(["ip", "netns", "exec", n.node.name, *cni_plugin_command()], input=json.dumps(netconf),
+        proc = subprocess.run(["ip", "netns", "exec", n.node.name, *plugin], input=json.dumps(netconf),
                               capture_output=True, text=True, env=env, timeout=30)
         if proc.returncode != 0:
-            raise RuntimeError(f"udpflannel-cni {command} on node {index} failed: {proc.stdout} {proc.stderr}")
+            raise RuntimeError(f"{Path(plugin[-1]).name} {command} on node {index} failed: {proc.stdout} {proc.stderr}")
         return proc.stdout
 
     def stop_node(self, index: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
-        """Signal the daemon and wait for it; returns its exit code (None if it was not running)."""
+        """Signal the node's daemon (either kind) and wait for it; returns its exit code (None if it was
+        not running)."""
         n = self.nodes[index]
         proc, n.proc = n.proc, None
         if proc is None or proc.poll() is not None:
