@@ -154,11 +154,20 @@ class Cluster:
         log.close()
         return n
 
-    def wait_ready(self, index: int, timeout: float = 20.0) -> dict[str, str]:
-        """Until the node's subnet.env appears (flanneld's readiness point); fails if the daemon died."""
+    def wait_ready(self, index: int, timeout: float = 20.0, *, newer_than: float | None = None) -> dict[str, str]:
+        """Until the node's subnet.env appears (flanneld's readiness point); fails if the daemon died.
+        ``newer_than`` (a ``st_mtime``): until a daemon writes it anew, as one taking over from another does."""
         n = self.nodes[index]
         deadline = time.monotonic() + timeout
-        while not n.subnet_file.exists():
+
+        def written() -> bool:
+            try:
+                mtime = n.subnet_file.stat().st_mtime
+            except FileNotFoundError:
+                return False
+            return newer_than is None or mtime > newer_than
+
+        while not written():
             if n.proc is not None and n.proc.poll() is not None:
                 raise RuntimeError(f"{n.kind} on node {index} exited {n.proc.returncode}:\n{n.log()[-4000:]}")
             if time.monotonic() > deadline:
