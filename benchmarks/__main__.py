@@ -26,6 +26,7 @@ from benchmarks import report
 from benchmarks.lab import DataplaneError, builtin_dataplanes, snapshot_code, static_flags
 from benchmarks.measure import RR_RUNS, RR_SIZE, machine_busy_fraction
 from benchmarks.runner import FULL, OPEN_LABS, QUICK, QUIET, Progress, Settings, run_all
+from udpflannel.lab.flanneld import BinaryNotFound, find_flanneld
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -150,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     try:
         code = snapshot_code(HERE.parent, workdir / "code", args.code)
+        try:
+            flanneld: Path | None = find_flanneld(workdir / "bin")
+        except BinaryNotFound as exc:
+            flanneld = None
+            print(f"benchmarks: no flanneld row: {exc}", file=sys.stderr)
         dataplanes = builtin_dataplanes(
             variants={k: shlex.split(v) for k, v in split_named(args.variant, "--variant").items()},
             externals=split_named(args.external, "--external"), external_mtu=args.external_mtu,
-            code=Path(code["path"]), static_flags=static_flags(Path(code["path"])))
+            code=Path(code["path"]), static_flags=static_flags(Path(code["path"])), flanneld=flanneld)
     except (DataplaneError, OSError, subprocess.SubprocessError) as exc:
         raise SystemExit(f"benchmarks: {exc}") from exc
     if args.rows:

@@ -21,7 +21,8 @@ The lifecycle the harness drives: ``setup(topo)`` (kernel configuration, before 
 the counters of that group (kernel dataplanes keep running and return ``None``). ``pids()`` are the
 processes whose CPU time and context switches are charged to the dataplane.
 
-- :class:`UdpflannelDaemon` — the daemon with flanneld's flags on a real etcd in the hub namespace.
+- :class:`UdpflannelDaemon` — the daemon with flanneld's flags on a real etcd in the hub namespace;
+- :class:`Flanneld` — flannel's own daemon (``udpflannel.lab.flanneld`` finds it) on the same set-up.
 """
 
 from __future__ import annotations
@@ -345,17 +346,15 @@ class UdpflannelStatic(ProcessDataplane):
         return {"nodes": per_node, "total": sum_counters(list(per_node.values()))}
 
 
-class UdpflannelDaemon(UdpflannelStatic):
-    """The real thing: etcd in the hub namespace, ``udpflannel`` with flanneld's flags on each node.
+class OnEtcd(ProcessDataplane):
+    """A dataplane whose nodes lease their subnets from a real etcd in the hub namespace (mixed in).
 
     Each node's subnet.env is pre-seeded with the lab's subnet, so the daemon's own acquisition order
-    (previous subnet from subnet.env) gives the pods the addresses every other row uses.
+    (previous subnet from subnet.env) gives the pods the addresses every other row uses. Ready is when
+    subnet.env carries FLANNEL_MTU (the seeded file has none).
     """
 
-    def __init__(self, name: str = "udpflannel daemon", extra_args: list[str] | None = None, *,
-                 code: Path | None = None, description: str = "") -> None:
-        super().__init__(name, extra_args, code=code, description=description or "udpflannel daemon on a real etcd")
-        self.etcd = None
+    etcd = None
 
     def setup(self, topo: Topology) -> None:
         from udpflannel.lab.etcd import EtcdServer
@@ -385,7 +384,6 @@ class UdpflannelDaemon(UdpflannelStatic):
         return self.subnet_file(index).with_suffix(".ready")
 
     def _wait_ready(self, index: int, timeout: float = 20.0) -> None:
-        """Ready when subnet.env carries FLANNEL_MTU (the seeded file has none)."""
         deadline = time.monotonic() + timeout
         while "FLANNEL_MTU" not in read_subnet_env(self.subnet_file(index)):
             if self.procs[index].poll() is not None:
@@ -396,16 +394,11 @@ class UdpflannelDaemon(UdpflannelStatic):
             time.sleep(0.05)
         self.pod_mtu = int(read_subnet_env(self.subnet_file(index))["FLANNEL_MTU"])
 
-    def command(self, index: int) -> list[str]:
-        assert self.topo is not None and self.etcd is not None
-        return [sys.executable, "-m", "udpflannel", f"--etcd-endpoints={self.etcd.endpoint}", "--iface=eth0",
-                f"--subnet-file={self.subnet_file(index)}", f"--control-socket={self.control_socket(index)}",
-                "--iptables-forward-rules=false", *self.extra_args]
-
-    def control_socket(self, index: int) -> Path:
-        """Short on purpose: a unix socket path must fit in 108 bytes, a pytest tmp_path may not."""
-        assert self.topo is not None
-        return Path("/tmp") / f"{self.topo.lab.tag}-n{index}.sock"
+    def etcd_flags(self, index: int) -> list[str]:
+        """The flags both daemons take: etcd, interface, subnet file; no FORWARD rules (no other row has any)."""
+        assert self.etcd is not None
+        return [f"--etcd-endpoints={self.etcd.endpoint}", "--iface=eth0", f"--subnet-file={self.subnet_file(index)}",
+                "--iptables-forward-rules=false"]
 
     def teardown(self) -> None:
         try:
@@ -414,6 +407,37 @@ class UdpflannelDaemon(UdpflannelStatic):
             if self.etcd is not None:
                 self.etcd.close()
                 self.etcd = None
+
+
+class UdpflannelDaemon(OnEtcd, UdpflannelStatic):
+    """The real thing: etcd in the hub namespace, ``udpflannel`` with flanneld's flags on each node."""
+
+    def __init__(self, name: str = "udpflannel daemon", extra_args: list[str] | None = None, *,
+                 code: Path | None = None, description: str = "") -> None:
+        super().__init__(name, extra_args, code=code, description=description or "udpflannel daemon on a real etcd")
+
+    def command(self, index: int) -> list[str]:
+        return [sys.executable, "-m", "udpflannel", *self.etcd_flags(index),
+                f"--control-socket={self.control_socket(index)}", *self.extra_args]
+
+    def control_socket(self, index: int) -> Path:
+        """Short on purpose: a unix socket path must fit in 108 bytes, a pytest tmp_path may not."""
+        assert self.topo is not None
+        return Path("/tmp") / f"{self.topo.lab.tag}-n{index}.sock"
+
+
+class Flanneld(OnEtcd):
+    """flannel's own daemon with its UDP backend (the C proxy), on the same etcd set-up as the daemon row:
+    the alternative udpflannel replaces on nodes without VXLAN. No counters: the figures come from /proc
+    and the interfaces, as for the kernel rows."""
+
+    def __init__(self, binary: Path, name: str = "flanneld") -> None:
+        super().__init__(name, f"flanneld {binary.name} (flannel's UDP backend, C proxy)")
+        self.binary = binary
+        self.pod_mtu = UNDERLAY_MTU - UDP_OVERHEAD
+
+    def command(self, index: int) -> list[str]:
+        return [str(self.binary), *self.etcd_flags(index)]
 
 
 def parse_counters(log: Path) -> dict | None:
@@ -476,8 +500,9 @@ NO_FAST_PATH = "--no-fast-path"
 
 def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: dict[str, str] | None = None,
                        external_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD, *, code: Path | None = None,
-                       static_flags: frozenset[str] = frozenset()) -> dict[str, Dataplane]:
-    """The rows by name, in table order: udpflannel (and its variants), externals, then the references.
+                       static_flags: frozenset[str] = frozenset(), flanneld: Path | None = None) -> dict[str, Dataplane]:
+    """The rows by name, in table order: udpflannel (and its variants), externals, flanneld (given its
+    binary), then the kernel references.
 
     ``static_flags``: what ``udpflannel static --help`` of the code snapshot offers; with ``--no-fast-path``
     the per-packet path gets a row of its own next to the default (fast-path) one.
@@ -495,6 +520,8 @@ def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: 
         rows[name] = UdpflannelStatic(name, args, code=code)
     for name, template in (externals or {}).items():
         rows[name] = External(name, template, external_mtu)
+    if flanneld is not None:
+        rows["flanneld"] = Flanneld(flanneld)
     rows["vxlan"] = KernelVxlan()
     rows["host-gw"] = HostGw()
     return rows

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("results.json", "results.md", "throughput.png", "latency.png", "packet_rate.png", "cpu_per_gb.png")
 
 
-def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_tools) -> None:
+def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_tools, flannel_binaries) -> None:
     for tool in ("iperf3", "strace", "bridge", "ss"):
         require(shutil.which(tool) is not None, f"needs `{tool}` (./dev setup installs it)")
     require(importlib.util.find_spec("matplotlib") is not None, "needs matplotlib (the `bench` extra)")
@@ -37,7 +37,7 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
         assert (tmp_path / name).stat().st_size > 0, name
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {"udpflannel", "vxlan", "host-gw"} <= set(results["rows"])
+    assert {"udpflannel", "flanneld", "vxlan", "host-gw"} <= set(results["rows"])  # flanneld: ../shared/bin
     for row, data in results["rows"].items():
         assert set(data["metrics"]) == {m.key for m in report.METRICS}
         for key, agg in data["metrics"].items():
