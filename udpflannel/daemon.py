@@ -1,7 +1,7 @@
 """The daemon: flanneld's start-up order (reference §9.2) with the UDP backend in Python.
 
 config (retry every 1 s while missing or invalid) → interface → lease → TUN → UDP socket →
-clean-up of the unused rule mode → masquerade rules → forward rules → subnet.env →
+clean-up of the unused rule mode → masquerade rules → forward rules → blackhole route → subnet.env →
 ready → run (dataplane + lease events + resync) until SIGTERM/SIGINT.
 
 The dataplane never waits on etcd: routes are cached in the engine, and the lease manager's event
@@ -15,12 +15,14 @@ import contextlib
 import json
 import logging
 from argparse import Namespace
+from functools import partial
 from ipaddress import IPv4Network
 
 from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
 from tun.configure import readdress_tun
-from udpflannel.errors import ConfigError, EtcdUnavailable
+from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
+from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
 from udpflannel.iface import select_interface
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
@@ -42,7 +44,7 @@ class Daemon:
         self.lease = None
         self.config = None
         self.traffic: TrafficRules | None = None
-        self.kept: list[Kept] = []  # what the resync keeps in place
+        self.kept: list[Kept] = []  # what the resync keeps in place (rules, blackhole route)
         self._resync_lock = asyncio.Lock()
         self.api = NodeApi(node=lambda: self.node, ready=lambda: self.ready, lease=self._lease_info,
                            network=lambda: str(self.config.network) if self.config else None, gauges=self._lease_gauges)
@@ -139,9 +141,17 @@ class Daemon:
         self.kept = self._install_for(self.node.subnet)
 
     def _install_for(self, subnet: IPv4Network) -> list[Kept]:
-        """The rules for our subnet, and what keeps them."""
+        """The rules and (with --ip-blackhole-route) the blackhole route for our subnet, and what keeps them."""
         assert self.traffic is not None and self.config is not None
-        return self.traffic.install(self.config.network, subnet)
+        kept = self.traffic.install(self.config.network, subnet)
+        if self.args.ip_blackhole_route:
+            try:
+                ensure_blackhole(subnet)
+                log.info("blackhole route %s metric %d in place", subnet, METRIC)
+            except SetupError as exc:  # like flanneld: logged, and tried again every resync period
+                log.error("Failed to setup blackhole route: %s", exc)
+            kept.append(Kept(f"blackhole route {subnet}", partial(blackhole_present, subnet), partial(ensure_blackhole, subnet)))
+        return kept
 
     async def _follow_events(self) -> None:
         assert self.manager is not None and self.node is not None
@@ -166,6 +176,11 @@ class Daemon:
             await asyncio.to_thread(readdress_tun, self.node.tun.name, old, new)
             self.node.subnet = new
             self.node.dataplane.tun_address = int(new.network_address)
+            if self.args.ip_blackhole_route:
+                try:
+                    await asyncio.to_thread(remove_blackhole, old)
+                except SetupError as exc:
+                    log.error("could not remove the blackhole route of the old subnet: %s", exc)
             self.kept = await asyncio.to_thread(self._install_for, new)
         self._write_subnet_env()
         log.warning("own subnet moved %s -> %s; flannel0 and %s updated", old, event.subnet, self.args.subnet_file)
