@@ -152,7 +152,7 @@ class Nftables:
         module = binding or load_binding()
         try:
             self._nft = module.Nftables()
-        except OSError as exc:  # libnftables.so.1 itself is missing
+        except (OSError, AttributeError) as exc:  # libnftables.so.1 missing, or older than the binding
             raise SetupError(f"libnftables could not be loaded ({exc}): {INSTALL_HINT}") from exc
         self._applied: dict[tuple[str, ...], list[tuple]] = {}
 
