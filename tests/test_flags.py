@@ -60,3 +60,12 @@ def test_bad_values_are_refused_naming_the_flag(argv, field):
 def test_bad_boolean_is_a_usage_error():
     with pytest.raises(SystemExit):
         parse_daemon_args(["--ip-masq=maybe"], environ={})
+
+
+def test_ip_blackhole_route_flag_spellings_and_environment():
+    assert parse_daemon_args([], environ={}).ip_blackhole_route is False
+    assert parse_daemon_args(["-ip-blackhole-route"], environ={}).ip_blackhole_route is True
+    assert parse_daemon_args(["--ip-blackhole-route=false"], environ={}).ip_blackhole_route is False
+    assert parse_daemon_args([], environ={"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is True
+    assert parse_daemon_args(["--ip-blackhole-route=false"],
+                             environ={"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is False

@@ -55,12 +55,20 @@ def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, 
 
 
 def readdress_tun(ifname: str, old: IPv4Network, new: IPv4Network) -> None:
-    """Move the TUN to a new lease (our subnet changed after losing the old lease)."""
+    """Move the TUN to a new lease (our subnet changed after losing the old lease).
+
+    The new address goes on first: removing a device's last IPv4 address makes the kernel flush every
+    route through it, the overlay route included.
+    """
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
+        try:
+            ipr.addr("add", index=idx, address=str(new.network_address), prefixlen=32)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise SetupError(f"cannot add {new.network_address}/32 to {ifname}: {exc}") from exc
         try:
             ipr.addr("del", index=idx, address=str(old.network_address), prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
                 raise SetupError(f"cannot remove {old.network_address}/32 from {ifname}: {exc}") from exc
-        ipr.addr("add", index=idx, address=str(new.network_address), prefixlen=32)

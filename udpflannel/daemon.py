@@ -1,7 +1,8 @@
 """The daemon: flanneld's start-up order (reference §9.2) with the UDP backend in Python.
 
 config (retry every 1 s while missing or invalid) → interface → lease → TUN → UDP socket →
-subnet.env → ready → run (dataplane + lease events) until SIGTERM/SIGINT.
+clean-up of the unused rule mode → masquerade rules → forward rules → blackhole route → subnet.env →
+ready → run (dataplane + lease events + resync) until SIGTERM/SIGINT.
 
 The dataplane never waits on etcd: routes are cached in the engine, and the lease manager's event
 stream reconnects on its own, so a dead etcd stops route *changes*, not forwarding.
@@ -14,17 +15,20 @@ import contextlib
 import json
 import logging
 from argparse import Namespace
+from functools import partial
 from ipaddress import IPv4Network
 
 from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
 from tun.configure import readdress_tun
+from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
 from udpflannel.iface import select_interface
-from udpflannel.masq import Iptables, RuleSet, forward_rules, keep_rules, masq_rules
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
 from udpflannel.nodeapi import NodeApi
+from udpflannel.resync import Kept, keep
+from udpflannel.traffic import TrafficRules
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,9 @@ class Daemon:
         self.manager: SubnetManager | None = None
         self.lease = None
         self.config = None
-        self.iptables: Iptables | None = None
-        self.rulesets: list[RuleSet] = []
+        self.traffic: TrafficRules | None = None
+        self.kept: list[Kept] = []  # what the resync keeps in place (rules, blackhole route)
+        self._resync_lock = asyncio.Lock()
         self.api = NodeApi(node=lambda: self.node, ready=lambda: self.ready, lease=self._lease_info,
                            network=lambda: str(self.config.network) if self.config else None, gauges=self._lease_gauges)
 
@@ -100,8 +105,7 @@ class Daemon:
             startup.result()
             tasks.append(asyncio.ensure_future(self._follow_events()))
             tasks.append(asyncio.ensure_future(self.api.track_last_seen()))
-            if self.rulesets and self.iptables is not None:
-                tasks.append(asyncio.ensure_future(keep_rules(self.iptables, self.rulesets, period=a.iptables_resync)))
+            tasks.append(asyncio.ensure_future(keep(lambda: self.kept, period=a.iptables_resync, lock=self._resync_lock)))
             done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop:
@@ -122,33 +126,32 @@ class Daemon:
             fast_path=not self.args.no_fast_path,
         )
         self.node.dataplane.attach()
-        await asyncio.to_thread(self._install_rules)
+        await asyncio.to_thread(self._set_up_traffic)
         self._write_subnet_env()
         self.ready = True
         log.info("Wrote %s; ready", self.args.subnet_file)
 
-    def _install_rules(self) -> None:
-        """Step 10 of flanneld's start-up: masquerade (with --ip-masq) and forward rules."""
+    def _set_up_traffic(self) -> None:
+        """Steps 9 and 10 of flanneld's start-up: clean up the unused mode, then masquerade and forward rules."""
         assert self.node is not None and self.config is not None
         a = self.args
-        if not (a.ip_masq or a.iptables_forward_rules):
-            return
-        try:
-            self.iptables = Iptables()
-        except SetupError:
-            if a.ip_masq:
-                raise
-            log.warning("iptables not found: FORWARD accept rules not installed (--iptables-forward-rules=false silences this)")
-            return
-        self.rulesets = []
-        if a.ip_masq:
-            random_fully = self.iptables.has_random_fully() and not a.ip_masq_fully_random_disable
-            self.rulesets.append(masq_rules(self.config.network, self.node.subnet, random_fully=random_fully))
-        if a.iptables_forward_rules:
-            self.rulesets.append(forward_rules(self.config.network))
-        for ruleset in self.rulesets:
-            self.iptables.apply(ruleset)
-            log.info("iptables: %s in place (%d rules)", ruleset.own_chain, len(ruleset.rules))
+        self.traffic = TrafficRules(nftables=self.config.enable_nftables, ip_masq=a.ip_masq,
+                                    forward=a.iptables_forward_rules, fully_random_disable=a.ip_masq_fully_random_disable)
+        self.traffic.clean_up_other_mode(self.config.network, self.node.subnet)
+        self.kept = self._install_for(self.node.subnet)
+
+    def _install_for(self, subnet: IPv4Network) -> list[Kept]:
+        """The rules and (with --ip-blackhole-route) the blackhole route for our subnet, and what keeps them."""
+        assert self.traffic is not None and self.config is not None
+        kept = self.traffic.install(self.config.network, subnet)
+        if self.args.ip_blackhole_route:
+            try:
+                ensure_blackhole(subnet)
+                log.info("blackhole route %s metric %d in place", subnet, METRIC)
+            except SetupError as exc:  # like flanneld: logged, and tried again every resync period
+                log.error("Failed to setup blackhole route: %s", exc)
+            kept.append(Kept(f"blackhole route {subnet}", partial(blackhole_present, subnet), partial(ensure_blackhole, subnet)))
+        return kept
 
     async def _follow_events(self) -> None:
         assert self.manager is not None and self.node is not None
@@ -168,12 +171,17 @@ class Daemon:
         if event.subnet == self.node.subnet:
             log.info("own lease %s held", event.subnet)
             return
-        old = self.node.subnet
-        await asyncio.to_thread(readdress_tun, self.node.tun.name, old, event.subnet)
-        self.node.subnet = IPv4Network(event.subnet)
-        self.node.dataplane.tun_address = int(event.subnet.network_address)
-        if self.rulesets:
-            await asyncio.to_thread(self._install_rules)
+        old, new = self.node.subnet, IPv4Network(event.subnet)
+        async with self._resync_lock:  # the resync must not restore the old subnet's rules meanwhile
+            await asyncio.to_thread(readdress_tun, self.node.tun.name, old, new)
+            self.node.subnet = new
+            self.node.dataplane.tun_address = int(new.network_address)
+            if self.args.ip_blackhole_route:
+                try:
+                    await asyncio.to_thread(remove_blackhole, old)
+                except SetupError as exc:
+                    log.error("could not remove the blackhole route of the old subnet: %s", exc)
+            self.kept = await asyncio.to_thread(self._install_for, new)
         self._write_subnet_env()
         log.warning("own subnet moved %s -> %s; flannel0 and %s updated", old, event.subnet, self.args.subnet_file)
 

@@ -55,9 +55,11 @@ def daemon_parser() -> argparse.ArgumentParser:
                       help="set up IP masquerade rules for traffic leaving the flannel network")
     node.add_argument("--ip-masq-fully-random-disable", type=go_bool, nargs="?", const=True, default=False,
                       help="don't add --random-fully to the MASQUERADE rules")
-    node.add_argument("--iptables-resync", type=int, default=5, help="seconds between iptables rule checks (default %(default)s)")
+    node.add_argument("--iptables-resync", type=int, default=5, help="seconds between checks of the iptables or nftables rules and the blackhole route (default %(default)s)")
     node.add_argument("--iptables-forward-rules", type=go_bool, nargs="?", const=True, default=True,
                       help="add FORWARD accept rules for the network (default %(default)s)")
+    node.add_argument("--ip-blackhole-route", type=go_bool, nargs="?", const=True, default=False,
+                      help="add a blackhole route for the node's own subnet, checked every --iptables-resync seconds")
     node.add_argument("--healthz-ip", default="0.0.0.0", help="the IP address for the healthz server to listen on (default %(default)s)")
     node.add_argument("--healthz-port", type=int, default=0, help="the port for the healthz server; 0 disables it (default %(default)s)")
     node.add_argument("-v", "--v", dest="verbosity", type=int, default=0, help="log level: 1 more, 2 debug")

@@ -3,14 +3,13 @@
 The rule sets are computed by pure functions; ``Iptables`` applies them in one
 ``iptables-restore --noflush --wait`` transaction per table and checks them with ``iptables -C``.
 Like flanneld: our chain is created or flushed, the jump from the built-in chain is appended once,
-rules are re-checked every ``--iptables-resync`` seconds and re-applied in order if any is missing,
-and nothing is removed on exit (pods keep working across a daemon restart).
+rules are re-checked every ``--iptables-resync`` seconds (``udpflannel.resync``) and re-applied in
+order if any is missing, and nothing is removed on exit (pods keep working across a daemon restart).
+In nftables mode (``udpflannel.nft``) the daemon removes these chains at start-up (``Iptables.remove``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from ipaddress import IPv4Network
 
 from udpflannel.errors import SetupError
 
-log = logging.getLogger(__name__)
-
-KUBE_PROXY_MARK = "0x4000/0x4000"
+KUBE_PROXY_MARK = "0x4000/0x4000"  # kube-proxy's masquerade mark/mask (flannel's trafficmngr.KubeProxyMark)
+MULTICAST = "224.0.0.0/4"
+MAX_JUMPS = 16  # how many copies of our jump rule ``remove`` deletes at most
 MASQ_COMMENT = "flanneld masq"
 FORWARD_COMMENT = "flanneld forward"
 
@@ -53,7 +52,7 @@ def masq_rules(cluster: IPv4Network, pod: IPv4Network, *, random_fully: bool = T
         (chain, ("-s", p, "-d", c, *comment, "-j", "RETURN")),
         (chain, ("-s", c, "-d", p, *comment, "-j", "RETURN")),
         (chain, ("!", "-s", c, "-d", p, *comment, "-j", "RETURN")),
-        (chain, ("-s", c, "!", "-d", "224.0.0.0/4", *comment, *masq)),
+        (chain, ("-s", c, "!", "-d", MULTICAST, *comment, *masq)),
         (chain, ("!", "-s", c, "-d", c, *comment, *masq)),
     ]
     return RuleSet("nat", chain, tuple(Rule("nat", ch, spec) for ch, spec in specs))
@@ -129,15 +128,24 @@ class Iptables:
     def all_present(self, ruleset: RuleSet) -> bool:
         return all(self.exists(rule) for rule in ruleset.rules)
 
+    def remove(self, ruleset: RuleSet) -> bool:
+        """Undo ``apply``: unhook our chain from the built-in one, flush it, delete it. True if any of it was there.
 
-async def keep_rules(iptables: Iptables, rulesets: list[RuleSet], *, period: float) -> None:
-    """flanneld's resync: every ``period`` s, re-apply a rule set if any of its rules went missing."""
-    while True:
-        await asyncio.sleep(period)
-        for ruleset in rulesets:
-            try:
-                if not await asyncio.to_thread(iptables.all_present, ruleset):
-                    log.warning("iptables rules of %s were changed; restoring them", ruleset.own_chain)
-                    await asyncio.to_thread(iptables.apply, ruleset)
-            except (SetupError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("iptables resync of %s failed: %s", ruleset.own_chain, exc)
+        flanneld's nftables mode tries this too but leaves the jump (so ``-X`` fails) and looks for
+        FLANNEL-FWD in ``nat`` instead of ``filter``; we remove both chains for real.
+        """
+        found = False
+        for rule in ruleset.rules:
+            if rule.chain == ruleset.own_chain:
+                continue
+            for _ in range(MAX_JUMPS):
+                if self._run("-t", rule.table, "-D", rule.chain, *rule.spec).returncode != 0:
+                    break
+                found = True
+        if self._run("-t", ruleset.table, "-F", ruleset.own_chain).returncode == 0:
+            found = True
+            result = self._run("-t", ruleset.table, "-X", ruleset.own_chain)
+            if result.returncode != 0:
+                raise SetupError(f"iptables -t {ruleset.table} -X {ruleset.own_chain}: {result.stderr.strip()}")
+        return found
+
