@@ -26,7 +26,7 @@ def ip_packet(src: str, dst: str, ttl: int = 64, size: int = 60) -> bytes:
     header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, size, 1, 0, ttl, 17, 0,
                                    socket.inet_aton(src), socket.inet_aton(dst)))
     header[10:12] = slow_header_checksum(bytes(header)).to_bytes(2, "big")
-    return bytes(header) + bytes(size - 20)
+    return bytes(header) + struct.pack("!HHHH", 40000, 9999, size - 20, 0) + bytes(size - 28)  # UDP, no checksum
 
 
 class Rig:

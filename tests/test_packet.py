@@ -6,10 +6,11 @@ import struct
 from ipaddress import IPv4Address
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import ipv4_headers, ipv4_packets, slow_checksum, slow_header_checksum
+from tests.tools import hostile
 from udpflannel.packet import (
     IPV4_MIN_HEADER,
     PROTO_ICMP,
@@ -18,6 +19,7 @@ from udpflannel.packet import (
     Verdict,
     check_ipv4,
     check_ipv4_checksum,
+    check_transport,
     decrement_ttl,
     dst_u32,
     internet_checksum,
@@ -43,6 +45,7 @@ def test_constants_and_verdict_labels() -> None:
         ("unknown_peer", 7),
         ("spoofed_source", 8),
         ("bad_checksum", 9),
+        ("bad_l4_checksum", 10),
     ]
 
 
@@ -230,3 +233,87 @@ def test_header_strategy_sanity(header: bytearray) -> None:
     assert check_ipv4(header, len(header)) == Verdict.FORWARD
     assume(header[8] > 1)
     assert decrement_ttl(header)
+
+
+# -- check_transport -------------------------------------------------------------------------
+
+CHECKSUM_PROBLEMS = {"TCP checksum", "UDP checksum", "ICMP checksum"}
+
+
+@st.composite
+def transport_packets(draw) -> bytearray:
+    """A valid IPv4 packet carrying TCP, UDP, ICMP or GRE (not checked), maybe with NOP options, maybe a
+    fragment; then maybe damaged: a byte of the transport part flipped, cut short (lengths fixed up), a
+    UDP checksum of 0 ("none"), another fragment offset."""
+    proto = draw(st.sampled_from([PROTO_ICMP, PROTO_TCP, PROTO_UDP, 47]))
+    payload = draw(st.binary(max_size=80))
+    ports = draw(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)))
+    if proto == PROTO_TCP:
+        body = hostile.tcp(*ports, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 0xFF)), payload,
+                           timestamps=draw(st.booleans()))
+    elif proto == PROTO_UDP:
+        body = hostile.udp(*ports, payload)
+    elif proto == PROTO_ICMP:
+        body = hostile.echo(*ports, payload)
+    else:
+        body = payload
+    options = b"\x01\x01\x01\x01" * draw(st.integers(0, 2))
+    packet = hostile.ipv4(proto, body, b"\x0a\x05\x02\x07", b"\x0a\x05\x01\x02", options=options,
+                          frag=draw(st.sampled_from([0, 0x4000, 0x2000, 0x2000 | 185, 0x1FFF, 0x1FF0])))
+    ihl = len(packet) - len(body)
+    damage = draw(st.sampled_from(["none", "flip", "cut", "udp_none"]))
+    if damage == "flip" and body:
+        packet[draw(st.integers(ihl, len(packet) - 1))] ^= draw(st.integers(1, 255))
+    elif damage == "cut":
+        del packet[draw(st.integers(ihl, len(packet))):]
+        packet[2:4] = len(packet).to_bytes(2, "big")
+        hostile.fix_ip(packet)
+    elif damage == "udp_none" and proto == PROTO_UDP and len(packet) >= ihl + 8:
+        packet[ihl + 6:ihl + 8] = b"\0\0"
+    return packet
+
+
+@settings(max_examples=500)
+@given(transport_packets())
+def test_check_transport_is_the_receiving_hosts_judgement(packet: bytearray) -> None:
+    """Against the slow reference (word-by-word sums): FORWARD exactly for what a receiving host would
+    take, BAD_L4_CHECKSUM for a checksum that does not verify, BAD_HEADER for a transport header that
+    does not fit (or a fragment out of bounds); any buffer type, never raises, reads nothing past n."""
+    assert check_ipv4(packet, len(packet)) == Verdict.FORWARD and check_ipv4_checksum(packet, len(packet))
+    why = hostile.problem(bytes(packet))
+    expected = Verdict.FORWARD if not why else Verdict.BAD_L4_CHECKSUM if why in CHECKSUM_PROBLEMS else Verdict.BAD_HEADER
+    assert check_transport(packet, len(packet)) == expected, why
+    assert check_transport(memoryview(bytes(packet) + b"\xa5" * 9)[:len(packet)], len(packet)) == expected
+    assert check_transport(bytearray(packet) + bytearray(b"\x5a" * 9), len(packet)) == expected
+
+
+def test_check_transport_cases() -> None:
+    def verdict(proto: int, body: bytes, frag: int = 0x4000) -> Verdict:
+        packet = hostile.ipv4(proto, body, b"\x0a\x05\x02\x07", b"\x0a\x05\x01\x02", frag=frag)
+        return check_transport(packet, len(packet))
+
+    echo = hostile.echo(7, 1, b"ping")
+    assert verdict(PROTO_ICMP, echo) == Verdict.FORWARD
+    zeros = hostile.ipv4(PROTO_ICMP, bytes(8), b"\x0a\x05\x02\x07", b"\x0a\x05\x01\x02")
+    zeros[20:28] = bytes(8)  # all zeros, checksum field included: sums to 0, not 0xFFFF
+    assert check_transport(zeros, len(zeros)) == Verdict.BAD_L4_CHECKSUM
+    assert verdict(PROTO_ICMP, echo[:7]) == Verdict.BAD_HEADER
+    assert verdict(PROTO_TCP, hostile.tcp(1, 2, 3, 0x10)[:19]) == Verdict.BAD_HEADER
+    segment = bytearray(hostile.tcp(1, 2, 3, 0x10, b"data"))
+    segment[12] = 4 << 4  # data offset 4
+    assert verdict(PROTO_TCP, bytes(segment)) == Verdict.BAD_HEADER
+    segment[12] = 15 << 4  # 60 bytes, past the segment
+    assert verdict(PROTO_TCP, bytes(segment)) == Verdict.BAD_HEADER
+    datagram = bytearray(hostile.udp(1, 2, b"data"))
+    assert verdict(PROTO_UDP, bytes(datagram)) == Verdict.FORWARD
+    datagram[4:6] = (11).to_bytes(2, "big")  # UDP length != IP payload
+    assert verdict(PROTO_UDP, bytes(datagram)) == Verdict.BAD_HEADER
+    assert verdict(PROTO_UDP, hostile.udp(1, 2, b"")[:7]) == Verdict.BAD_HEADER
+    # fragments: only their bounds; a first one must hold its transport header
+    assert verdict(PROTO_TCP, b"x" * 8, frag=0x2000) == Verdict.BAD_HEADER  # RFC 1858's tiny fragment
+    assert verdict(PROTO_TCP, b"x" * 20, frag=0x2000) == Verdict.FORWARD
+    assert verdict(PROTO_UDP, b"x" * 8, frag=0x2000) == Verdict.FORWARD
+    assert verdict(PROTO_UDP, b"x" * 11, frag=0x1FFC) == Verdict.FORWARD  # 20 + 65,504 + 11: 65,535 exactly
+    assert verdict(PROTO_UDP, b"x" * 12, frag=0x1FFC) == Verdict.BAD_HEADER  # one past: the ping of death
+    assert verdict(PROTO_UDP, b"x" * 12, frag=0x3FFC) == Verdict.BAD_HEADER
+    assert verdict(47, b"gre?") == Verdict.FORWARD  # other protocols: a router's business only

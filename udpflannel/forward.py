@@ -9,7 +9,15 @@ only ``Verdict.FORWARD`` leaves the buffer modified (TTL − 1, header checksum 
 
 from __future__ import annotations
 
-from udpflannel.packet import Verdict, check_ipv4, check_ipv4_checksum, decrement_ttl, dst_u32, src_u32
+from udpflannel.packet import (
+    Verdict,
+    check_ipv4,
+    check_ipv4_checksum,
+    check_transport,
+    decrement_ttl,
+    dst_u32,
+    src_u32,
+)
 from udpflannel.routes import NextHop, RouteTable
 
 FORWARD = Verdict.FORWARD
@@ -41,7 +49,10 @@ def inbound(buf: bytearray, n: int, peer: NextHop, routes: RouteTable, *, tun_mt
     """UDP → TUN: a datagram from ``peer``. May it enter this node?
 
     flannel writes anything from anyone (reference §7.5); we accept only a current peer's
-    ``PublicIP:port`` and, with ``check_source``, only inner sources inside that peer's subnet.
+    ``PublicIP:port`` and, with ``check_source``, only inner sources inside that peer's subnet, and
+    only a well-formed packet: IPv4 header and checksum, and (``check_transport``) a whole TCP, UDP or
+    ICMP header with a valid checksum, or a fragment within bounds. Anyone can forge a peer's address,
+    so this is what keeps malformed packets from reaching a pod.
     A datagram longer than the TUN MTU is dropped whole (flannel truncates it and forwards the stub).
     """
     if n > tun_mtu:
@@ -57,6 +68,9 @@ def inbound(buf: bytearray, n: int, peer: NextHop, routes: RouteTable, *, tun_mt
         return UNKNOWN_PEER
     if not check_ipv4_checksum(buf, n):
         return BAD_CHECKSUM
+    verdict = check_transport(buf, n)
+    if verdict:
+        return verdict
     if not decrement_ttl(buf):
         return TTL_EXPIRED
     return FORWARD
