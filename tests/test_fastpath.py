@@ -517,3 +517,79 @@ async def test_what_cannot_be_cut_is_answered_as_a_router_would():
         assert c.tun_drops[Verdict.TOO_BIG] == 1 and c.fragmented_packets == 1 and c.send_errors == 0
     finally:
         r.close()
+
+
+# -- oversize on the way in ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
+async def test_datagrams_and_gro_rows_larger_than_the_tun_mtu_are_dropped_and_counted(quiet: bool,
+                                                                                       monkeypatch: pytest.MonkeyPatch):
+    """As on the per-packet path: a 1500-byte datagram (flannel0 takes 1472) is dropped whole and counted
+    as ``oversize``, alone (the wake-up's first receive) and as the rows of a GRO batch; a good batch
+    after them is written as ever, and nothing else reaches the TUN."""
+    if quiet:
+        quiet_clock(monkeypatch)
+    r = Rig()
+    r.dp.attach()
+    try:
+        to_us = r.udp.getsockname()
+        big = slow_split(tcp_flow(11 * 1448, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1448)
+        assert {len(s) for s in big} == {1500}
+        r.peer.sendto(big[0], to_us)
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 1)
+        r.peer.sendmsg([b"".join(big[1:])], gso_cmsg(1500), 0, to_us)
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 11)
+        good = slow_split(tcp_flow(3 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10, seq=99), 1420)
+        r.peer.sendmsg([b"".join(good)], gso_cmsg(1472), 0, to_us)
+        await until(lambda: r.dp.counters.delivered_packets == 3)
+        assert read_tun(r, 3) == [after_one_hop(s) for s in good]
+        assert nothing_more_on(r.tun_app)
+        c = r.dp.counters
+        assert c.udp_packets == 14 and c.udp_drops[Verdict.OVERSIZE] == 11 and c.tun_write_errors == 0
+    finally:
+        r.close()
+
+
+class SmallRoom:
+    """The UDP socket as if the engine's receive room were ``room`` bytes: a larger datagram or GRO batch
+    comes back cut short and flagged MSG_TRUNC by the kernel."""
+
+    def __init__(self, sock: socket.socket, room: int) -> None:
+        self.sock, self.room = sock, room
+
+    def recvmsg_into(self, buffers, ancbufsize=0, flags=0):
+        return self.sock.recvmsg_into([memoryview(b)[:self.room] for b in buffers], ancbufsize, flags)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+async def test_a_truncated_receive_is_dropped_and_counted_never_written():
+    """MSG_TRUNC — a datagram or GRO batch larger than the room it was received into — is dropped and
+    counted as ``oversize``, never written to the TUN cut short; what fits after it goes through."""
+    r = Rig()
+    r.dp.udp = SmallRoom(r.udp, 8000)  # type: ignore[assignment]
+    r.dp.attach()
+    try:
+        to_us = r.udp.getsockname()
+        segments = slow_split(tcp_flow(10 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1420)
+        r.peer.sendmsg([b"".join(segments)], gso_cmsg(1472), 0, to_us)  # 14,720 bytes: one GRO batch
+        r.peer.sendto(ip_packet("10.5.2.7", "10.5.1.2", size=9000), to_us)  # one datagram
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 2)
+        r.peer.sendto(segments[0], to_us)
+        await until(lambda: r.dp.counters.delivered_packets == 1)
+        assert read_tun(r, 1) == [after_one_hop(segments[0])]
+        assert nothing_more_on(r.tun_app)
+        assert r.dp.counters.tun_writes == 1
+    finally:
+        r.close()
+
+
+def nothing_more_on(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        sock.recv(70000)
+    except TimeoutError:
+        return True
+    return False
