@@ -43,6 +43,7 @@ def test_constants_and_verdict_labels() -> None:
         ("unknown_peer", 7),
         ("spoofed_source", 8),
         ("bad_checksum", 9),
+        ("too_big", 10),
     ]
 
 

@@ -142,12 +142,12 @@ def format_status(status: dict) -> str:
         f"network  {status.get('network') or '-'}  tun {(status.get('tun') or {}).get('name', '-')}"
         f" mtu {(status.get('tun') or {}).get('mtu', '-')}",
         "",
-        f"{'SUBNET':<20} {'PUBLIC IP':<16} {'PORT':>5} {'RX PKTS':>10} {'LAST SEEN':>10}",
+        f"{'SUBNET':<20} {'PUBLIC IP':<16} {'PORT':>5} {'RX PKTS':>10} {'LAST SEEN':>10} {'PATH MTU':>8}",
     ]
     for peer in status.get("peers", []):
         seen = peer["last_seen_seconds_ago"]
         lines.append(f"{peer['subnet']:<20} {peer['public_ip']:<16} {peer['port']:>5} {peer['rx_packets']:>10} "
-                     f"{'never' if seen is None else f'{seen:.0f}s ago':>10}")
+                     f"{'never' if seen is None else f'{seen:.0f}s ago':>10} {peer.get('path_mtu') or '-':>8}")
     counters = status.get("counters") or {}
     drops = {f"{reason} ({direction})": v for direction, reasons in (counters.get("drops") or {}).items()
              for reason, v in reasons.items() if v}

@@ -35,6 +35,7 @@ class Verdict(IntEnum):
     UNKNOWN_PEER = 7  # datagram from an address/port that is no current lease's PublicIP:port
     SPOOFED_SOURCE = 8  # inner source not in the sending peer's leased subnet
     BAD_CHECKSUM = 9  # IPv4 header checksum wrong (received side)
+    TOO_BIG = 10  # larger than the path MTU to its peer, with DF: answered with ICMP frag-needed
 
 
 # Members as module globals: ``Verdict.X`` costs ~90 ns per access on CPython 3.11, a global ~5.
@@ -108,6 +109,12 @@ def src_u32(buf) -> int:
         return _unpack_u32(buf, 12)[0]
     except struct.error:
         return 0
+
+
+def dont_fragment(buf) -> bool:
+    """The DF bit (flags, offset 6): the sender does path-MTU discovery and wants frag-needed, not
+    fragments. ``buf`` must hold at least 7 bytes (call :func:`check_ipv4` first)."""
+    return bool(buf[6] & 0x40)
 
 
 def decrement_ttl(buf) -> bool:
