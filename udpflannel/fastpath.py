@@ -48,13 +48,13 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, fields
 
 from tun import TunDevice, gso, gso_jit, open_tun, vnet
 from tun.offload import TunOffloads, enable_offloads
 from udpflannel import icmp
 from udpflannel.batch import inbound_batches
 from udpflannel.engine import Dataplane, IcmpLimiter
+from udpflannel.features import Features
 from udpflannel.forward import describe, inbound, outbound
 from udpflannel.packet import Verdict, dont_fragment
 from udpflannel.routes import NextHop
@@ -62,7 +62,6 @@ from udpflannel.sockets import (
     GRO_CMSG_SPACE,
     UDP_MAX_PAYLOAD,
     UDP_MAX_SEGMENTS,
-    UdpOffloads,
     gro_size,
     gso_cmsg,
     probe_udp_offloads,
@@ -71,11 +70,6 @@ from udpflannel.sockets import (
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("udpflannel.trace")
 
-# Features to treat as missing, comma-separated (``udp_gso,udp_gro``...): forces the fallbacks in tests.
-DISABLE_ENV = "UDPFLANNEL_DISABLE_OFFLOADS"
-# Set to 1: GSO sends fail with EIO, as on kernels (before ~6.11) whose egress device lacks checksum
-# offload. Newer kernels checksum in software instead, so tests need this to reach the fallback.
-SIMULATE_EIO_ENV = "UDPFLANNEL_SIMULATE_EIO"
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
 MAX_PACKET = 0xFFFF
@@ -98,32 +92,10 @@ PMTU_ADVICE_RATE, PMTU_ADVICE_BURST = 100.0, 10.0
 _fit_segment_size = gso.fit_segment_size
 
 
-@dataclass(frozen=True)
-class Features:
-    """Kernel features the fast path uses, probed once at start-up (kernel versions in brackets)."""
-
-    tun_tso: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD CSUM|TSO4|TSO6 [2.6.27]: reads up to 64 KB
-    tun_uso: bool = False  # TUN_F_USO4|USO6 [6.2]: UDP super-packets too, read and (merged) written
-    udp_gso: bool = False  # UDP_SEGMENT [4.18]: one send, many datagrams
-    udp_gro: bool = False  # UDP_GRO [5.0]: one receive, many datagrams
-
-    @classmethod
-    def from_probes(cls, tun: TunOffloads, udp: UdpOffloads, *, disabled: frozenset[str] = frozenset()) -> Features:
-        found = cls(tun_tso=tun.tso, tun_uso=tun.uso, udp_gso=udp.gso, udp_gro=udp.gro)
-        return cls(**{f.name: getattr(found, f.name) and f.name not in disabled for f in fields(cls)})
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name.replace('_', ' ')} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
-
-
-def disabled_features() -> frozenset[str]:
-    return frozenset(filter(None, (n.strip() for n in os.environ.get(DISABLE_ENV, "").split(","))))
-
-
-def open_tun_for(fast_path: bool) -> tuple[TunDevice, TunOffloads]:
+def open_tun_for(fast_path: bool, disabled: frozenset[str] = frozenset()) -> tuple[TunDevice, TunOffloads]:
     """The TUN for the engine to come: with the fast path, IFF_VNET_HDR and TSO (and USO if the
-    kernel has it); if TSO is refused, or without the fast path, a plain one as flannel's."""
-    disabled = disabled_features()
+    kernel has it and it is not ``disabled``); if TSO is refused or disabled, or without the fast
+    path, a plain one as flannel's."""
     if fast_path and "tun_tso" not in disabled:
         tun = open_tun(vnet_hdr=True)
         offloads = enable_offloads(tun.fd, uso="tun_uso" not in disabled)
@@ -134,25 +106,9 @@ def open_tun_for(fast_path: bool) -> tuple[TunDevice, TunOffloads]:
     return open_tun(), TunOffloads()
 
 
-def probe_features(tun: TunOffloads, udp: socket.socket) -> Features:
+def probe_features(tun: TunOffloads, udp: socket.socket, disabled: frozenset[str] = frozenset()) -> Features:
     """Probe the socket (turning UDP_GRO on unless disabled) and combine with the TUN's offloads."""
-    disabled = disabled_features()
     return Features.from_probes(tun, probe_udp_offloads(udp, gro="udp_gro" not in disabled), disabled=disabled)
-
-
-class _EioOnGso:
-    """The UDP socket as an old kernel with a checksum-less egress device shows it (SIMULATE_EIO_ENV)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
-        if ancdata:
-            raise OSError(errno.EIO, "Input/output error (simulated)")
-        return self._sock.sendmsg(buffers, ancdata, flags, address)
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
 
 
 class _Batch:
@@ -195,8 +151,6 @@ class FastDataplane(Dataplane):
         self._pmtu_advice = IcmpLimiter(PMTU_ADVICE_RATE, PMTU_ADVICE_BURST)
         self._tun_woke = self._udp_woke = 0  # when each fd last woke us (QUIET_NS)
         self._bulk_until = 0  # batches moved recently: no fd counts as quiet before then (BULK_NS)
-        if os.environ.get(SIMULATE_EIO_ENV) == "1":
-            self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
         gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
         log.info("fast path: %s; GSO/GRO loops: %s", features.describe(),
                  "compiled (numba)" if gso_jit.load() else f"numpy ({gso_jit.WHY_NOT})")
