@@ -113,12 +113,39 @@ async def test_udp_to_tun_only_from_peers(rig: Rig):
 
 
 async def test_route_events_apply_live(rig: Rig):
+    """Removed: the next packet meets no route and nothing leaves. Back in a snapshot: the next one goes
+    to the peer, one hop older. Moved to another PublicIP: the next one goes there, and only there."""
+    rig.peer.setblocking(False)
     rig.dp.apply(PeerRemoved(PEER_SUBNET))
     rig.tun_app.send(ip_packet("10.5.1.2", "10.5.2.9"))
     await until(lambda: rig.dp.counters.tun_drops[Verdict.NO_ROUTE] == 1)
+    with pytest.raises(BlockingIOError):
+        rig.peer.recv(2000)
     rig.dp.apply(Snapshot((PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")),)))
-    rig.tun_app.send(ip_packet("10.5.1.2", "10.5.2.9"))
+    first = ip_packet("10.5.1.2", "10.5.2.9", size=61)
+    rig.tun_app.send(first)
     await until(lambda: rig.dp.counters.sent_packets == 1)
+    assert rig.peer.recv(2000) == after_one_hop(first)
+    moved = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        moved.bind(("127.0.0.2", rig.dp.port))
+        moved.settimeout(2)
+        rig.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.2")))
+        second = ip_packet("10.5.1.2", "10.5.2.9", size=62)
+        rig.tun_app.send(second)
+        await until(lambda: rig.dp.counters.sent_packets == 2)
+        assert moved.recv(2000) == after_one_hop(second)
+        with pytest.raises(BlockingIOError):
+            rig.peer.recv(2000)
+    finally:
+        moved.close()
+
+
+def after_one_hop(packet: bytes) -> bytes:
+    """The packet as the per-packet path forwards it: TTL − 1, header checksum patched."""
+    out = bytearray(packet)
+    assert decrement_ttl(out)
+    return bytes(out)
 
 
 class EagainOnce:

@@ -16,13 +16,13 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from tests.strategies import slow_header_checksum
-from tests.test_engine import IcmpRecorder, NarrowPath, ip_packet, reassemble, until
+from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet, reassemble, until
 from tests.test_gso import slow_split
 from tun import gso, vnet
 from udpflannel import fastpath
 from udpflannel.events import PeerAdded
 from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
-from udpflannel.packet import Verdict, decrement_ttl
+from udpflannel.packet import Verdict
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -43,13 +43,6 @@ def tcp_flow(size: int, *, src: str = "10.5.1.2", dst: str = "10.5.2.2", ttl: in
 
 def tso_hdr(mss: int = 1420) -> bytes:
     return vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 52, mss, 20, 16).pack()
-
-
-def after_one_hop(packet: bytes) -> bytes:
-    """The packet as the per-packet path forwards it: TTL − 1, header checksum patched."""
-    out = bytearray(packet)
-    assert decrement_ttl(out)
-    return bytes(out)
 
 
 class Rig:
