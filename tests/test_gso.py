@@ -272,6 +272,39 @@ def test_udp_split_then_coalesce_gives_back_the_datagrams(case, data) -> None:
     assert gso.coalesce(segments, udp=False) == [vnet.PLAIN + s for s in segments]  # no USO on the TUN
 
 
+@given(super_packets(protocol=6, max_segments=48) | super_packets(protocol=17, max_segments=48), st.data())
+def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, data) -> None:
+    """What a bad wire does to a flow before GRO batches it: segments lost, swapped, held back, sent twice.
+    The kernel's re-split of what we write is exactly the batch as it came, in its order: a merged write
+    re-splits into consecutive sequence numbers (and IP IDs), so any merge over a gap, a reordering or a
+    duplicate would show as a difference here. And nothing of it is merged that was not contiguous."""
+    packet, mss = case
+    packet = _with_ihl5(packet)
+    segments = gso.split(packet, gso_hdr(packet, mss))
+    assume(len(segments) > 2)
+    batch = list(segments)
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(batch) - 1))
+        action = data.draw(st.sampled_from(["lose", "swap", "hold back", "duplicate"]))
+        if action == "lose" and len(batch) > 2:
+            del batch[i]
+        elif action == "swap" and i + 1 < len(batch):
+            batch[i], batch[i + 1] = batch[i + 1], batch[i]
+        elif action == "hold back":
+            batch.append(batch.pop(i))
+        elif action == "duplicate":
+            batch.insert(i + 1, batch[i])
+    units = gso.coalesce(batch)
+    assert resplit(units) == batch
+    at = 0
+    for unit in units:
+        carried = len(resplit([unit]))
+        if carried > 1:  # a merge: its rows were neighbours in the original stream, in order
+            first = segments.index(batch[at])
+            assert batch[at:at + carried] == segments[first:first + carried]
+        at += carried
+
+
 def test_udp_coalesce_rules_by_example() -> None:
     """UDP merge rules one at a time on a 10-datagram flow (1400-byte payloads, ID wraps inside it)."""
     payload = bytes(i * 7 % 251 for i in range(10 * 1400 - 300))
