@@ -215,7 +215,6 @@ def test_an_egress_device_without_checksum_offload(lab: Lab, tmp_path: Path):
         assert pair.log(1).count("lacks checksum offload") == 1
     else:
         assert counters[1]["udp_gso_fallbacks"] == 0 and counters[1]["udp_gso_sends"] > 0
-        assert counters[2]["udp_gro_recvs"] > 0  # the software-checksummed GSO sends arrived as GRO batches
 
 
 def test_without_tun_offloads_the_per_packet_engine_runs(lab: Lab, tmp_path: Path):
