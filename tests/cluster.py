@@ -80,6 +80,11 @@ class Pinger:
         self.replies: list[tuple[float, int]] = []  # (wall-clock time, icmp_seq)
         self.output = ""
 
+    def replies_so_far(self) -> int:
+        """Replies in the output up to now (the process keeps running)."""
+        with open(f"/proc/self/fd/{self._out.fileno()}") as out:  # its own offset: ping's stays where it is
+            return sum(1 for line in out if self.REPLY.match(line))
+
     def stop(self) -> Pinger:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)

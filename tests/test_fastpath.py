@@ -16,13 +16,13 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from tests.strategies import slow_header_checksum
-from tests.test_engine import until
+from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet, reassemble, until
 from tests.test_gso import slow_split
 from tun import gso, vnet
 from udpflannel import fastpath
 from udpflannel.events import PeerAdded
 from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
-from udpflannel.packet import Verdict, decrement_ttl
+from udpflannel.packet import Verdict
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -45,17 +45,10 @@ def tso_hdr(mss: int = 1420) -> bytes:
     return vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 52, mss, 20, 16).pack()
 
 
-def after_one_hop(packet: bytes) -> bytes:
-    """The packet as the per-packet path forwards it: TTL − 1, header checksum patched."""
-    out = bytearray(packet)
-    assert decrement_ttl(out)
-    return bytes(out)
-
-
 class Rig:
     """tun_app <-> (vnet-header "TUN") FastDataplane (UDP, GSO/GRO) <-> peer socket on loopback."""
 
-    def __init__(self, features: Features = ALL) -> None:
+    def __init__(self, features: Features = ALL, **dataplane_args) -> None:
         self.tun_app, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tun_end.setblocking(False)
         for s in (self.tun_app, self.tun_end):
@@ -69,8 +62,9 @@ class Rig:
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.dp = FastDataplane(features=features, tun_fd=self.tun_end.fileno(), udp=self.udp, icmp_sock=None,
-                                tun_mtu=1472, tun_address=OWN.network_address, port=self.peer.getsockname()[1])
+        self.dp = FastDataplane(**{"icmp_sock": None, **dataplane_args}, features=features,
+                                tun_fd=self.tun_end.fileno(), udp=self.udp, tun_mtu=1472,
+                                tun_address=OWN.network_address, port=self.peer.getsockname()[1])
         self.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")))
 
     def recv_datagrams(self, count: int) -> list[bytes]:
@@ -307,6 +301,14 @@ async def test_a_refused_super_packet_does_not_disturb_the_ones_before_it():
         r.close()
 
 
+def send_bursts(r: Rig, count: int, *, first: int = 0) -> list[bytes]:
+    """Bursts ``first .. first+count-1`` of one flow (30 segments of 1420 bytes each) into the TUN."""
+    bursts = [tcp_flow(30 * 1420, seq=1000 + (first + i) * 30 * 1420, flags=0x10) for i in range(count)]
+    for burst in bursts:
+        r.tun_app.send(tso_hdr() + burst)
+    return bursts
+
+
 class Refusing:
     """A UDP socket whose sends fail with ``error``: all GSO sends (``gso_only``), or just the first."""
 
@@ -332,9 +334,7 @@ async def test_refused_sends_lose_nothing(error: OSError, gso_only: bool):
     r.dp.udp = Refusing(r.udp, error, gso_only=gso_only)  # type: ignore[assignment]
     r.dp.attach()
     try:
-        packets = [tcp_flow(30 * 1420, seq=1000 + i * 30 * 1420, flags=0x10) for i in range(3)]
-        for p in packets:
-            r.tun_app.send(tso_hdr() + p)
+        packets = send_bursts(r, 3)
         await until(lambda: r.dp.counters.sent_packets == 90)
         assert r.recv_datagrams(90) == [after_one_hop(s) for p in packets for s in slow_split(p, 1420)]
         assert r.dp.udp.refused == 1
@@ -424,3 +424,165 @@ def test_only_the_fast_path_loads_numba() -> None:
 
     loaded = gso_jit.load()
     assert out.stdout.split() == [str(loaded)] * 3
+
+
+# -- a narrower path to the peer -------------------------------------------------------------------------
+
+
+def narrow_rig(**kwargs) -> tuple[Rig, IcmpRecorder]:
+    """A rig whose kernel has learnt MTU 1400 to the peer: larger sends fail with EMSGSIZE."""
+    icmp_sock = IcmpRecorder()
+    r = Rig(icmp_sock=icmp_sock, path_mtu=lambda peer: 1400, **kwargs)
+    r.dp.udp = NarrowPath(r.udp, 1400)  # type: ignore[assignment]
+    return r, icmp_sock
+
+
+def frag_needed_mtus(icmp_sock: IcmpRecorder) -> list[tuple[str, int]]:
+    """(destination, next-hop MTU) of each ICMP frag-needed sent, from flannel0's address."""
+    out = []
+    for error, (dst, _) in icmp_sock.sent:
+        assert error[12:16] == OWN.network_address.packed and error[20:22] == b"\x03\x04"
+        out.append((dst, struct.unpack_from("!H", error, 26)[0]))
+    return out
+
+
+@pytest.mark.parametrize("features", [ALL, Features(tun_tso=True, udp_gso=False, udp_gro=False)], ids=["gso", "no-gso"])
+async def test_a_refused_send_is_cut_to_fit_and_the_next_super_packets_before_they_are_sent(features: Features):
+    """The kernel learns a narrower path (1400) than the one we cut for: the first send fails with
+    EMSGSIZE. Nothing is lost: its datagrams are each cut to fit (1472 → 1372 + 152) and sent, and
+    the pod is told (frag-needed, 1372). Super-packets read afterwards are cut at the narrower size at
+    once (1320-byte segments), before any send. Nothing counts as an error."""
+    r, icmp_sock = narrow_rig(features=features)
+    r.dp.attach()
+    try:
+        first = send_bursts(r, 3)
+        await until(lambda: r.dp.counters.sent_packets == 180)
+        assert r.recv_datagrams(180) == [t for p in first for s in slow_split(p, 1420)
+                                         for t in slow_split(after_one_hop(s), 1320)]
+        assert frag_needed_mtus(icmp_sock)[0] == ("10.5.1.2", 1372)
+        c = r.dp.counters
+        assert c.send_errors == 0 and c.pmtu_refits >= 1 and r.dp.udp.refused >= 1
+        refused = r.dp.udp.refused
+        later = send_bursts(r, 2, first=3)
+        await until(lambda: r.dp.counters.sent_packets == 180 + 2 * 33)
+        assert r.recv_datagrams(66) == [after_one_hop(s) for p in later for s in slow_split(p, 1320)]
+        assert r.dp.udp.refused == refused  # cut before sending: nothing more refused
+        assert c.pmtu_cuts >= 2 and c.send_errors == 0
+    finally:
+        r.close()
+
+
+async def test_super_packets_for_a_narrow_peer_are_cut_and_the_sender_told_at_a_bounded_rate():
+    """A peer known to be behind MTU 1400: 40 super-packets of 1420-byte segments leave as 1320-byte
+    ones (52 bytes of headers: 1372 in all), and the sender hears frag-needed (1372), but no more than
+    the advice burst allows, whatever the number of packets cut."""
+    r, icmp_sock = narrow_rig()
+    r.dp.path_mtus.learn(("127.0.0.1", r.peer.getsockname()[1]), 1400)
+    r.dp.attach()
+    try:
+        packets = [tcp_flow(10 * 1420, seq=1000 + i * 10 * 1420, flags=0x10) for i in range(40)]
+        for p in packets:
+            r.tun_app.send(tso_hdr() + p)
+        await until(lambda: r.dp.counters.sent_packets == 40 * 11)
+        assert r.recv_datagrams(40 * 11) == [after_one_hop(s) for p in packets for s in slow_split(p, 1320)]
+        advice = frag_needed_mtus(icmp_sock)
+        assert advice and set(advice) == {("10.5.1.2", 1372)}
+        assert len(advice) <= fastpath.PMTU_ADVICE_BURST + 1
+        assert r.dp.counters.pmtu_cuts == 40 and r.dp.udp.refused == 0
+    finally:
+        r.close()
+
+
+async def test_what_cannot_be_cut_is_answered_as_a_router_would():
+    """Plain UDP packets too big for the path (the fast path's lone-packet send is refused): with DF,
+    dropped and answered with frag-needed; without DF, fragmented to fit."""
+    r, icmp_sock = narrow_rig()
+    r.dp.attach()
+    try:
+        with_df = ip_packet("10.5.1.2", "10.5.2.9", size=1472, df=True)
+        without_df = ip_packet("10.5.1.2", "10.5.2.9", size=1472)
+        for packet in (with_df, without_df):
+            r.tun_app.send(vnet.PLAIN + packet)
+        await until(lambda: r.dp.counters.sent_packets == 2)
+        assert frag_needed_mtus(icmp_sock) == [("10.5.1.2", 1372)]
+        assert reassemble(r.recv_datagrams(2)) == after_one_hop(without_df)
+        c = r.dp.counters
+        assert c.tun_drops[Verdict.TOO_BIG] == 1 and c.fragmented_packets == 1 and c.send_errors == 0
+    finally:
+        r.close()
+
+
+# -- oversize on the way in ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
+async def test_datagrams_and_gro_rows_larger_than_the_tun_mtu_are_dropped_and_counted(quiet: bool,
+                                                                                       monkeypatch: pytest.MonkeyPatch):
+    """As on the per-packet path: a 1500-byte datagram (flannel0 takes 1472) is dropped whole and counted
+    as ``oversize``, alone (the wake-up's first receive) and as the rows of a GRO batch; a good batch
+    after them is written as ever, and nothing else reaches the TUN."""
+    if quiet:
+        quiet_clock(monkeypatch)
+    r = Rig()
+    r.dp.attach()
+    try:
+        to_us = r.udp.getsockname()
+        big = slow_split(tcp_flow(11 * 1448, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1448)
+        assert {len(s) for s in big} == {1500}
+        r.peer.sendto(big[0], to_us)
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 1)
+        r.peer.sendmsg([b"".join(big[1:])], gso_cmsg(1500), 0, to_us)
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 11)
+        good = slow_split(tcp_flow(3 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10, seq=99), 1420)
+        r.peer.sendmsg([b"".join(good)], gso_cmsg(1472), 0, to_us)
+        await until(lambda: r.dp.counters.delivered_packets == 3)
+        assert read_tun(r, 3) == [after_one_hop(s) for s in good]
+        assert nothing_more_on(r.tun_app)
+        c = r.dp.counters
+        assert c.udp_packets == 14 and c.udp_drops[Verdict.OVERSIZE] == 11 and c.tun_write_errors == 0
+    finally:
+        r.close()
+
+
+class SmallRoom:
+    """The UDP socket as if the engine's receive room were ``room`` bytes: a larger datagram or GRO batch
+    comes back cut short and flagged MSG_TRUNC by the kernel."""
+
+    def __init__(self, sock: socket.socket, room: int) -> None:
+        self.sock, self.room = sock, room
+
+    def recvmsg_into(self, buffers, ancbufsize=0, flags=0):
+        return self.sock.recvmsg_into([memoryview(b)[:self.room] for b in buffers], ancbufsize, flags)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+async def test_a_truncated_receive_is_dropped_and_counted_never_written():
+    """MSG_TRUNC — a datagram or GRO batch larger than the room it was received into — is dropped and
+    counted as ``oversize``, never written to the TUN cut short; what fits after it goes through."""
+    r = Rig()
+    r.dp.udp = SmallRoom(r.udp, 8000)  # type: ignore[assignment]
+    r.dp.attach()
+    try:
+        to_us = r.udp.getsockname()
+        segments = slow_split(tcp_flow(10 * 1420, src="10.5.2.2", dst="10.5.1.2", flags=0x10), 1420)
+        r.peer.sendmsg([b"".join(segments)], gso_cmsg(1472), 0, to_us)  # 14,720 bytes: one GRO batch
+        r.peer.sendto(ip_packet("10.5.2.7", "10.5.1.2", size=9000), to_us)  # one datagram
+        await until(lambda: r.dp.counters.udp_drops[Verdict.OVERSIZE] == 2)
+        r.peer.sendto(segments[0], to_us)
+        await until(lambda: r.dp.counters.delivered_packets == 1)
+        assert read_tun(r, 1) == [after_one_hop(segments[0])]
+        assert nothing_more_on(r.tun_app)
+        assert r.dp.counters.tun_writes == 1
+    finally:
+        r.close()
+
+
+def nothing_more_on(sock: socket.socket) -> bool:
+    sock.settimeout(0.2)
+    try:
+        sock.recv(70000)
+    except TimeoutError:
+        return True
+    return False

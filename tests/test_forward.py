@@ -9,8 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import ipv4_packets, slow_header_checksum
+from tests.tools import hostile
 from udpflannel.forward import describe, inbound, outbound
-from udpflannel.packet import Verdict
+from udpflannel.packet import Verdict, check_ipv4
 from udpflannel.routes import RouteTable
 
 PEER = ("198.18.0.2", 8285)
@@ -78,14 +79,42 @@ def test_inbound_rejections():
     assert verdict(ipv6) == Verdict.NOT_IPV4
 
 
-@given(st.binary(max_size=200), st.booleans())
+def _flip(packet: bytes, spot: int, bit: int) -> bytes:
+    spot %= len(packet)
+    return packet[:spot] + bytes([packet[spot] ^ (1 << bit)]) + packet[spot + 1:]
+
+
+# garbage, and packets a peer could send (inner source and destination in the peer's subnet), some damaged
+_PEERS_PACKETS = ipv4_packets(src=st.integers(IN_PEER, IN_PEER + 255), dst=st.integers(IN_PEER, IN_PEER + 255))
+_ANY_BYTES = st.binary(max_size=200) | _PEERS_PACKETS | st.builds(_flip, _PEERS_PACKETS, st.integers(0, 1 << 16),
+                                                                  st.integers(0, 7))
+
+
+@given(_ANY_BYTES, st.booleans())
 def test_garbage_never_raises_and_is_never_forwarded_unchanged(data, check_source):
-    buf = bytearray(data) + bytearray(64)
-    verdict = inbound(buf, len(data), PEER, ROUTES, tun_mtu=1472, check_source=check_source)
-    assert isinstance(verdict, Verdict)
-    out_verdict, _ = outbound(bytearray(data) + bytearray(64), len(data), ROUTES)
-    assert isinstance(out_verdict, Verdict)
-    assert isinstance(describe(buf, len(data)), str)
+    """Whatever the bytes: a verdict, never an exception. Only a valid IPv4 packet is forwarded, and then
+    not as it came (TTL one lower, header checksum patched, nothing else touched); a refused one stays as
+    it was."""
+    n = len(data)
+    for direction in ("inbound", "outbound"):
+        buf = bytearray(data) + bytearray(64)
+        if direction == "inbound":
+            verdict = inbound(buf, n, PEER, ROUTES, tun_mtu=1472, check_source=check_source)
+        else:
+            verdict, _ = outbound(buf, n, ROUTES)
+        assert isinstance(verdict, Verdict)
+        if verdict == Verdict.FORWARD:
+            ihl = (data[0] & 15) * 4
+            assert check_ipv4(bytearray(data), n) == Verdict.FORWARD
+            assert direction == "outbound" or not hostile.problem(bytes(data)), "inbound let a malformed packet in"
+            assert buf[8] == data[8] - 1 and buf[:8] == data[:8] and buf[12:n] == data[12:n]
+            if int.from_bytes(data[10:12], "big") == slow_header_checksum(bytes(data[:ihl])):  # (inbound: always)
+                assert int.from_bytes(buf[10:12], "big") == slow_header_checksum(bytes(buf[:ihl]))
+            else:  # the kernel handed us a wrong one (outbound trusts it): patched, still wrong, as flannel's
+                assert direction == "outbound" and buf[10:12] != data[10:12]
+        else:
+            assert buf[:n] == data
+        assert isinstance(describe(buf, n), str)
 
 
 # Payloads here are random bytes: protocols whose checksum inbound checks, and fragments, are left out

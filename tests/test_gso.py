@@ -272,6 +272,39 @@ def test_udp_split_then_coalesce_gives_back_the_datagrams(case, data) -> None:
     assert gso.coalesce(segments, udp=False) == [vnet.PLAIN + s for s in segments]  # no USO on the TUN
 
 
+@given(super_packets(protocol=6, max_segments=48) | super_packets(protocol=17, max_segments=48), st.data())
+def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, data) -> None:
+    """What a bad wire does to a flow before GRO batches it: segments lost, swapped, held back, sent twice.
+    The kernel's re-split of what we write is exactly the batch as it came, in its order: a merged write
+    re-splits into consecutive sequence numbers (and IP IDs), so any merge over a gap, a reordering or a
+    duplicate would show as a difference here. And nothing of it is merged that was not contiguous."""
+    packet, mss = case
+    packet = _with_ihl5(packet)
+    segments = gso.split(packet, gso_hdr(packet, mss))
+    assume(len(segments) > 2)
+    batch = list(segments)
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(batch) - 1))
+        action = data.draw(st.sampled_from(["lose", "swap", "hold back", "duplicate"]))
+        if action == "lose" and len(batch) > 2:
+            del batch[i]
+        elif action == "swap" and i + 1 < len(batch):
+            batch[i], batch[i + 1] = batch[i + 1], batch[i]
+        elif action == "hold back":
+            batch.append(batch.pop(i))
+        elif action == "duplicate":
+            batch.insert(i + 1, batch[i])
+    units = gso.coalesce(batch)
+    assert resplit(units) == batch
+    at = 0
+    for unit in units:
+        carried = len(resplit([unit]))
+        if carried > 1:  # a merge: its rows were neighbours in the original stream, in order
+            first = segments.index(batch[at])
+            assert batch[at:at + carried] == segments[first:first + carried]
+        at += carried
+
+
 def test_udp_coalesce_rules_by_example() -> None:
     """UDP merge rules one at a time on a 10-datagram flow (1400-byte payloads, ID wraps inside it)."""
     payload = bytes(i * 7 % 251 for i in range(10 * 1400 - 300))
@@ -524,3 +557,63 @@ def test_one_cut_over_a_stream(case, packets, data) -> None:
                                    + (result.size if j < result.count - 1 else result.last)])
                for j in range(result.count)]
         assert got == slow_split(burst, mss)
+
+
+# -- cutting for a narrower path (fit_segment_size) ----------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(super_packets(protocol=6, max_segments=12), st.integers(68, 1500) | st.integers(68, 9100))
+def test_a_super_packet_cut_to_fit_a_narrower_path(case, largest) -> None:
+    """At the size ``fit_segment_size`` gives, every segment fits (or the packet could not be cut:
+    its headers leave no room, and the size is unchanged), the cut is the kernel's segmentation at
+    that size, and it carries the same TCP bytes from the same sequence number: a TSO super-packet
+    is a byte range, any segment size cuts it."""
+    packet, mss = case
+    hl = header_len(packet)
+    fitted = gso.fit_segment_size(packet, 0, len(packet), vnet.GSO_TCPV4, mss, largest)
+    assert fitted <= mss
+    if hl + min(mss, len(packet) - hl) <= largest:
+        assert fitted == mss  # it fits already: nothing changes
+        return
+    if (largest & ~3) - hl < gso.SMALLEST_CUT:
+        assert fitted == mss  # no room for a cut
+        return
+    assert (hl + fitted) % 4 == 0 and hl + fitted <= largest
+    segments = gso.split(packet, gso_hdr(packet, fitted))
+    assert segments == slow_split(packet, fitted)
+    assert all(len(s) <= largest for s in segments)
+    assert b"".join(s[hl:] for s in segments) == packet[hl:]
+
+
+@given(super_packets(protocol=17, max_segments=6), st.integers(68, 1500))
+def test_what_cannot_be_cut_keeps_its_size(case, largest) -> None:
+    """A USO segment is one UDP datagram: never cut smaller (the engine answers it as a router would)."""
+    packet, mss = case
+    assert gso.fit_segment_size(packet, 0, len(packet), vnet.GSO_UDP_L4, mss, largest) == mss
+    assert gso.fit_segment_size(packet, 0, len(packet), vnet.GSO_TCPV4, mss, largest) == mss  # not TCP inside
+
+
+@given(st.binary(max_size=120), st.integers(-4, 130), st.integers(0, 130), st.integers(0, 2000), st.integers(0, 2000))
+def test_fit_segment_size_never_raises(data, off, n, gso_size, largest) -> None:
+    fitted = gso.fit_segment_size(data, off, n, vnet.GSO_TCPV4, gso_size, largest)
+    assert fitted == gso_size or 0 < fitted < gso_size
+
+
+def test_a_plain_tcp_packet_is_cut_as_a_super_packet_of_one() -> None:
+    """The engine re-cuts a datagram the kernel refused (EMSGSIZE) the same way: ``gso_size`` = its
+    length. A 1472-byte segment with 12 bytes of TCP options, for a 1372-byte limit: 1320 + 100."""
+    packet = bytes(slow_split(_tcp_with_timestamps(1420), 1420)[0])
+    assert len(packet) == 1472
+    fitted = gso.fit_segment_size(packet, 0, 1472, vnet.GSO_TCPV4, 1472, 1372)
+    assert fitted == 1320
+    assert [len(s) for s in gso.split(packet, gso_hdr(packet, fitted))] == [1372, 152]
+    assert gso.fit_segment_size(packet, 0, 1472, vnet.GSO_TCPV4, 1472, 1472) == 1472  # it fits
+
+
+def _tcp_with_timestamps(size: int) -> bytes:
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 52 + size, 7, 0x4000, 64, 6, 0,
+                               bytes([10, 5, 1, 2]), bytes([10, 5, 2, 2])))
+    ip[10:12] = slow_header_checksum(bytes(ip)).to_bytes(2, "big")
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1000, 5, 8 << 4, ACK, 500, 0, 0) + b"\x01\x01\x08\x0a" + bytes(8)
+    return bytes(ip) + tcp + bytes(i % 251 for i in range(size))

@@ -83,3 +83,20 @@ def test_compiled_checks_are_the_numpy_checks(case, data) -> None:
         plans[jit] = coalescer.plan(seg, [total])
         plans[jit, "merged"] = [b"".join(bytes(x) for x in coalescer.merge(a, b)) for a, b in plans[jit] if b - a > 1]
     assert plans[True] == plans[False] and plans[True, "merged"] == plans[False, "merged"]
+
+
+@given(st.lists(super_packets(protocol=6, max_segments=6), min_size=1, max_size=4), st.integers(68, 1500))
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_compiled_cut_for_a_narrower_path_is_the_numpy_cut(cases, largest) -> None:
+    """Super-packets cut at the smaller size a narrow path asks for (``fit_segment_size``): the two
+    backends still write the same datagrams, byte for byte."""
+    buf, items = _laid_out(cases)
+    items = [(at, n, gso_type, gso.fit_segment_size(buf, at, n, gso_type, mss, largest))
+             for at, n, gso_type, mss in items]
+    got = {}
+    for jit in (True, False):
+        segmenter = gso.Segmenter(len(buf) * 4, jit=jit)
+        results = segmenter.cut(bytearray(buf), items)
+        got[jit] = [r if isinstance(r, Verdict) else (r, bytes(segmenter.out[r.start:r.start + (r.count - 1) * r.size + r.last]))
+                    for r in results]
+    assert got[True] == got[False]

@@ -80,15 +80,15 @@ def test_net_unreachable_is_well_formed(offender: bytearray, src: int, ttl: int)
     assert icmp[:2] == b"\x03\x00" and icmp[4:8] == bytes(4)
 
 
-@given(allowed_offenders, unicast_u32)
-def test_time_exceeded_and_frag_needed(offender: bytearray, src: int) -> None:
+@given(allowed_offenders, unicast_u32, st.integers(68, 0xFFFF))
+def test_time_exceeded_and_frag_needed(offender: bytearray, src: int, mtu: int) -> None:
     icmp = assert_well_formed(
         time_exceeded(offender, len(offender), src=src), offender, len(offender), src=src
     )
     assert icmp[:2] == b"\x0b\x00" and icmp[4:8] == bytes(4)
-    error = frag_needed(offender, len(offender), src=src, mtu=1472)
+    error = frag_needed(offender, len(offender), src=src, mtu=mtu)
     icmp = assert_well_formed(error, offender, len(offender), src=src)
-    assert icmp[:2] == b"\x03\x04" and icmp[4:8] == b"\x00\x00\x05\xc0"
+    assert icmp[:2] == b"\x03\x04" and icmp[4:8] == b"\x00\x00" + mtu.to_bytes(2, "big")  # RFC 1191
 
 
 def test_next_hop_mtu_only_for_frag_needed() -> None:

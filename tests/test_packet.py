@@ -45,7 +45,8 @@ def test_constants_and_verdict_labels() -> None:
         ("unknown_peer", 7),
         ("spoofed_source", 8),
         ("bad_checksum", 9),
-        ("bad_l4_checksum", 10),
+        ("too_big", 10),
+        ("bad_l4_checksum", 11),
     ]
 
 

@@ -423,6 +423,37 @@ def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Ver
     return _new_packet(_Packet, (off, proto, ihl, hl, gso_size, count, last, bytes(t), ident, seq, flags))
 
 
+SMALLEST_CUT = 8  # payload bytes per segment, at least, when cutting for a narrow path
+
+
+def fit_segment_size(buf, off: int, n: int, gso_type: int, gso_size: int, largest: int) -> int:
+    """The segment size to cut a super-packet at so that each datagram is at most ``largest`` bytes.
+
+    A TSO super-packet is a byte range of one TCP stream, so any segment size cuts it into valid
+    segments (the receiver's TCP takes them as it takes any): ``gso_size`` if its segments fit
+    already, else the most that fits, in whole 32-bit words with the headers (so the numpy cut and
+    the receiving node's GRO check keep their fast routes). Everything else comes back as
+    ``gso_size``, unchanged: a USO segment is one UDP datagram and cannot be cut; a malformed packet
+    gets its verdict from the cut; headers that leave fewer than ``SMALLEST_CUT`` bytes, no cut.
+    A plain TCP packet may be passed too, as ``gso_type`` TCPV4 with ``gso_size`` = ``n``.
+
+    IP IDs count on from the packet's own for each segment, as in any cut, so the segments of a
+    packet cut smaller overlap the next packet's IDs: harmless for DF packets (RFC 6864), which
+    are the ones that get cut until their sender lowers its MSS (a frag-needed tells it).
+    """
+    if gso_type & _NOT_ECN != vnet.GSO_TCPV4 or n < 40 or off < 0 or off + n > len(buf):
+        return gso_size
+    p0, _, _, fragment, proto = _ip_fields(buf, off)
+    ihl = (p0 & 0x0F) << 2
+    if p0 >> 4 != 4 or ihl < 20 or proto != PROTO_TCP or fragment & 0x3FFF or n < ihl + 20:
+        return gso_size
+    hl = ihl + (buf[off + ihl + 12] >> 4 << 2)
+    room = (largest & ~3) - hl
+    if hl + min(gso_size, n - hl) <= largest or room < SMALLEST_CUT:  # the largest segment fits
+        return gso_size
+    return room
+
+
 # The merge rules, over an IPv4 (IHL 5) header and the TCP or UDP header after it (the kernel's
 # tcp_gro_receive and udp_gro_receive rules; a short last segment is handled apart). Consecutive rows
 # of a run may differ only in their checksums and, for TCP, PSH (which ends the run after its row);

@@ -21,6 +21,7 @@ import uvloop
 from udpflannel import __version__
 from udpflannel.engine import DEFAULT_BUDGET
 from udpflannel.errors import UdpflannelError
+from udpflannel.features import OFFLOADS
 
 log = logging.getLogger("udpflannel")
 
@@ -44,6 +45,19 @@ def add_dataplane_flags(parser: argparse.ArgumentParser) -> None:
         "--no-fast-path", action="store_true",
         help="move one packet per syscall even where the kernel offers TUN offloads and UDP GSO/GRO (for teaching and comparison)",
     )
+    group.add_argument(
+        "--disable-offloads", type=offload_list, default=frozenset(), metavar="LIST",
+        help=f"fast path: leave these kernel offloads off, comma-separated, of {','.join(OFFLOADS)} "
+             "(a device or kernel that mishandles one; without tun_tso the per-packet path runs)",
+    )
+
+
+def offload_list(value: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    unknown = sorted(names - set(OFFLOADS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown offload(s) {', '.join(unknown)}; known: {', '.join(OFFLOADS)}")
+    return names
 
 
 def static_parser() -> argparse.ArgumentParser:
@@ -74,7 +88,7 @@ async def run_static(args: argparse.Namespace) -> int:
     iface = await asyncio.to_thread(select_interface, args.iface, public_ip=args.public_ip or None)
     node = await asyncio.to_thread(bring_up, iface, subnet, network, args.port, budget=args.budget,
                                    check_source=not args.accept_any_inner_source, trace=args.trace,
-                                   fast_path=not args.no_fast_path)
+                                   fast_path=not args.no_fast_path, disabled_offloads=args.disable_offloads)
     closers = []
     try:
         for route in routes:
@@ -142,12 +156,12 @@ def format_status(status: dict) -> str:
         f"network  {status.get('network') or '-'}  tun {(status.get('tun') or {}).get('name', '-')}"
         f" mtu {(status.get('tun') or {}).get('mtu', '-')}",
         "",
-        f"{'SUBNET':<20} {'PUBLIC IP':<16} {'PORT':>5} {'RX PKTS':>10} {'LAST SEEN':>10}",
+        f"{'SUBNET':<20} {'PUBLIC IP':<16} {'PORT':>5} {'RX PKTS':>10} {'LAST SEEN':>10} {'PATH MTU':>8}",
     ]
     for peer in status.get("peers", []):
         seen = peer["last_seen_seconds_ago"]
         lines.append(f"{peer['subnet']:<20} {peer['public_ip']:<16} {peer['port']:>5} {peer['rx_packets']:>10} "
-                     f"{'never' if seen is None else f'{seen:.0f}s ago':>10}")
+                     f"{'never' if seen is None else f'{seen:.0f}s ago':>10} {peer.get('path_mtu') or '-':>8}")
     counters = status.get("counters") or {}
     drops = {f"{reason} ({direction})": v for direction, reasons in (counters.get("drops") or {}).items()
              for reason, v in reasons.items() if v}

@@ -80,7 +80,12 @@ def delegate_config(netconf: dict, fenv: dict[str, object]) -> dict:
         delegate.setdefault("isGateway", True)
     if netconf.get("cniVersion"):
         delegate["cniVersion"] = netconf["cniVersion"]
-    delegate["ipam"] = {"type": "host-local", "subnet": str(fenv["subnet"]), "routes": [{"dst": str(fenv["network"])}]}
+    # The overlay route names its gateway (host-local's default one, the subnet's first address), where
+    # flannel's plugin leaves it out: the pod gets the same route either way, but the bridge plugin's CHECK
+    # compares the result's routes with the pod's, and a route without its gateway never matches.
+    gateway = str(fenv["subnet"].network_address + 1)  # type: ignore[attr-defined]
+    delegate["ipam"] = {"type": "host-local", "subnet": str(fenv["subnet"]),
+                        "routes": [{"dst": str(fenv["network"]), "gw": gateway}]}
     return delegate
 
 

@@ -22,6 +22,10 @@ class Counters:
         # tun_superpackets the TSO/USO reads they came from.
         "tun_superpackets", "udp_gso_sends", "udp_gso_datagrams", "udp_gro_recvs", "udp_gro_datagrams",
         "tun_gso_writes", "tun_gso_segments", "udp_gso_fallbacks",
+        # a peer behind a narrower path (udpflannel/pmtu.py): TCP packets and super-packets cut smaller
+        # to fit it, sends the kernel refused (EMSGSIZE) and that were redone at its path MTU, and
+        # inner packets without DF fragmented to fit (those with DF: tun_drops[TOO_BIG])
+        "pmtu_cuts", "pmtu_refits", "fragmented_packets",
     )
 
     def __init__(self) -> None:

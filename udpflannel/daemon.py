@@ -123,7 +123,7 @@ class Daemon:
         self.node = await asyncio.to_thread(
             bring_up, iface, self.lease.subnet, self.config.network, self.config.port,
             budget=self.args.budget, check_source=not self.args.accept_any_inner_source, trace=self.args.trace,
-            fast_path=not self.args.no_fast_path,
+            fast_path=not self.args.no_fast_path, disabled_offloads=self.args.disable_offloads,
         )
         self.node.dataplane.attach()
         await asyncio.to_thread(self._set_up_traffic)

@@ -7,21 +7,30 @@ Everything that decides a packet's fate lives in ``udpflannel.forward`` (sans-IO
 Backpressure instead of busy-spinning: if ``sendto`` (or a TUN write) says EAGAIN, the packet is
 parked, reading from the *other* fd stops, and a writer callback resumes both when there is room.
 The kernel's own queues then push back on the senders, as they would for any router.
+
+A narrower path to a peer (``udpflannel/pmtu.py``): the kernel refuses a datagram above its path
+MTU with EMSGSIZE (the socket never fragments); the packet is then answered as a router answers it
+(``_too_big``): ICMP frag-needed if it has DF, fragments if it has not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 import os
 import socket
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
-from udpflannel import icmp
+from udpflannel import icmp, sockets
 from udpflannel.counters import Counters
 from udpflannel.events import ControlEvent, PeerAdded, PeerRemoved, Snapshot
 from udpflannel.forward import describe, inbound, outbound
-from udpflannel.packet import Verdict
+from udpflannel.fragment import fragment
+from udpflannel.packet import Verdict, dont_fragment
+from udpflannel.pmtu import PathMtus, recheck_interval
 from udpflannel.routes import NextHop, RouteTable
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,12 @@ class Dataplane:
         budget: int = DEFAULT_BUDGET,
         check_source: bool = True,
         trace: bool = False,
+        path_mtu: Callable[[str], int] | None = None,
+        pmtu_recheck: float | None = None,
     ) -> None:
+        """``path_mtu(peer_ip)``: the kernel's path MTU to a peer now (default: read through a
+        socket from the UDP socket's address, ``sockets.path_mtu``); ``pmtu_recheck``: seconds
+        between two readings of a narrowed peer's (default: from the kernel's ``mtu_expires``)."""
         self.tun_fd = tun_fd
         self.udp = udp
         self.icmp_sock = icmp_sock
@@ -83,6 +97,10 @@ class Dataplane:
         self._pending_write: bytes | None = None
         self.peer_rx: dict[NextHop, int] = {}  # datagrams accepted per peer; ``status`` derives "last seen"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.path_mtus = PathMtus(tun_mtu=tun_mtu)
+        self._path_mtu = path_mtu or functools.partial(sockets.path_mtu, udp.getsockname()[0])
+        self.pmtu_recheck = pmtu_recheck if pmtu_recheck is not None else recheck_interval(sockets.kernel_pmtu_expiry())
+        self._pmtu_rechecks: dict[NextHop, asyncio.TimerHandle] = {}
 
     # -- control plane -> routes -----------------------------------------------------------------
     def apply(self, event: ControlEvent) -> None:
@@ -102,6 +120,9 @@ class Dataplane:
 
     def detach(self) -> None:
         loop, self._loop = self._loop, None
+        for timer in self._pmtu_rechecks.values():
+            timer.cancel()
+        self._pmtu_rechecks.clear()
         if loop is None:
             return
         for fd in (self.tun_fd, self.udp.fileno()):
@@ -143,6 +164,9 @@ class Dataplane:
                 self._pause(self.tun_fd, self.udp.fileno(), self._on_udp_writable)
                 return
             except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    self._too_big(view, n, hop)
+                    continue
                 c.send_errors += 1
                 log.debug("sendto %s failed: %s", hop, exc)
                 continue
@@ -157,8 +181,11 @@ class Dataplane:
             self.udp.sendto(data, hop)
         except BlockingIOError:
             return
-        except OSError:
-            self.counters.send_errors += 1
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self._too_big(data, len(data), hop)
+            else:
+                self.counters.send_errors += 1
         else:
             self.counters.sent_packets += 1
             self.counters.sent_bytes += len(data)
@@ -255,3 +282,67 @@ class Dataplane:
             log.debug("ICMP send failed: %s", exc)
             return
         self.counters.icmp_sent += 1
+
+    # -- a narrower path to a peer (udpflannel/pmtu.py) ------------------------------------------------
+    def _read_path_mtu(self, hop: NextHop) -> int | None:
+        """Read the kernel's path MTU to ``hop`` now and keep our copy in step (logged when it changes;
+        while narrower, read again every ``pmtu_recheck`` s, as the kernel forgets after mtu_expires).
+        The largest inner packet that fits the path now; None if a full-size one does."""
+        before = self.path_mtus.limits.get(hop)
+        try:
+            mtu = self._path_mtu(hop[0])
+        except OSError as exc:
+            log.debug("reading the path MTU to %s failed: %s", hop[0], exc)
+            return before
+        limit = self.path_mtus.learn(hop, mtu)
+        if limit != before:
+            if limit is None:
+                log.info("path MTU to %s is back to %d: full-size datagrams again", hop[0], mtu)
+            else:
+                log.info("path MTU to %s is %d: inner packets of up to %d bytes fit (flannel0: %d); larger "
+                         "ones are cut to fit or answered with ICMP frag-needed", hop[0], mtu, limit, self.tun_mtu)
+        if limit is not None and hop not in self._pmtu_rechecks and self._loop is not None:
+            self._pmtu_rechecks[hop] = self._loop.call_later(self.pmtu_recheck, self._recheck_path_mtu, hop)
+        return limit
+
+    def _recheck_path_mtu(self, hop: NextHop) -> None:
+        self._pmtu_rechecks.pop(hop, None)
+        self._read_path_mtu(hop)
+
+    def _too_big(self, pkt, n: int, hop: NextHop) -> None:
+        """The kernel refused to send ``n`` bytes to ``hop`` (EMSGSIZE): it has learnt a narrower path.
+        Answer as a router: ``_answer_too_big``. Our copy of the path MTU is read again only when it
+        does not explain the refusal (a packet as large fits no narrower path than the one we know)."""
+        limit = self.path_mtus.limits.get(hop)
+        if limit is None or n <= limit:
+            limit = self._read_path_mtu(hop)
+        if limit is None or n <= limit:  # the path MTU does not explain it
+            self.counters.send_errors += 1
+            log.debug("sendto %s failed with EMSGSIZE for %d bytes, path MTU %s", hop, n, limit)
+            return
+        self._answer_too_big(pkt, n, hop, limit)
+
+    def _answer_too_big(self, pkt, n: int, hop: NextHop, limit: int) -> None:
+        """A packet of ``n`` bytes for ``hop``, where only ``limit`` fit: with DF, dropped and answered
+        with ICMP frag-needed (next-hop MTU = ``limit``, the path MTU − 28) from flannel0's address, so
+        the sender lowers its segment size; without DF, fragmented (``udpflannel.fragment``)."""
+        c = self.counters
+        if dont_fragment(pkt):
+            c.tun_drops[Verdict.TOO_BIG] += 1
+            self._send_icmp(icmp.frag_needed(pkt, n, src=self.tun_address, mtu=limit))
+            return
+        pieces = fragment(pkt, n, limit)
+        if not pieces:  # not a whole packet, or a path too narrow for any fragment
+            c.tun_drops[Verdict.TOO_BIG] += 1
+            return
+        c.fragmented_packets += 1
+        for piece in pieces:
+            c.udp_sends += 1
+            try:
+                self.udp.sendto(piece, hop)
+            except OSError as exc:
+                c.send_errors += 1
+                log.debug("sendto %s failed: %s", hop, exc)
+            else:
+                c.sent_packets += 1
+                c.sent_bytes += len(piece)

@@ -29,6 +29,13 @@ is what a request/response exchange would otherwise wait for: on two vCPUs the n
 often needs the CPU this one is still busy on. While batches move, the lone packets are ACKs, and
 draining them all at once is what keeps the bulk flows fast.
 
+A narrower path to a peer (``udpflannel/pmtu.py``): each super-packet for it is compared once with
+the path's limit and, if its segments would not fit, cut at a smaller segment size (a TSO super-packet
+is a TCP byte range: ``gso.fit_segment_size``), and its sender is told with a rate-limited ICMP
+frag-needed, so that its next super-packets fit. A send the kernel refuses with EMSGSIZE (it learnt a
+narrower path than ours) is redone at the kernel's path MTU (``_refit``): TCP segments cut to fit,
+the rest answered as a router answers (frag-needed with DF, fragments without). No flow stalls on it.
+
 Fallbacks, each logged once: no TSO on the TUN → the per-packet engine (node.py decides); no UDP GSO,
 or EIO from a GSO send (the egress device cannot checksum) → one send per segment; no UDP GRO → one
 datagram per receive, still written through the same path.
@@ -41,20 +48,20 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, fields
 
 from tun import TunDevice, gso, gso_jit, open_tun, vnet
 from tun.offload import TunOffloads, enable_offloads
+from udpflannel import icmp
 from udpflannel.batch import inbound_batches
-from udpflannel.engine import Dataplane
+from udpflannel.engine import Dataplane, IcmpLimiter
+from udpflannel.features import Features
 from udpflannel.forward import describe, inbound, outbound
-from udpflannel.packet import Verdict
+from udpflannel.packet import Verdict, dont_fragment
 from udpflannel.routes import NextHop
 from udpflannel.sockets import (
     GRO_CMSG_SPACE,
     UDP_MAX_PAYLOAD,
     UDP_MAX_SEGMENTS,
-    UdpOffloads,
     gro_size,
     gso_cmsg,
     probe_udp_offloads,
@@ -63,11 +70,6 @@ from udpflannel.sockets import (
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("udpflannel.trace")
 
-# Features to treat as missing, comma-separated (``udp_gso,udp_gro``...): forces the fallbacks in tests.
-DISABLE_ENV = "UDPFLANNEL_DISABLE_OFFLOADS"
-# Set to 1: GSO sends fail with EIO, as on kernels (before ~6.11) whose egress device lacks checksum
-# offload. Newer kernels checksum in software instead, so tests need this to reach the fallback.
-SIMULATE_EIO_ENV = "UDPFLANNEL_SIMULATE_EIO"
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
 MAX_PACKET = 0xFFFF
@@ -84,34 +86,16 @@ QUIET_NS = 100_000
 # processing before the loop comes back to its fd — TCP throughput fell ~10 % that way.
 BULK_NS = 10_000_000
 _clock = time.monotonic_ns
+# ICMP frag-needed about packets we cut smaller for a narrow path, per second at most (then also the
+# engine's own ICMP limit): the first makes a sender lower its MSS; the rest are already in flight.
+PMTU_ADVICE_RATE, PMTU_ADVICE_BURST = 100.0, 10.0
+_fit_segment_size = gso.fit_segment_size
 
 
-@dataclass(frozen=True)
-class Features:
-    """Kernel features the fast path uses, probed once at start-up (kernel versions in brackets)."""
-
-    tun_tso: bool = False  # IFF_VNET_HDR + TUNSETOFFLOAD CSUM|TSO4|TSO6 [2.6.27]: reads up to 64 KB
-    tun_uso: bool = False  # TUN_F_USO4|USO6 [6.2]: UDP super-packets too, read and (merged) written
-    udp_gso: bool = False  # UDP_SEGMENT [4.18]: one send, many datagrams
-    udp_gro: bool = False  # UDP_GRO [5.0]: one receive, many datagrams
-
-    @classmethod
-    def from_probes(cls, tun: TunOffloads, udp: UdpOffloads, *, disabled: frozenset[str] = frozenset()) -> Features:
-        found = cls(tun_tso=tun.tso, tun_uso=tun.uso, udp_gso=udp.gso, udp_gro=udp.gro)
-        return cls(**{f.name: getattr(found, f.name) and f.name not in disabled for f in fields(cls)})
-
-    def describe(self) -> str:
-        return ", ".join(f"{f.name.replace('_', ' ')} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
-
-
-def disabled_features() -> frozenset[str]:
-    return frozenset(filter(None, (n.strip() for n in os.environ.get(DISABLE_ENV, "").split(","))))
-
-
-def open_tun_for(fast_path: bool) -> tuple[TunDevice, TunOffloads]:
+def open_tun_for(fast_path: bool, disabled: frozenset[str] = frozenset()) -> tuple[TunDevice, TunOffloads]:
     """The TUN for the engine to come: with the fast path, IFF_VNET_HDR and TSO (and USO if the
-    kernel has it); if TSO is refused, or without the fast path, a plain one as flannel's."""
-    disabled = disabled_features()
+    kernel has it and it is not ``disabled``); if TSO is refused or disabled, or without the fast
+    path, a plain one as flannel's."""
     if fast_path and "tun_tso" not in disabled:
         tun = open_tun(vnet_hdr=True)
         offloads = enable_offloads(tun.fd, uso="tun_uso" not in disabled)
@@ -122,25 +106,9 @@ def open_tun_for(fast_path: bool) -> tuple[TunDevice, TunOffloads]:
     return open_tun(), TunOffloads()
 
 
-def probe_features(tun: TunOffloads, udp: socket.socket) -> Features:
+def probe_features(tun: TunOffloads, udp: socket.socket, disabled: frozenset[str] = frozenset()) -> Features:
     """Probe the socket (turning UDP_GRO on unless disabled) and combine with the TUN's offloads."""
-    disabled = disabled_features()
     return Features.from_probes(tun, probe_udp_offloads(udp, gro="udp_gro" not in disabled), disabled=disabled)
-
-
-class _EioOnGso:
-    """The UDP socket as an old kernel with a checksum-less egress device shows it (SIMULATE_EIO_ENV)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
-        if ancdata:
-            raise OSError(errno.EIO, "Input/output error (simulated)")
-        return self._sock.sendmsg(buffers, ancdata, flags, address)
-
-    def __getattr__(self, name: str):
-        return getattr(self._sock, name)
 
 
 class _Batch:
@@ -179,10 +147,10 @@ class FastDataplane(Dataplane):
         self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
         self._coalescer = gso.Coalescer(self._rx, udp=features.tun_uso)  # USO: the TUN takes UDP super-packets
         self._parked_writes: list[tuple[bytes, int]] = []  # (data with vnet header, packets)
+        self._refitter: gso.Segmenter | None = None  # cuts what a send refused with EMSGSIZE held (_refit)
+        self._pmtu_advice = IcmpLimiter(PMTU_ADVICE_RATE, PMTU_ADVICE_BURST)
         self._tun_woke = self._udp_woke = 0  # when each fd last woke us (QUIET_NS)
         self._bulk_until = 0  # batches moved recently: no fd counts as quiet before then (BULK_NS)
-        if os.environ.get(SIMULATE_EIO_ENV) == "1":
-            self.udp = _EioOnGso(self.udp)  # type: ignore[assignment]
         gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
         log.info("fast path: %s; GSO/GRO loops: %s", features.describe(),
                  "compiled (numba)" if gso_jit.load() else f"numpy ({gso_jit.WHY_NOT})")
@@ -220,8 +188,11 @@ class FastDataplane(Dataplane):
             except BlockingIOError:  # a copy, sent (or parked) with the rest
                 self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
             except OSError as exc:
-                c.send_errors += 1
-                log.debug("sendto %s failed: %s", hop, exc)
+                if exc.errno == errno.EMSGSIZE:
+                    self._refit(bytes(self._in_mv[:n]), n, hop)
+                else:
+                    c.send_errors += 1
+                    log.debug("sendto %s failed: %s", hop, exc)
             else:
                 c.sent_packets += 1
                 c.sent_bytes += n
@@ -253,7 +224,7 @@ class FastDataplane(Dataplane):
         in one pass (``Segmenter.cut``), then queue and send per peer, in order. ``first`` ≥ 0: a
         super-packet of that length is already at offset 0 (the wake-up's first read)."""
         c = self.counters
-        fd, routes, readv = self.tun_fd, self.routes, os.readv
+        fd, routes, readv, limits = self.tun_fd, self.routes, os.readv, self.path_mtus.limits
         buf, mv, start, first_hdr = self._in, self._in_mv, self._in_start, self._in_hdr
         last = len(buf) - 2 * TUN_ROOM - 64
         supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
@@ -306,6 +277,13 @@ class FastDataplane(Dataplane):
                 offender = self._first_segment(p, n, gso_type, gso_size)
                 self._drop(verdict, offender, len(offender), c.tun_drops)  # one ICMP error at most, as for one packet
                 continue
+            if limits:  # some peer is behind a narrower path: cut for it (one look-up per super-packet)
+                limit = limits.get(hop)
+                if limit is not None:
+                    fitted = _fit_segment_size(buf, p, n, gso_type, gso_size, limit)
+                    if fitted != gso_size:
+                        self._advise(pkt, n, limit)
+                        gso_size = fitted
             supers.append((p, n, gso_type, gso_size, hop))
         if supers:
             self._cut_and_queue(supers)
@@ -393,6 +371,8 @@ class FastDataplane(Dataplane):
             if exc.errno == errno.EIO and batch.count > 1:
                 self._gso_failed(exc)
                 self._send_one_by_one(batch, hop)
+            elif exc.errno == errno.EMSGSIZE or exc.errno == errno.EINVAL and batch.count > 1:
+                self._refit(b"".join(batch.iov), batch.size, hop)  # EINVAL: older kernels' GSO send
             else:
                 c.send_errors += batch.count
                 log.debug("sendmsg to %s failed: %s", hop, exc)
@@ -422,8 +402,11 @@ class FastDataplane(Dataplane):
                 self._park_send(batch, hop, i)
                 return
             except OSError as exc:
-                c.send_errors += 1
-                log.debug("sendmsg to %s failed: %s", hop, exc)
+                if exc.errno == errno.EMSGSIZE:
+                    self._refit(bytes(datagram), len(datagram), hop)
+                else:
+                    c.send_errors += 1
+                    log.debug("sendmsg to %s failed: %s", hop, exc)
                 continue
             c.sent_packets += 1
             c.sent_bytes += sent
@@ -454,12 +437,79 @@ class FastDataplane(Dataplane):
                 if exc.errno == errno.EIO and count > 1:
                     self._gso_failed(exc)
                     continue
+                if exc.errno == errno.EMSGSIZE or exc.errno == errno.EINVAL and count > 1:
+                    parked.pop(0)
+                    self._refit(data, size, hop)
+                    continue
                 c.send_errors += count
             else:
                 c.sent_packets += count
                 c.sent_bytes += len(data)
             parked.pop(0)
         self._resume(self.tun_fd, self.udp.fileno(), self._on_tun_readable)
+
+    # -- a narrower path to a peer ---------------------------------------------------------------------
+    def _advise(self, pkt, n: int, limit: int) -> None:
+        """A TCP packet of ``n`` bytes cut smaller to fit ``limit``: tell its sender (frag-needed, if it
+        set DF: it does path-MTU discovery), so that its next packets fit without a cut."""
+        self.counters.pmtu_cuts += 1
+        if self._loop is not None and dont_fragment(pkt) and self._pmtu_advice.allow(now=self._loop.time()):
+            self._send_icmp(icmp.frag_needed(pkt, n, src=self.tun_address, mtu=limit))
+
+    def _refit(self, data: bytes, size: int, hop: NextHop) -> None:
+        """The kernel refused to send ``data`` (datagrams of ``size`` bytes, the last maybe shorter) to
+        ``hop`` with EMSGSIZE: it has learnt a narrower path than the one we cut for. Read its path MTU
+        and send them again: those that fit as they are, TCP segments cut to fit (and their senders
+        told), the rest answered as a router answers (``_answer_too_big``). In order."""
+        c = self.counters
+        count = -(-len(data) // size)
+        largest = size if count > 1 else len(data)
+        limit = self.path_mtus.limits.get(hop)
+        if limit is None or largest <= limit:  # our copy does not explain it: read the kernel's
+            limit = self._read_path_mtu(hop)
+        if limit is None or largest <= limit:
+            c.send_errors += count
+            log.debug("sendmsg to %s refused %d datagrams of %d bytes, path MTU %s", hop, count, size, limit)
+            return
+        c.pmtu_refits += 1
+        mv = memoryview(data)
+        datagrams = [mv[i:i + size] for i in range(0, len(data), size)]
+        # The TCP segments that do not fit, laid out for one cut, each with room after it to pad into.
+        cuts: dict[int, int] = {}  # datagram index -> its item in the cut
+        items, parts, at = [], [], 0
+        for i, datagram in enumerate(datagrams):
+            n = len(datagram)
+            if n > limit:
+                fitted = _fit_segment_size(datagram, 0, n, vnet.GSO_TCPV4, n, limit)
+                if fitted != n:
+                    cuts[i] = len(items)
+                    items.append((at, n, vnet.GSO_TCPV4, fitted))
+                    parts.append((at, datagram))
+                    at = at + n + fitted + 7 & ~7
+        results: list = []
+        if items:
+            buf = bytearray(at + 64)
+            for offset, datagram in parts:
+                buf[offset:offset + len(datagram)] = datagram
+            if self._refitter is None:
+                self._refitter = gso.Segmenter(2 * gso.BUFFER_SIZE)
+            results = self._refitter.cut(buf, items)
+            ends = [r.start + (r.count - 1) * r.size + r.last for r in results if not isinstance(r, Verdict)]
+            out = memoryview(bytes(self._refitter.out_mv[:max(ends, default=0)]))  # a nested refit reuses it
+        for i, datagram in enumerate(datagrams):
+            n = len(datagram)
+            cut = results[cuts[i]] if i in cuts else None
+            if n <= limit:
+                self._queue(hop, datagram, 0, 1, n, n)
+            elif cut is None or isinstance(cut, Verdict):
+                if hop in self._batches:  # its answer (fragments, say) goes after what came before it
+                    self._send(hop)
+                self._answer_too_big(datagram, n, hop, limit)
+            else:
+                self._advise(datagram, n, limit)
+                self._queue(hop, out, cut.start, cut.count, cut.size, cut.last)
+        if hop in self._batches:
+            self._send(hop)
 
     # -- UDP -> TUN ----------------------------------------------------------------------------------
     def _on_udp_readable(self) -> None:

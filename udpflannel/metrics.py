@@ -61,6 +61,13 @@ class DataplaneCollector:
         yield batches
         yield CounterMetricFamily("udpflannel_udp_gso_fallbacks", "GSO sends refused with EIO (GSO then off)",
                                   value=c.udp_gso_fallbacks)
+        yield CounterMetricFamily("udpflannel_pmtu_cuts", "TCP packets cut smaller to fit a narrower path to their peer",
+                                  value=c.pmtu_cuts)
+        yield CounterMetricFamily("udpflannel_pmtu_refits",
+                                  "Sends refused with EMSGSIZE (a narrower path learnt) and redone to fit it",
+                                  value=c.pmtu_refits)
+        yield CounterMetricFamily("udpflannel_fragmented_packets",
+                                  "Inner packets without DF fragmented to fit a narrower path", value=c.fragmented_packets)
         for name, value in self._gauges().items():
             yield GaugeMetricFamily(f"udpflannel_{name}", name.replace("_", " "), value=value)
 

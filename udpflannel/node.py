@@ -61,15 +61,17 @@ def bring_up(
     check_source: bool = True,
     trace: bool = False,
     fast_path: bool = True,
+    disabled_offloads: frozenset[str] = frozenset(),
 ) -> NodeDataplane:
     """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine.
 
-    ``fast_path``: use TUN offloads and UDP GSO/GRO where the kernel has them (``udpflannel.fastpath``).
+    ``fast_path``: use TUN offloads and UDP GSO/GRO where the kernel has them (``udpflannel.fastpath``),
+    except those named in ``disabled_offloads`` (``fastpath.OFFLOADS``).
     """
     tun_mtu = iface.mtu - ENCAP_OVERHEAD
     closers = []
     try:
-        tun, tun_offloads = open_tun_for(fast_path)
+        tun, tun_offloads = open_tun_for(fast_path, disabled_offloads)
         closers.append(tun.close)
         configure_tun(tun.name, subnet, network, tun_mtu)
         udp = open_udp_socket(str(iface.iface_addr), port)
@@ -85,7 +87,7 @@ def bring_up(
         port=port, budget=budget, check_source=check_source, trace=trace,
     )
     if tun.vnet_hdr:
-        dataplane: Dataplane = FastDataplane(features=probe_features(tun_offloads, udp), **common)
+        dataplane: Dataplane = FastDataplane(features=probe_features(tun_offloads, udp, disabled_offloads), **common)
     else:
         dataplane = Dataplane(**common)
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)

@@ -1,7 +1,7 @@
 """One node's HTTP views — health, readiness, metrics, status — shared by the daemon and static mode.
 
 ``/status`` is what ``udpflannel status`` prints: the lease, the peer table (subnet → public IP,
-packets received, last seen) and the counters. "Last seen" is derived from per-peer packet counts
+packets received, last seen, path MTU where narrower than the interface) and the counters. "Last seen" is derived from per-peer packet counts
 once a second, so the hot path only ever bumps an integer.
 """
 
@@ -15,6 +15,7 @@ from udpflannel.counters import Counters
 from udpflannel.httpapi import HttpApi, Response, json_response
 from udpflannel.metrics import CONTENT_TYPE, make_registry, render
 from udpflannel.node import NodeDataplane
+from udpflannel.pmtu import ENCAP_OVERHEAD
 
 LAST_SEEN_PERIOD = 1.0
 
@@ -56,10 +57,13 @@ class NodeApi:
         if node is not None:
             for subnet, hop in sorted(node.dataplane.routes.entries()):
                 seen = self.last_seen.get(hop)
+                limit = node.dataplane.path_mtus.limits.get(hop)
                 peers.append({
                     "subnet": str(subnet), "public_ip": hop[0], "port": hop[1],
                     "rx_packets": node.dataplane.peer_rx.get(hop, 0),
                     "last_seen_seconds_ago": round(now - seen, 1) if seen else None,
+                    # a path narrower than the interface, as last read from the kernel; None: full size
+                    "path_mtu": None if limit is None else limit + ENCAP_OVERHEAD,
                 })
         return {
             "ready": self._ready(),

@@ -35,7 +35,8 @@ class Verdict(IntEnum):
     UNKNOWN_PEER = 7  # datagram from an address/port that is no current lease's PublicIP:port
     SPOOFED_SOURCE = 8  # inner source not in the sending peer's leased subnet
     BAD_CHECKSUM = 9  # IPv4 header checksum wrong (received side)
-    BAD_L4_CHECKSUM = 10  # TCP, UDP or ICMP checksum wrong in an unfragmented packet (received side)
+    TOO_BIG = 10  # larger than the path MTU to its peer, with DF: answered with ICMP frag-needed
+    BAD_L4_CHECKSUM = 11  # TCP, UDP or ICMP checksum wrong in an unfragmented packet (received side)
 
 
 # Members as module globals: ``Verdict.X`` costs ~90 ns per access on CPython 3.11, a global ~5.
@@ -159,6 +160,12 @@ def src_u32(buf) -> int:
         return _unpack_u32(buf, 12)[0]
     except struct.error:
         return 0
+
+
+def dont_fragment(buf) -> bool:
+    """The DF bit (flags, offset 6): the sender does path-MTU discovery and wants frag-needed, not
+    fragments. ``buf`` must hold at least 7 bytes (call :func:`check_ipv4` first)."""
+    return bool(buf[6] & 0x40)
 
 
 def decrement_ttl(buf) -> bool:

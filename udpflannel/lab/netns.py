@@ -7,6 +7,7 @@ Topology (every name carries a per-run tag, so parallel runs and leftovers never
 
     hub ns:   br0 198.18.0.254/24 ── veth ──> node ns: eth0 198.18.0.N/24, cni0 <subnet>.1/24
                                                  └── veth ──> pod ns: eth0 <subnet>.2/24, default via .1
+              r<M> 198.18.M.254/24 ── veth ──> routed node ns: eth0 198.18.M.1/24, default via .254
 
 Nothing is created in the root namespace: veth pairs are created inside the hub/node namespace and
 their far end is moved straight into the peer namespace. ``close()`` kills what the lab started and
@@ -130,6 +131,35 @@ class Lab:
         node.ip("addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
         node.ip("link", "set", "eth0", "up")
         node.sysctl("net.ipv4.ip_forward", "1")
+        return node
+
+    def add_routed_node(self, index: int, *, mtu: int = 1500, route_mtu: int = 1500) -> Node:
+        """Node ``index`` (1..254) one routed hop away: the hub is its router. It gets its own link to
+        the hub, ``198.18.<index>.0/24`` (node ``.1`` on ``eth0``, MTU ``mtu``; hub ``.254`` on
+        ``r<index>``, MTU ``route_mtu``), a default route via the hub, and every node already on the
+        bridge a route to that link via the hub. ``route_mtu`` below the node's own MTU makes the hub
+        a router whose next link is narrower (a tunnel on the path): it drops a larger DF packet with
+        ICMP frag-needed, and fragments one without DF. (A veth also drops, without a word, frames
+        larger than its own MTU that its peer sends it: the node's larger packets towards the hub.)"""
+        if self.hub is None:
+            self.add_hub()
+        assert self.hub is not None
+        link = ipaddress.IPv4Network(f"198.18.{index}.0/24")
+        address, router = link.network_address + 1, link.network_address + 254
+        node = self._netns(f"n{index}", Node, address=address, mtu=mtu)
+        port = f"r{index}"
+        self.hub.ip("link", "add", port, "mtu", str(route_mtu), "type", "veth", "peer", "name", "eth0", "mtu", str(mtu),
+                    "netns", node.name)
+        self.hub.ip("addr", "add", f"{router}/{link.prefixlen}", "dev", port)
+        self.hub.ip("link", "set", port, "up")
+        self.hub.sysctl("net.ipv4.ip_forward", "1")
+        node.ip("addr", "add", f"{address}/{link.prefixlen}", "dev", "eth0")
+        node.ip("link", "set", "eth0", "up")
+        node.ip("route", "add", "default", "via", str(router))
+        node.sysctl("net.ipv4.ip_forward", "1")
+        for other in self.namespaces:
+            if isinstance(other, Node) and other.address in UNDERLAY:
+                other.ip("route", "add", str(link), "via", str(HUB_ADDRESS))
         return node
 
     def add_pod(self, node: Node, gateway: str, *, mtu: int, index: int = 2) -> Pod:
