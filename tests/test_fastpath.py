@@ -586,3 +586,20 @@ def nothing_more_on(sock: socket.socket) -> bool:
     except TimeoutError:
         return True
     return False
+
+
+async def test_an_empty_datagram_is_too_short_however_it_is_received():
+    """A zero-byte datagram is ``too_short``, as the per-packet decision says, whether it is a wake-up's
+    first receive or one the batch loop reads after it (it used to be counted there as ``oversize``)."""
+    r = Rig()
+    to_us = r.udp.getsockname()
+    for _ in range(3):
+        r.peer.sendto(b"", to_us)
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.udp_packets == 3)
+        drops = r.dp.counters.udp_drops
+        assert (drops[Verdict.TOO_SHORT], drops[Verdict.OVERSIZE]) == (3, 0)
+        assert r.dp.counters.udp_recvs >= 3 and nothing_more_on(r.tun_app)
+    finally:
+        r.close()

@@ -585,9 +585,9 @@ class FastDataplane(Dataplane):
                     log.debug("recvmsg failed: %s", exc)
                     continue
             size = gro_size(ancdata, nbytes) if ancdata else nbytes
-            if msg_flags & _MSG_TRUNC or size <= 0:
+            if msg_flags & _MSG_TRUNC or size <= 0:  # larger than the room it was received into, or empty
                 c.udp_packets += 1
-                c.udp_drops[Verdict.OVERSIZE] += 1
+                c.udp_drops[Verdict.OVERSIZE if msg_flags & _MSG_TRUNC else Verdict.TOO_SHORT] += 1
                 continue
             rows = -(-nbytes // size)
             c.udp_packets += rows
