@@ -90,8 +90,8 @@ def ipv4(proto: int, body: bytes, src: bytes, dst: bytes, *, ttl: int = 64, iden
 
 
 def tcp(sport: int, dport: int, seq: int, flags: int, payload: bytes = b"", *, ack: int = 0, window: int = 502,
-        timestamps: bool = True) -> bytes:
-    options = b"\x01\x01\x08\x0a" + struct.pack("!II", seq & 0xFFFF, 7) if timestamps else b""
+        timestamps: bool = True, tsval: int = 1) -> bytes:
+    options = b"\x01\x01\x08\x0a" + struct.pack("!II", tsval, 7) if timestamps else b""
     return struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack, (5 + len(options) // 4) << 4, flags,
                        window, 0, 0) + options + payload
 
@@ -251,7 +251,8 @@ class Forger:
         payload = r.randbytes(max(0, size - overhead))
         if proto == TCP:
             body = tcp(r.randrange(1024, 65536), self._port(), r.randrange(1 << 32),
-                       r.choice([SYN, ACK, ACK | PSH, RST, FIN | ACK, SYN | ACK]), payload, ack=r.randrange(1 << 32))
+                       r.choice([SYN, ACK, ACK | PSH, RST, FIN | ACK, SYN | ACK]), payload, ack=r.randrange(1 << 32),
+                       tsval=r.randrange(1 << 32))
         elif proto == UDP:
             body = udp(r.randrange(1024, 65536), self._port(), payload)
         else:
@@ -417,6 +418,7 @@ class Forger:
         seg = max(seg, overhead + 2)
         rows_n = r.randint(2, min(MAX_BURST_ROWS, MAX_DATAGRAM // seg))
         sport, dport, seq, ttl, ack = r.randrange(1024, 65536), self._port(), r.randrange(1 << 32), r.randint(3, 255), r.randrange(1 << 32)
+        tsval = r.randrange(1 << 32)  # one per burst: a flow's segments sent together share it
         ident = self.ident
         self.ident = (self.ident + rows_n + 1) & 0xFFFF
         rows = []
@@ -425,7 +427,7 @@ class Forger:
             payload = r.randbytes(size - overhead)
             if proto == TCP:
                 flags = ACK | (PSH if i == rows_n - 1 and r.random() < 0.5 else 0)
-                body = tcp(sport, dport, seq + i * (seg - overhead), flags, payload, ack=ack)
+                body = tcp(sport, dport, seq + i * (seg - overhead), flags, payload, ack=ack, tsval=tsval)
             else:
                 body = udp(sport, dport, payload)
             rows.append(ipv4(proto, body, self.src, self.dst, ttl=ttl, ident=ident + i))
