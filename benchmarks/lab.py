@@ -370,10 +370,14 @@ class OnEtcd(ProcessDataplane):
             raise DataplaneError(f"etcd for {self.name} did not start: {exc}") from exc
 
     def start(self) -> None:
-        assert self.topo is not None
-        for i in self.topo.nodes:  # the previous subnet, as a restarted flanneld node would find it
+        assert self.topo is not None and self.etcd is not None
+        for i, node in self.topo.nodes.items():  # what a restarted node finds: its subnet.env and every lease
             self.subnet_file(i).write_text(f"FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={SUBNETS[i].network_address + 1}/"
                                            f"{SUBNETS[i].prefixlen}\n")
+            # With every record already there, each daemon's first listing holds its peer: flanneld's watch
+            # can miss a lease written while it starts (its README), and two nodes start together here.
+            self.etcd.ctl("put", f"/coreos.com/network/subnets/{SUBNETS[i].network_address}-{SUBNETS[i].prefixlen}",
+                          json.dumps({"PublicIP": str(node.address), "PublicIPv6": None}, separators=(",", ":")))
         super().start()
         for i in self.topo.nodes:
             got = read_subnet_env(self.subnet_file(i)).get("FLANNEL_SUBNET", "")
