@@ -132,3 +132,16 @@ def test_round_trip_through_both_directions(pkt):
     assert result == (Verdict.FORWARD if ttl > 1 else Verdict.TTL_EXPIRED)
     ihl = (buf[0] & 15) * 4
     assert int.from_bytes(buf[10:12], "big") == slow_header_checksum(bytes(buf[:ihl]))
+
+
+def test_inbound_refuses_a_broken_transport_unless_the_caller_checked_it():
+    """A bad ICMP checksum is BAD_L4_CHECKSUM; ``transport_checked`` (a run's first row, whose checksum
+    the coalescer verified) skips only that sum: the IP checks still apply."""
+    broken = packet(IN_PEER + 2, IN_US + 2)
+    broken[40] ^= 0x01
+    assert inbound(bytearray(broken), len(broken), PEER, ROUTES, tun_mtu=1472, check_source=True) == Verdict.BAD_L4_CHECKSUM
+    assert inbound(bytearray(broken), len(broken), PEER, ROUTES, tun_mtu=1472, check_source=True,
+                   transport_checked=True) == Verdict.FORWARD
+    broken[10] ^= 0x01
+    assert inbound(bytearray(broken), len(broken), PEER, ROUTES, tun_mtu=1472, check_source=True,
+                   transport_checked=True) == Verdict.BAD_CHECKSUM

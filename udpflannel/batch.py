@@ -10,7 +10,8 @@ syscall moves, never what happens to a packet.
   as it would have had the kernel segmented.
 - Inbound, received datagrams are cut into runs by :class:`tun.gso.Coalescer`: rows of a run match the
   first row in every header byte ``forward.inbound`` looks at, and each row's own length and
-  checksums were checked, so the first row's verdict is every row's. Anything else — singles, and runs
+  checksums (IP and TCP/UDP) were checked, so the first row's verdict is every row's, and its
+  transport checksum is not summed again. Anything else — singles, and runs
   whose first row is refused — goes through ``forward.inbound`` one row at a time.
 """
 
@@ -43,7 +44,8 @@ def inbound_batches(coalescer: Coalescer, base: int, seg: int, sizes: list[int],
         peer = peers[batch]
         if b - a > 1:
             head = coalescer.row(a)
-            if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source) == Verdict.FORWARD:
+            if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source,
+                       transport_checked=True) == Verdict.FORWARD:  # plan() checked every row's TCP/UDP checksum
                 yield Verdict.FORWARD, peer, b - a, coalescer.merge(a, b)
                 continue
         for i in range(a, b):

@@ -45,14 +45,16 @@ def outbound(buf: bytearray, n: int, routes: RouteTable) -> tuple[Verdict, NextH
     return FORWARD, hop
 
 
-def inbound(buf: bytearray, n: int, peer: NextHop, routes: RouteTable, *, tun_mtu: int, check_source: bool) -> Verdict:
+def inbound(buf: bytearray, n: int, peer: NextHop, routes: RouteTable, *, tun_mtu: int, check_source: bool,
+            transport_checked: bool = False) -> Verdict:
     """UDP → TUN: a datagram from ``peer``. May it enter this node?
 
     flannel writes anything from anyone (reference §7.5); we accept only a current peer's
     ``PublicIP:port`` and, with ``check_source``, only inner sources inside that peer's subnet, and
     only a well-formed packet: IPv4 header and checksum, and (``check_transport``) a whole TCP, UDP or
     ICMP header with a valid checksum, or a fragment within bounds. Anyone can forge a peer's address,
-    so this is what keeps malformed packets from reaching a pod.
+    so this is what keeps malformed packets from reaching a pod. ``transport_checked``: the caller
+    has verified the transport header and checksum already (the coalescer, for a run's first row).
     A datagram longer than the TUN MTU is dropped whole (flannel truncates it and forwards the stub).
     """
     if n > tun_mtu:
@@ -68,9 +70,10 @@ def inbound(buf: bytearray, n: int, peer: NextHop, routes: RouteTable, *, tun_mt
         return UNKNOWN_PEER
     if not check_ipv4_checksum(buf, n):
         return BAD_CHECKSUM
-    verdict = check_transport(buf, n)
-    if verdict:
-        return verdict
+    if not transport_checked:
+        verdict = check_transport(buf, n)
+        if verdict:
+            return verdict
     if not decrement_ttl(buf):
         return TTL_EXPIRED
     return FORWARD
