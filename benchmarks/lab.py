@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from udpflannel.lab.netns import Lab, Netns, Node, Pod
+from udpflannel.lab.netns import Lab, Netns, Node, Pod, signal_group
 
 NETWORK = IPv4Network("10.5.0.0/16")
 SUBNETS = {1: IPv4Network("10.5.1.0/24"), 2: IPv4Network("10.5.2.0/24")}
@@ -272,12 +272,12 @@ class ProcessDataplane(Dataplane):
     def stop(self) -> dict | None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         for i, proc in self.procs.items():
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
                 raise DataplaneError(f"{self.name} on node {i} ignored SIGTERM for 5s") from None
         self.procs.clear()
@@ -589,10 +589,3 @@ def process_tree(root: int) -> list[int]:
             out.append(pid)
             todo.extend(children.get(pid, []))
     return out
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass

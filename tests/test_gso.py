@@ -16,7 +16,7 @@ from tests.cluster import TOOLS
 from tests.conftest import require
 from tests.strategies import slow_checksum, slow_header_checksum, super_packets
 from tun import gso, gso_jit, vnet
-from tun.gso import ACK, CWR, FIN, PSH
+from tun.layout import ACK, CWR, FIN, PSH, UDP_MAX_SEGMENTS
 from udpflannel.packet import Verdict
 
 TCP_HDR = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 0, 0, 0, 16)
@@ -195,7 +195,7 @@ def resplit(units: list[bytes]) -> list[bytes]:
             assert (hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.csum_start, hdr.csum_offset) == (
                 vnet.NEEDS_CSUM, vnet.GSO_UDP_L4, 28, 20, 6)
             assert ihl == 20 and struct.unpack_from("!H", packet, 24)[0] == len(packet) - 20
-            assert -(-(len(packet) - 28) // hdr.gso_size) <= gso.UDP_MAX_ROWS
+            assert -(-(len(packet) - 28) // hdr.gso_size) <= UDP_MAX_SEGMENTS
             check_at = 26
         else:
             assert (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset) == (vnet.NEEDS_CSUM, vnet.GSO_TCPV4, ihl, 16)

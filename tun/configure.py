@@ -16,9 +16,10 @@ from ipaddress import IPv4Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tun.layout import ENCAP_OVERHEAD
 from udpflannel.errors import SetupError
 
-ENCAP_OVERHEAD = 28  # outer IPv4 header (20) + UDP header (8)
+__all__ = ["ENCAP_OVERHEAD", "configure_tun", "readdress_tun"]
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:

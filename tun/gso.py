@@ -29,11 +29,9 @@ from typing import NamedTuple
 import numpy as np
 
 from tun import gso_jit, vnet
+from tun.layout import ACK, CWR, FIN, MAX_IP_PACKET, PROTO_TCP, PROTO_UDP, PSH, UDP_HEADERS, UDP_MAX_SEGMENTS
 from udpflannel.packet import Verdict, ipv4_header_checksum
 
-FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-PROTO_TCP, PROTO_UDP = 6, 17
-MAX_IP_PACKET = 0xFFFF
 # Read buffers must have this much room beyond the largest packet: split() zero-pads the last segment's
 # payload to a whole segment so one reshape sums every segment (the zeros don't change a checksum).
 SPLIT_SLACK = MAX_IP_PACKET + 8
@@ -462,10 +460,6 @@ def fit_segment_size(buf, off: int, n: int, gso_type: int, gso_size: int, larges
 # other flags, window, options — must match.
 _FREE_TCP = (10, 11, 36, 37)  # header and TCP checksums
 _FREE_UDP = (10, 11, 26, 27)  # header and UDP checksums
-UDP_HEADERS = 28
-# Datagrams one GSO_UDP_L4 write may carry: the kernel refuses more than UDP_MAX_SEGMENTS (64 before
-# Linux 6.9, 128 since) from a virtio_net_hdr.
-UDP_MAX_ROWS = 64
 
 
 @functools.lru_cache(maxsize=64)
@@ -579,7 +573,7 @@ class Coalescer:
             cuts = np.flatnonzero(cut).tolist()
         most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
         if udp:
-            most = min(most, UDP_MAX_ROWS)
+            most = min(most, UDP_MAX_SEGMENTS)  # the kernel refuses more from a virtio_net_hdr
         plan = []
         start = 0
         for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table

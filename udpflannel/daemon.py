@@ -24,6 +24,7 @@ from tun.configure import readdress_tun
 from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
+from udpflannel.flags import etcd_options
 from udpflannel.iface import select_interface
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
 from udpflannel.nodeapi import NodeApi
@@ -91,9 +92,8 @@ class Daemon:
             iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
             log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
             self.manager = SubnetManager(
-                endpoints=a.etcd_endpoints, prefix=a.etcd_prefix, keyfile=a.etcd_keyfile or None, certfile=a.etcd_certfile or None,
-                cafile=a.etcd_cafile or None, username=a.etcd_username or None, password=a.etcd_password or None,
-                public_ip=iface.ext_addr, previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
+                etcd_options(a), a.etcd_prefix, public_ip=iface.ext_addr,
+                previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
             )
             startup = asyncio.ensure_future(self._start(iface))
             done, _ = await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)

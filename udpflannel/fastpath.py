@@ -50,6 +50,7 @@ import socket
 import time
 
 from tun import TunDevice, gso, gso_jit, open_tun, vnet
+from tun.layout import MAX_IP_PACKET, UDP_MAX_SEGMENTS
 from tun.offload import TunOffloads, enable_offloads
 from udpflannel import icmp
 from udpflannel.batch import inbound_batches
@@ -61,7 +62,6 @@ from udpflannel.routes import NextHop
 from udpflannel.sockets import (
     GRO_CMSG_SPACE,
     UDP_MAX_PAYLOAD,
-    UDP_MAX_SEGMENTS,
     gro_size,
     gso_cmsg,
     probe_udp_offloads,
@@ -72,8 +72,7 @@ trace_log = logging.getLogger("udpflannel.trace")
 
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
-MAX_PACKET = 0xFFFF
-TUN_ROOM = 16 + MAX_PACKET + MAX_PACKET  # one read, and the room its cut may pad
+TUN_ROOM = 16 + MAX_IP_PACKET + MAX_IP_PACKET  # one read, and the room its cut may pad
 TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one pass
 _unpack_vnet = vnet.unpack_from
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFlag, slow to "&" with
@@ -138,7 +137,7 @@ class FastDataplane(Dataplane):
         self._in_hdr = bytearray(vnet.VNET_HDR_LEN)
         # A wake-up's first read: header apart, packet at offset 0, where a lone packet is decided and
         # sent in place (no copy). Later reads land back to back, each header just before its packet.
-        self._in_start = [self._in_hdr, self._in_mv[:MAX_PACKET]]
+        self._in_start = [self._in_hdr, self._in_mv[:MAX_IP_PACKET]]
         self._segmenter = gso.Segmenter(2 * TUN_BYTES)
         self._batches: dict[NextHop, _Batch] = {}
         self._parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (data, size, count, hop)
@@ -238,7 +237,7 @@ class FastDataplane(Dataplane):
             else:
                 c.tun_reads += 1
                 try:  # at 0 as the first read; later ones back to back, each vnet header just before its packet
-                    n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_PACKET]]) - vnet.VNET_HDR_LEN
+                    n = readv(fd, start if at == 0 else [mv[at + 6:at + 16 + MAX_IP_PACKET]]) - vnet.VNET_HDR_LEN
                 except BlockingIOError:
                     break
                 except InterruptedError:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from tun import TunDevice, configure_tun
-from tun.configure import ENCAP_OVERHEAD
+from tun.layout import ENCAP_OVERHEAD
 from udpflannel.engine import DEFAULT_BUDGET, Dataplane
 from udpflannel.fastpath import FastDataplane, open_tun_for, probe_features
 from udpflannel.iface import ExternalInterface

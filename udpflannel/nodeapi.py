@@ -11,11 +11,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from tun.layout import ENCAP_OVERHEAD
 from udpflannel.counters import Counters
 from udpflannel.httpapi import HttpApi, Response, json_response
 from udpflannel.metrics import CONTENT_TYPE, make_registry, render
 from udpflannel.node import NodeDataplane
-from udpflannel.pmtu import ENCAP_OVERHEAD
 
 LAST_SEEN_PERIOD = 1.0
 

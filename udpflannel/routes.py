@@ -14,14 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
-from udpflannel.packet import Verdict
+from udpflannel.packet import FORWARD, SPOOFED_SOURCE, UNKNOWN_PEER, Verdict
 
 NextHop = tuple[str, int]
-
-# Members as module globals: ``Verdict.X`` costs ~90 ns per access on CPython 3.11.
-_FORWARD = Verdict.FORWARD
-_UNKNOWN_PEER = Verdict.UNKNOWN_PEER
-_SPOOFED_SOURCE = Verdict.SPOOFED_SOURCE
 
 # (mask, {masked network: next hop}), longest prefix first: what lookup iterates.
 _Level = tuple[int, dict[int, NextHop]]
@@ -133,11 +128,11 @@ class RouteTable:
         """
         groups = self._by_peer.get(peer_addr)
         if groups is None:
-            return _UNKNOWN_PEER
+            return UNKNOWN_PEER
         for mask, members in groups.items():
             if inner_src & mask in members:
-                return _FORWARD
-        return _SPOOFED_SOURCE
+                return FORWARD
+        return SPOOFED_SOURCE
 
     def peer_known(self, peer_addr: tuple[str, int]) -> bool:
         """Whether some route leads to ``peer_addr`` (address and port)."""

@@ -225,8 +225,9 @@ async def test_config_missing_invalid_and_out_of_subnets(kv, prefix, managers):
 
 async def test_unreachable_etcd_raises_etcd_unavailable_quickly(prefix):
     from lease.manager import SubnetManager
+    from lease.options import EtcdOptions
 
-    m = SubnetManager(f"http://127.0.0.1:{free_port()}", prefix, public_ip=ME, request_timeout=1.0)
+    m = SubnetManager(EtcdOptions(f"http://127.0.0.1:{free_port()}", timeout=1.0), prefix, public_ip=ME)
     t0 = time.monotonic()
     with pytest.raises(EtcdUnavailable):
         await m.get_config()
