@@ -2,7 +2,7 @@
 
 This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
 :meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
-:class:`~udpflannel.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
+:class:`~lease.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
 one on the next endpoint (fresh channels also re-authenticate, which renews an expired auth token).
 
 Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
@@ -25,8 +25,8 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from lease.errors import ConfigError, EtcdUnavailable
 from lease.options import EtcdOptions
-from udpflannel.errors import ConfigError, EtcdUnavailable
 
 log = logging.getLogger(__name__)
 

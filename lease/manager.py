@@ -51,7 +51,9 @@ from aetcd.utils import prefix_range_end
 
 from lease.allocate import Existing, Reuse, plan_acquire
 from lease.config import NetworkConfig, parse_network_config
+from lease.errors import ConfigError, ControlPlaneError, EtcdUnavailable, LeaseError
 from lease.etcd import Backoff, Compacted, EtcdSession
+from lease.events import ControlEvent, LeaseLost
 from lease.lifecycle import RENEW, Lease, LeaseLifecycle, State
 from lease.options import DEFAULT_PREFIX, EtcdOptions
 from lease.peers import PeerTable
@@ -66,8 +68,6 @@ from lease.records import (
     parse_subnet_key,
     subnets_dir,
 )
-from udpflannel.errors import ConfigError, EtcdUnavailable, LeaseError, UdpflannelError
-from udpflannel.events import ControlEvent, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ class SubnetManager:
         while True:
             try:
                 return await self._acquire_once(previous)
-            except UdpflannelError as e:
+            except (ConfigError, ControlPlaneError) as e:
                 delay = backoff.next()
                 log.warning("re-acquiring a lease failed (again in %.1f s): %s", delay, e)
                 await asyncio.sleep(delay)

@@ -15,14 +15,15 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from lease.events import PeerAdded
 from tests.strategies import slow_header_checksum
 from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet, reassemble, until
 from tests.test_gso import slow_split
 from tun import gso, vnet
 from udpflannel import fastpath
-from udpflannel.events import PeerAdded
 from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
 from udpflannel.packet import Verdict
+from udpflannel.routes import follow
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -64,8 +65,9 @@ class Rig:
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         self.dp = FastDataplane(**{"icmp_sock": None, **dataplane_args}, features=features,
                                 tun_fd=self.tun_end.fileno(), udp=self.udp, tun_mtu=1472,
-                                tun_address=OWN.network_address, port=self.peer.getsockname()[1])
-        self.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")))
+                                tun_address=OWN.network_address)
+        self.port = self.peer.getsockname()[1]  # every peer's UDP port
+        follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 
     def recv_datagrams(self, count: int) -> list[bytes]:
         return [self.peer.recv(70000) for _ in range(count)]

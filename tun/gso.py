@@ -17,20 +17,20 @@ Payload words are read *little-endian* straight from the buffer: for any bytes `
 computed in that domain is stored through a little-endian view, which lands it in network order.
 UDP checksums are never 0 (0 means "none"): 0xFFFF stands in, as in the kernel's ``CSUM_MANGLED_0``.
 
-Never raises for bad packets: :meth:`Segmenter.cut` returns a :class:`~udpflannel.packet.Verdict` for them.
+Never raises for bad packets: :meth:`Segmenter.cut` returns a :class:`Refused` reason for them.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
+from enum import IntEnum
 from typing import NamedTuple
 
 import numpy as np
 
 from tun import gso_jit, vnet
 from tun.layout import ACK, CWR, FIN, MAX_IP_PACKET, PROTO_TCP, PROTO_UDP, PSH, UDP_HEADERS, UDP_MAX_SEGMENTS
-from udpflannel.packet import Verdict, ipv4_header_checksum
 
 # Read buffers must have this much room beyond the largest packet: split() zero-pads the last segment's
 # payload to a whole segment so one reshape sums every segment (the zeros don't change a checksum).
@@ -39,6 +39,16 @@ SPLIT_SLACK = MAX_IP_PACKET + 8
 # Segmenters and Coalescers run the compiled loops of gso_jit where numba is installed, unless built
 # with jit=False or this is False (the tests run both and compare).
 COMPILED = True
+
+
+
+class Refused(IntEnum):
+    """Why a super-packet cannot be cut. ``udpflannel`` counts it as the packet verdict of the same name."""
+
+    TOO_SHORT = 1  # fewer than 20 bytes
+    NOT_IPV4 = 2  # not version 4, or an IPv6 GSO type
+    BAD_HEADER = 3  # lengths, protocol or GSO type that do not fit together, a fragment
+
 
 _ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here
@@ -143,7 +153,7 @@ class Segmenter:
         self._in_u8 = self._out_u8
         self._in_u32 = self._out_u8
 
-    def cut(self, buf: bytearray, items) -> list[Cut | Verdict]:
+    def cut(self, buf: bytearray, items) -> list[Cut | Refused]:
         """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
         room for ``gso_size`` more bytes after it in ``buf`` (its last segment is zero-padded there).
         """
@@ -155,7 +165,7 @@ class Segmenter:
             self._grow(need)
         for off, n, gso_type, gso_size in items:
             packet = _parse(buf, off, n, gso_type, gso_size)
-            if isinstance(packet, Verdict):
+            if isinstance(packet, Refused):
                 at = self._flush(buf, group, results, at)
                 group = []
                 results.append(packet)
@@ -378,10 +388,10 @@ _udp_length = struct.Struct("!H").unpack_from
 _head_fields = struct.Struct("!BxH2xHxB").unpack_from  # version/IHL, total length, flags/fragment, protocol
 _PROTO_OF_GSO = {vnet.GSO_TCPV4: PROTO_TCP, vnet.GSO_UDP_L4: PROTO_UDP}
 _NOT_ECN = ~vnet.GSO_ECN
-_TOO_SHORT, _NOT_IPV4, _BAD_HEADER = Verdict.TOO_SHORT, Verdict.NOT_IPV4, Verdict.BAD_HEADER
+_TOO_SHORT, _NOT_IPV4, _BAD_HEADER = Refused
 
 
-def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Verdict:
+def _parse(buf, off: int, n: int, gso_type: int, gso_size: int) -> _Packet | Refused:
     """Validate one super-packet's headers and derive its segments' template. ``hdr_len`` from the
     vnet header is never used: header lengths come from the IHL and the TCP data offset."""
     if n < 20:
@@ -725,20 +735,20 @@ def _singles(a: int, b: int) -> list[tuple[int, int]]:
 # -- the same, one call per packet list: for tests and for reading, not for the hot path -----------------
 
 
-def split(packet, hdr: vnet.VnetHdr) -> list[bytes] | Verdict:
+def split(packet, hdr: vnet.VnetHdr) -> list[bytes] | Refused:
     """One packet as read from the TUN (without its vnet header) → the IPv4 packets for the wire."""
     n = len(packet)
     buf = packet_buffer()
     if n > MAX_IP_PACKET:
-        return Verdict.BAD_HEADER
+        return Refused.BAD_HEADER
     buf[:n] = packet
     if hdr.gso_type == vnet.GSO_NONE:
         if hdr.flags & vnet.NEEDS_CSUM and not complete_checksum(buf, n, hdr.csum_start, hdr.csum_offset):
-            return Verdict.BAD_HEADER
+            return Refused.BAD_HEADER
         return [bytes(buf[:n])]
     segmenter = Segmenter(BUFFER_SIZE)
     [result] = segmenter.cut(buf, [(0, n, hdr.gso_type, hdr.gso_size)])
-    if isinstance(result, Verdict):
+    if isinstance(result, Refused):
         return result
     out = segmenter.out
     return [bytes(out[result.start + j * result.size:result.start + j * result.size
@@ -782,10 +792,10 @@ def warm_up() -> None:
     for proto in (PROTO_TCP, PROTO_UDP):
         head = bytearray(b"\x45\0\0\0\0\x01\x40\0\x40" + bytes([proto]) + b"\0\0\x0a\x05\x01\x02\x0a\x05\x02\x02")
         head[2:4] = (20 + (20 if proto == PROTO_TCP else 8) + 3 * 100).to_bytes(2, "big")
-        head[10:12] = ipv4_header_checksum(head).to_bytes(2, "big")
+        head[10:12] = (0xFFFF - _words(head) % 0xFFFF).to_bytes(2, "big")
         l4 = b"\x30\x39\x1f\x90" + (b"\0\0\0\x01\0\0\0\x01\x50\x10\xff\xff\0\0\0\0" if proto == PROTO_TCP else b"\x01\x34\0\0")
         hdr = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4 if proto == PROTO_TCP else vnet.GSO_UDP_L4,
                            len(head) + len(l4), 100, 20, 16 if proto == PROTO_TCP else 6)
         segments = split(bytes(head) + l4 + bytes(300), hdr)
-        if isinstance(segments, Verdict) or len(coalesce(segments)) != 1:
+        if isinstance(segments, Refused) or len(coalesce(segments)) != 1:
             raise RuntimeError(f"the compiled GSO loops failed their warm-up ({proto=}): {segments!r}")

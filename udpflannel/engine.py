@@ -26,7 +26,6 @@ from ipaddress import IPv4Address
 
 from udpflannel import icmp, sockets
 from udpflannel.counters import Counters
-from udpflannel.events import ControlEvent, PeerAdded, PeerRemoved, Snapshot
 from udpflannel.forward import describe, inbound, outbound
 from udpflannel.fragment import fragment
 from udpflannel.packet import Verdict, dont_fragment
@@ -68,7 +67,6 @@ class Dataplane:
         routes: RouteTable | None = None,
         tun_mtu: int,
         tun_address: IPv4Address,
-        port: int,
         counters: Counters | None = None,
         budget: int = DEFAULT_BUDGET,
         check_source: bool = True,
@@ -85,7 +83,6 @@ class Dataplane:
         self.routes = routes if routes is not None else RouteTable()
         self.tun_mtu = tun_mtu
         self.tun_address = int(tun_address)
-        self.port = port
         self.counters = counters if counters is not None else Counters()
         self.budget = budget
         self.check_source = check_source
@@ -101,16 +98,6 @@ class Dataplane:
         self._path_mtu = path_mtu or functools.partial(sockets.path_mtu, udp.getsockname()[0])
         self.pmtu_recheck = pmtu_recheck if pmtu_recheck is not None else recheck_interval(sockets.kernel_pmtu_expiry())
         self._pmtu_rechecks: dict[NextHop, asyncio.TimerHandle] = {}
-
-    # -- control plane -> routes -----------------------------------------------------------------
-    def apply(self, event: ControlEvent) -> None:
-        """Apply a lease event to the route table; safe while traffic flows (same thread)."""
-        if isinstance(event, PeerAdded):
-            self.routes.set(event.subnet, (str(event.public_ip), self.port))
-        elif isinstance(event, PeerRemoved):
-            self.routes.delete(event.subnet)
-        elif isinstance(event, Snapshot):
-            self.routes.replace_all((p.subnet, (str(p.public_ip), self.port)) for p in event.peers)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:

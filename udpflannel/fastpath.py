@@ -50,6 +50,7 @@ import socket
 import time
 
 from tun import TunDevice, gso, gso_jit, open_tun, vnet
+from tun.gso import Refused
 from tun.layout import MAX_IP_PACKET, UDP_MAX_SEGMENTS
 from tun.offload import TunOffloads, enable_offloads
 from udpflannel import icmp
@@ -89,6 +90,7 @@ _clock = time.monotonic_ns
 # engine's own ICMP limit): the first makes a sender lower its MSS; the rest are already in flight.
 PMTU_ADVICE_RATE, PMTU_ADVICE_BURST = 100.0, 10.0
 _fit_segment_size = gso.fit_segment_size
+_VERDICT_OF = {reason: Verdict[reason.name] for reason in Refused}  # tun's refusals, counted as packet verdicts
 
 
 def open_tun_for(fast_path: bool, disabled: frozenset[str] = frozenset()) -> tuple[TunDevice, TunOffloads]:
@@ -292,7 +294,7 @@ class FastDataplane(Dataplane):
     def _first_segment(self, p: int, n: int, gso_type: int, gso_size: int) -> bytes:
         """What an ICMP error about a refused super-packet quotes: its first segment (or itself)."""
         [cut] = self._segmenter.cut(self._in, [(p, n, gso_type, gso_size)])
-        if isinstance(cut, Verdict):
+        if isinstance(cut, Refused):
             return bytes(self._in_mv[p:p + n])
         return bytes(self._segmenter.out_mv[cut.start:cut.start + (cut.size if cut.count > 1 else cut.last)])
 
@@ -307,9 +309,9 @@ class FastDataplane(Dataplane):
         results = self._segmenter.cut(self._in, [item[:4] for item in supers])
         out = self._segmenter.out_mv
         for (p, n, _, _, hop), cut in zip(supers, results, strict=True):
-            if isinstance(cut, Verdict):
+            if isinstance(cut, Refused):
                 c.tun_packets += 1
-                self._drop(cut, self._in_mv[p:p + n], n, c.tun_drops)
+                self._drop(_VERDICT_OF[cut], self._in_mv[p:p + n], n, c.tun_drops)
                 continue
             c.tun_superpackets += 1
             c.tun_packets += cut.count
@@ -493,14 +495,14 @@ class FastDataplane(Dataplane):
             if self._refitter is None:
                 self._refitter = gso.Segmenter(2 * gso.BUFFER_SIZE)
             results = self._refitter.cut(buf, items)
-            ends = [r.start + (r.count - 1) * r.size + r.last for r in results if not isinstance(r, Verdict)]
+            ends = [r.start + (r.count - 1) * r.size + r.last for r in results if not isinstance(r, Refused)]
             out = memoryview(bytes(self._refitter.out_mv[:max(ends, default=0)]))  # a nested refit reuses it
         for i, datagram in enumerate(datagrams):
             n = len(datagram)
             cut = results[cuts[i]] if i in cuts else None
             if n <= limit:
                 self._queue(hop, datagram, 0, 1, n, n)
-            elif cut is None or isinstance(cut, Verdict):
+            elif cut is None or isinstance(cut, Refused):
                 if hop in self._batches:  # its answer (fragments, say) goes after what came before it
                     self._send(hop)
                 self._answer_too_big(datagram, n, hop, limit)

@@ -10,6 +10,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from lease.events import LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from lease.lifecycle import State
 from lease.records import encode_lease_value, make_subnet_key
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
@@ -24,7 +25,6 @@ from tests.lease.helpers import (
     start_node,
 )
 from udpflannel.errors import ConfigError, EtcdUnavailable, OutOfSubnets
-from udpflannel.events import LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from udpflannel.lab.etcd import free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
