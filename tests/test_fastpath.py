@@ -16,10 +16,11 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from lease.events import PeerAdded
+from tests.gso_helpers import split
 from tests.strategies import slow_header_checksum
 from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet, reassemble, until
 from tests.test_gso import slow_split
-from tun import gso, vnet
+from tun import vnet
 from udpflannel import fastpath
 from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
 from udpflannel.packet import Verdict
@@ -84,7 +85,7 @@ def read_tun(rig: Rig, count: int) -> list[bytes]:
     out: list[bytes] = []
     while len(out) < count:
         data = rig.tun_app.recv(70000)
-        out += gso.split(data[10:], vnet.parse(data))
+        out += split(data[10:], vnet.parse(data))
     return out
 
 
@@ -197,7 +198,7 @@ async def test_gro_batches_are_coalesced_into_one_tun_write(rig: Rig):
     data = rig.tun_app.recv(70000)
     hdr = vnet.parse(data)
     assert hdr.gso_type == vnet.GSO_TCPV4 and hdr.gso_size == 1420
-    assert gso.split(data[10:], hdr) == [after_one_hop(s) for s in segments]
+    assert split(data[10:], hdr) == [after_one_hop(s) for s in segments]
     c = rig.dp.counters
     assert c.udp_gro_recvs == 1 and c.udp_gro_datagrams == 40 and c.tun_gso_writes == 1 and c.tun_writes == 1
     assert rig.dp.peer_rx == {("127.0.0.1", rig.peer.getsockname()[1]): 40}
@@ -372,7 +373,7 @@ def test_features_describe_and_disable():
     from tun.offload import TunOffloads
     from udpflannel.sockets import UdpOffloads
 
-    f = Features.from_probes(TunOffloads(True, True, True, False), UdpOffloads(gso=True, gro=True),
+    f = Features.from_probes(TunOffloads(tso=True, uso=False), UdpOffloads(gso=True, gro=True),
                              disabled=frozenset({"udp_gro"}))
     assert f == Features(tun_tso=True, tun_uso=False, udp_gso=True, udp_gro=False)
     assert f.describe() == "tun tso on, tun uso off, udp gso on, udp gro off"
@@ -401,7 +402,7 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
             except BlockingIOError:
                 await asyncio.sleep(0.005)
                 continue
-            got += gso.split(data[10:], vnet.parse(data))
+            got += split(data[10:], vnet.parse(data))
             if len(got) >= 160:
                 break
         # IDs restart at 7 in every burst here, so bursts are written apart but each stays whole
@@ -412,19 +413,19 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
 
 
 def test_only_the_fast_path_loads_numba() -> None:
-    """tun.gso_jit.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
+    """tun.kernels.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
     node never pays its ~100 MB and ~0.4 s), and the first Segmenter loads it where it is installed."""
     import subprocess
     import sys
 
     code = ("import sys, udpflannel.cli, udpflannel.node; assert 'numba' not in sys.modules, 'imported early'\n"
-            "from tun import gso, gso_jit\n"
-            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, gso_jit.load(), 'numba' in sys.modules)")
+            "from tun import gso, kernels\n"
+            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, kernels.load() is not None, 'numba' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    from tun import gso_jit
+    from tun import kernels
 
-    loaded = gso_jit.load()
+    loaded = kernels.load() is not None
     assert out.stdout.split() == [str(loaded)] * 3
 
 

@@ -29,16 +29,6 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
-def external_mtu(ifname: str) -> int:
-    """The MTU of the external (underlay) interface, read once at start-up like flanneld."""
-    with IPRoute() as ipr:
-        link = ipr.get_links(_index(ipr, ifname))[0]
-        mtu = link.get_attr("IFLA_MTU")
-    if not mtu:
-        raise TunError(f"interface {ifname!r} has MTU 0")
-    return int(mtu)
-
-
 def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, mtu: int) -> None:
     """Address, MTU, up, overlay route. ``mtu`` is the TUN MTU (already minus the overhead)."""
     with IPRoute() as ipr:

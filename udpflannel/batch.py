@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from itertools import accumulate
 
 from tun import vnet
-from tun.gso import Coalescer
+from tun.coalesce import Coalescer
 from udpflannel.forward import inbound
-from udpflannel.packet import Verdict
+from udpflannel.packet import FORWARD, Verdict
 from udpflannel.routes import NextHop, RouteTable
 
 
@@ -37,16 +37,17 @@ def inbound_batches(coalescer: Coalescer, base: int, seg: int, sizes: list[int],
     bounds = list(accumulate(-(-n // seg) for n in sizes))  # rows before the end of each batch
     plain = vnet.PLAIN
     batch = 0
-    for a, b in coalescer.plan(seg, sizes, base=base, split_after=split_after):
+    plan = coalescer.plan(seg, sizes, base=base, split_after=split_after)
+    for a, b in plan.runs:
         while a >= bounds[batch]:
             batch += 1
         peer = peers[batch]
         if b - a > 1:
-            head = coalescer.row(a)
-            if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source) == Verdict.FORWARD:
-                yield Verdict.FORWARD, peer, b - a, coalescer.merge(a, b)
+            head = plan.row(a)
+            if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source) == FORWARD:
+                yield FORWARD, peer, b - a, plan.merge(a, b)
                 continue
         for i in range(a, b):
-            row = coalescer.row(i)
+            row = plan.row(i)
             verdict = inbound(row, len(row), peer, routes, tun_mtu=tun_mtu, check_source=check_source)
-            yield verdict, peer, 1, ([plain, row] if verdict == Verdict.FORWARD else row)
+            yield verdict, peer, 1, ([plain, row] if verdict == FORWARD else row)

@@ -49,7 +49,7 @@ import os
 import socket
 import time
 
-from tun import TunDevice, gso, gso_jit, open_tun, vnet
+from tun import TunDevice, gso, open_tun, vnet
 from tun.gso import Refused
 from tun.layout import MAX_IP_PACKET, UDP_MAX_SEGMENTS
 from tun.offload import TunOffloads, enable_offloads
@@ -152,9 +152,8 @@ class FastDataplane(Dataplane):
         self._pmtu_advice = IcmpLimiter(PMTU_ADVICE_RATE, PMTU_ADVICE_BURST)
         self._tun_woke = self._udp_woke = 0  # when each fd last woke us (QUIET_NS)
         self._bulk_until = 0  # batches moved recently: no fd counts as quiet before then (BULK_NS)
-        gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
-        log.info("fast path: %s; GSO/GRO loops: %s", features.describe(),
-                 "compiled (numba)" if gso_jit.load() else f"numpy ({gso_jit.WHY_NOT})")
+        kernels = gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
+        log.info("fast path: %s; GSO/GRO loops: %s", features.describe(), kernels)
 
     # -- TUN -> UDP ----------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
@@ -209,7 +208,7 @@ class FastDataplane(Dataplane):
         when it was dropped (counted, and answered with ICMP where a router would)."""
         c = self.counters
         c.tun_packets += 1
-        if flags & vnet.NEEDS_CSUM and not gso.complete_checksum(pkt, n, csum_start, csum_offset):
+        if flags & vnet.NEEDS_CSUM and not vnet.complete_checksum(pkt, n, csum_start, csum_offset):
             self._drop(Verdict.BAD_HEADER, pkt, n, c.tun_drops)
             return None
         verdict, hop = outbound(pkt, n, self.routes)
