@@ -16,7 +16,7 @@ import pytest
 
 from lease.events import PeerAdded, PeerRemoved, Snapshot
 from tests.strategies import slow_header_checksum
-from udpflannel.engine import Dataplane
+from udpflannel.engine import Engine
 from udpflannel.packet import Verdict, decrement_ttl
 from udpflannel.routes import follow
 
@@ -45,7 +45,7 @@ class Rig:
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
-        self.dp = Dataplane(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
+        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
                             tun_mtu=1472, tun_address=OWN.network_address,
                             budget=budget)
         self.port = self.peer.getsockname()[1]  # every peer's UDP port

@@ -22,7 +22,8 @@ from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet
 from tests.test_gso import slow_split
 from tun import vnet
 from udpflannel import fastpath
-from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
+from udpflannel.engine import Engine
+from udpflannel.fastpath import QUIET_NS, BatchMover, Features
 from udpflannel.packet import Verdict
 from udpflannel.routes import follow
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
@@ -48,7 +49,7 @@ def tso_hdr(mss: int = 1420) -> bytes:
 
 
 class Rig:
-    """tun_app <-> (vnet-header "TUN") FastDataplane (UDP, GSO/GRO) <-> peer socket on loopback."""
+    """tun_app <-> (vnet-header "TUN") Engine with the batch mover (UDP, GSO/GRO) <-> peer socket on loopback."""
 
     def __init__(self, features: Features = ALL, **dataplane_args) -> None:
         self.tun_app, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -64,7 +65,7 @@ class Rig:
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.dp = FastDataplane(**{"icmp_sock": None, **dataplane_args}, features=features,
+        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, features=features,
                                 tun_fd=self.tun_end.fileno(), udp=self.udp, tun_mtu=1472,
                                 tun_address=OWN.network_address)
         self.port = self.peer.getsockname()[1]  # every peer's UDP port
@@ -103,12 +104,12 @@ class Clock:
 @pytest.fixture(autouse=True)
 def busy_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups 1 ns apart: every one drains its fd, whatever the test machine's speed."""
-    monkeypatch.setattr(fastpath, "_clock", Clock(1))
+    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(1)))
 
 
 def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups far apart: a lone packet is forwarded and the engine waits for the next wake-up."""
-    monkeypatch.setattr(fastpath, "_clock", Clock(QUIET_NS + 1))
+    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(QUIET_NS + 1)))
 
 
 @pytest.fixture
@@ -269,7 +270,7 @@ async def test_ttl_expiry_of_a_super_packet_is_one_packets():
     """TTL 1 on a TSO packet: dropped as the per-packet path would, one ICMP error about segment 0."""
     r = Rig()
     sent: list[bytes] = []
-    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    r.dp.send_icmp = sent.append  # type: ignore[method-assign]
     r.dp.attach()
     try:
         packet = tcp_flow(5 * 1420, ttl=1)
@@ -289,7 +290,7 @@ async def test_a_refused_super_packet_does_not_disturb_the_ones_before_it():
     waiting datagrams."""
     r = Rig()
     sent: list[bytes] = []
-    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    r.dp.send_icmp = sent.append  # type: ignore[method-assign]
     good = tcp_flow(10 * 1420, flags=0x10)
     expired = tcp_flow(5 * 1420, ttl=1, seq=1000 + 10 * 1420)
     r.tun_app.send(tso_hdr() + good)

@@ -24,10 +24,10 @@ from tun.configure import readdress_tun
 from tun.errors import TunError
 from tun.layout import ENCAP_OVERHEAD
 from udpflannel.counters import Counters
-from udpflannel.engine import DEFAULT_BUDGET, Dataplane
+from udpflannel.engine import DEFAULT_BUDGET, Engine
 from udpflannel.errors import SetupError
-from udpflannel.fastpath import FastDataplane, open_tun_for, probe_features
 from udpflannel.iface import ExternalInterface
+from udpflannel.probe import open_tun_for, probe_features
 from udpflannel.routes import follow
 from udpflannel.sockets import open_icmp_socket, open_udp_socket
 
@@ -43,7 +43,7 @@ class Node:
     network: IPv4Network
     port: int
     tun: TunDevice
-    engine: Dataplane
+    engine: Engine
     closers: list = field(default_factory=list)
 
     @property
@@ -104,7 +104,7 @@ def bring_up(
     """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine.
 
     ``fast_path``: use TUN offloads and UDP GSO/GRO where the kernel has them (``udpflannel.fastpath``),
-    except those named in ``disabled_offloads`` (``fastpath.OFFLOADS``).
+    except those named in ``disabled_offloads`` (``features.OFFLOADS``).
     """
     tun_mtu = iface.mtu - ENCAP_OVERHEAD
     closers = []
@@ -122,16 +122,11 @@ def bring_up(
         if isinstance(exc, TunError):  # the TUN layer's error, as the node's set-up failure
             raise SetupError(str(exc)) from exc
         raise
-    common = dict(
-        tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
-        budget=budget, check_source=check_source, trace=trace,
-    )
-    if tun.vnet_hdr:
-        dataplane: Dataplane = FastDataplane(features=probe_features(tun_offloads, udp, disabled_offloads), **common)
-    else:
-        dataplane = Dataplane(**common)
+    features = probe_features(tun_offloads, udp, disabled_offloads) if tun.vnet_hdr else None  # None: per packet
+    engine = Engine(tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
+                    budget=budget, check_source=check_source, trace=trace, features=features)
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
-    return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=dataplane, closers=closers)
+    return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=engine, closers=closers)
 
 
 async def wait_for_stop_signal() -> int:
