@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.lab import DataplaneError, builtin_dataplanes, snapshot_code, static_flags
 from benchmarks.measure import RR_RUNS, RR_SIZE, machine_busy_fraction
+from benchmarks.rows import DataplaneError, builtin_rows, snapshot_code, static_flags
 from benchmarks.runner import FULL, OPEN_LABS, QUICK, QUIET, Progress, Settings, run_all
 from udpflannel.lab.flanneld import BinaryNotFound, find_flanneld
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         except BinaryNotFound as exc:
             flanneld = None
             print(f"benchmarks: no flanneld row: {exc}", file=sys.stderr)
-        dataplanes = builtin_dataplanes(
+        dataplanes = builtin_rows(
             variants={k: shlex.split(v) for k, v in split_named(args.variant, "--variant").items()},
             externals=split_named(args.external, "--external"), external_mtu=args.external_mtu,
             code=Path(code["path"]), static_flags=static_flags(Path(code["path"])), flanneld=flanneld)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import rr as rr_tool
-from benchmarks.lab import Dataplane, Topology
+from benchmarks.rows import Row, Topology
 from udpflannel.lab.netns import Netns
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -136,7 +136,9 @@ def own_cpu_seconds(live_pids: list[int]) -> float:
 
 
 @dataclass
-class Snapshot:
+class Reading:
+    """Counters and CPU times of a lab at one instant; two make a measured window."""
+
     time: float
     cpu: dict[str, float]
     pids: list[int]
@@ -147,11 +149,11 @@ class Snapshot:
     pods: dict[int, dict[str, int]]
 
 
-def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None, servers: list[int] = ()) -> Snapshot:
+def read_now(dp: Row, topo: Topology, pids: list[int] | None = None, servers: list[int] = ()) -> Reading:
     """``pids``: the dataplane's processes; ``servers``: our other live processes (for :func:`own_cpu_seconds`)."""
     pids = dp.pids() if pids is None else pids
     ctx = [proc_ctxsw(p) for p in pids]
-    return Snapshot(
+    return Reading(
         time=time.monotonic(), cpu=read_cpu_stat(), pids=pids,
         proc_cpu=sum(proc_cpu_seconds(p) for p in pids), own_cpu=own_cpu_seconds([*pids, *servers]),
         ctx=(sum(c[0] for c in ctx), sum(c[1] for c in ctx)),
@@ -160,7 +162,7 @@ def snapshot(dp: Dataplane, topo: Topology, pids: list[int] | None = None, serve
     )
 
 
-def window(a: Snapshot, b: Snapshot) -> dict:
+def window(a: Reading, b: Reading) -> dict:
     """What happened between two snapshots of the same dataplane processes."""
     cpu = {k: round(b.cpu[k] - a.cpu[k], 4) for k in a.cpu}
     seconds = b.time - a.time
@@ -353,7 +355,7 @@ def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
     return rows
 
 
-def strace_check(dp: Dataplane, topo: Topology, duration: float) -> dict:
+def strace_check(dp: Row, topo: Topology, duration: float) -> dict:
     """Count node 1's dataplane syscalls with ``strace -c -f`` during a TCP transfer; compare to its counters.
 
     strace slows every syscall down a lot, so the transfer's rate here means nothing; the ratio of

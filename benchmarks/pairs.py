@@ -17,7 +17,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from benchmarks.lab import (
+from benchmarks.measure import MeasureError, request_response, runtime_ns, start_servers
+from benchmarks.rows import (
     NO_FAST_PATH,
     DataplaneError,
     UdpflannelStatic,
@@ -25,7 +26,6 @@ from benchmarks.lab import (
     build_nodes,
     wait_reachable,
 )
-from benchmarks.measure import MeasureError, request_response, runtime_ns, start_servers
 from udpflannel.lab.netns import Lab
 
 

@@ -17,16 +17,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.lab import Dataplane, DataplaneError, Topology, add_pods, build_nodes, wait_reachable
 from benchmarks.measure import (
     ALT_CONGESTION,
     CONGESTION,
     MeasureError,
     generator_ceiling,
     machine_busy_fraction,
+    read_now,
     request_response,
     restart_iperf_server,
-    snapshot,
     start_servers,
     strace_check,
     tcp_throughput,
@@ -34,6 +33,7 @@ from benchmarks.measure import (
     window,
 )
 from benchmarks.pairs import pair_rows, paired_rtt
+from benchmarks.rows import DataplaneError, Row, Topology, add_pods, build_nodes, wait_reachable
 from udpflannel.lab.netns import Lab
 
 OPEN_LABS: set[Lab] = set()
@@ -110,7 +110,7 @@ def summary(name: str, result: dict) -> str:
             f" (generator CPU {result['generator_cpu_pct'] or 0:.0f}%{limited})")
 
 
-def run_dataplane(dp: Dataplane, s: Settings, workdir: Path, progress: Progress, *, label: str,
+def run_dataplane(dp: Row, s: Settings, workdir: Path, progress: Progress, *, label: str,
                   strace: bool = False, calibrate: bool = False) -> tuple[dict, dict | None, dict | None]:
     """One repeat of one row on a fresh lab. Returns (run, strace result, tool calibration)."""
     busy, waited = wait_for_quiet(s.wait_idle)
@@ -170,7 +170,7 @@ def signals_deferred():
 
 
 @contextlib.contextmanager
-def fresh_lab(dataplanes: list[Dataplane], progress: Progress) -> Iterator[Lab]:
+def fresh_lab(dataplanes: list[Row], progress: Progress) -> Iterator[Lab]:
     """A new lab for ``dataplanes``, listed in :data:`OPEN_LABS` while open. On the way out, whatever
     happened, each dataplane is torn down (a failure is reported, the rest go on) and the lab closed,
     with Ctrl-C held meanwhile."""
@@ -207,7 +207,7 @@ def _calibrate(topo: Topology, s: Settings, progress: Progress) -> dict:
     return out
 
 
-def _measure_group(name: str, dp: Dataplane, topo: Topology, s: Settings, servers: dict) -> dict:
+def _measure_group(name: str, dp: Row, topo: Topology, s: Settings, servers: dict) -> dict:
     try:
         if not dp.running:
             dp.start()
@@ -215,13 +215,13 @@ def _measure_group(name: str, dp: Dataplane, topo: Topology, s: Settings, server
     except DataplaneError as exc:
         return {"error": f"restart failed: {exc}"}
     pids = dp.pids()
-    before = snapshot(dp, topo, pids, _server_pids(servers))
+    before = read_now(dp, topo, pids, _server_pids(servers))
     try:
         result = run_group(name, topo, s)
     except (MeasureError, RuntimeError, KeyError, ValueError, subprocess.TimeoutExpired) as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
         restart_iperf_server(topo, servers)
-    result["window"] = window(before, snapshot(dp, topo, pids, _server_pids(servers)))
+    result["window"] = window(before, read_now(dp, topo, pids, _server_pids(servers)))
     if dp.has_counters:
         try:
             counters = dp.stop()
@@ -237,7 +237,7 @@ def _server_pids(servers: dict) -> list[int]:
     return [p.pid for p in servers.values() if p.poll() is None]
 
 
-def _strace(dp: Dataplane, topo: Topology, s: Settings, progress: Progress) -> dict:
+def _strace(dp: Row, topo: Topology, s: Settings, progress: Progress) -> dict:
     try:
         dp.start()
         wait_reachable(topo)
@@ -250,7 +250,7 @@ def _strace(dp: Dataplane, topo: Topology, s: Settings, progress: Progress) -> d
     return result
 
 
-def run_all(dataplanes: dict[str, Dataplane], s: Settings, workdir: Path, progress: Progress) -> dict:
+def run_all(dataplanes: dict[str, Row], s: Settings, workdir: Path, progress: Progress) -> dict:
     raw: dict = {"rows": {name: {"kind": dp.kind, "description": dp.description, "has_counters": dp.has_counters,
                                  "runs": []} for name, dp in dataplanes.items()},
                  "strace": None, "calibration": None, "rtt_pairs": []}

@@ -1,7 +1,7 @@
 """Choosing the subnet to lease (§4.1): reuse by PublicIP, else the previous subnet, else a random free one.
 
 Pure: the records found in etcd, the config and an ``rng`` go in; a :class:`Reuse` or :class:`Create`
-plan comes out, or :class:`~udpflannel.errors.OutOfSubnets`. Unlike flanneld (which draws from the first
+plan comes out, or :class:`~lease.errors.OutOfSubnets`. Unlike flanneld (which draws from the first
 100 free subnets above SubnetMin) the draw is uniform over **all** free subnets, computed from the merged
 occupied ranges so that a /8 split into /30s costs no more than a /16 split into /24s.
 """
@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 from lease.config import NetworkConfig
-from udpflannel.errors import OutOfSubnets
+from lease.errors import OutOfSubnets
 
 
 class Rng(Protocol):

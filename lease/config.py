@@ -1,6 +1,6 @@
 """The network config stored at ``<prefix>/config``: parse and validate like flanneld (§2 of the reference).
 
-Pure: bytes in, a frozen :class:`NetworkConfig` out, or a :class:`~udpflannel.errors.ConfigError` naming the
+Pure: bytes in, a frozen :class:`NetworkConfig` out, or a :class:`~lease.errors.ConfigError` naming the
 field. Keys are matched case-insensitively and the last of several spellings wins, as Go's
 ``encoding/json`` does; unknown keys are ignored; ``null`` counts as absent. Beyond flanneld we also
 reject ``SubnetMin > SubnetMax``, a ``Backend.Port`` of 0 or out of range, and backends other than udp.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Network
 from typing import Any
 
-from udpflannel.errors import ConfigError
+from lease.errors import ConfigError
 
 DEFAULT_PORT = 8285
 _CIDR = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}", re.ASCII)

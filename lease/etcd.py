@@ -2,7 +2,7 @@
 
 This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
 :meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
-:class:`~udpflannel.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
+:class:`~lease.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
 one on the next endpoint (fresh channels also re-authenticate, which renews an expired auth token).
 
 Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
@@ -25,13 +25,12 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
-from udpflannel.errors import ConfigError, EtcdUnavailable
+from lease.errors import ConfigError, EtcdUnavailable
+from lease.options import EtcdOptions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
 
 _CHANNEL_OPTIONS = {
     # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
@@ -147,29 +146,20 @@ class _Client(aetcd.Client):
 class EtcdSession:
     """One logical connection to the etcd cluster, failing over between endpoints."""
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str] = DEFAULT_ENDPOINTS,
-        *,
-        keyfile: str | None = None,
-        certfile: str | None = None,
-        cafile: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        timeout: float = 5.0,
-    ) -> None:
-        self.endpoints = parse_endpoints(endpoints)
+    def __init__(self, options: EtcdOptions) -> None:
+        self.endpoints = parse_endpoints(options.endpoints)
+        username, password = options.username, options.password
         if bool(username) != bool(password):
             raise ConfigError("etcd-password" if username else "etcd-username",
                               "--etcd-username and --etcd-password must be given together")
         self._credentials = tls_credentials(
-            keyfile, certfile, cafile, https=any(e.tls for e in self.endpoints)
+            options.keyfile, options.certfile, options.cafile, https=any(e.tls for e in self.endpoints)
         )
         if self._credentials is None:
             log.info("connecting to etcd with http (no TLS)")
         self._username = username or None
         self._password = password or None
-        self.timeout = timeout
+        self.timeout = options.timeout
         self._index = 0
         self._client: _Client | None = None
         self._connecting = asyncio.Lock()

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from lease.config import NetworkConfig
-from udpflannel.errors import LeaseError
-from udpflannel.events import LeaseAcquired, LeaseLost
+from lease.errors import LeaseError
+from lease.events import LeaseAcquired, LeaseLost
 
 RENEW = "renew"
 

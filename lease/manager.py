@@ -2,7 +2,7 @@
 
 Usage::
 
-    sm = SubnetManager("http://10.0.0.1:2379", public_ip="192.168.1.10", previous_subnet=prev)
+    sm = SubnetManager(EtcdOptions("http://10.0.0.1:2379"), public_ip="192.168.1.10", previous_subnet=prev)
     config = await sm.get_config()         # the daemon retries this while it raises
     lease = await sm.acquire()             # Lease(subnet=10.5.35.0/24, ...)
     async for event in sm.events():        # LeaseAcquired, Snapshot, PeerAdded, PeerRemoved, LeaseLost...
@@ -44,15 +44,18 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 from aetcd.utils import prefix_range_end
 
 from lease.allocate import Existing, Reuse, plan_acquire
 from lease.config import NetworkConfig, parse_network_config
-from lease.etcd import DEFAULT_ENDPOINTS, Backoff, Compacted, EtcdSession
+from lease.errors import ConfigError, ControlPlaneError, EtcdUnavailable, LeaseError
+from lease.etcd import Backoff, Compacted, EtcdSession
+from lease.events import ControlEvent, LeaseLost
 from lease.lifecycle import RENEW, Lease, LeaseLifecycle, State
+from lease.options import DEFAULT_PREFIX, EtcdOptions
 from lease.peers import PeerTable
 from lease.records import (
     LeaseAttrs,
@@ -65,12 +68,9 @@ from lease.records import (
     parse_subnet_key,
     subnets_dir,
 )
-from udpflannel.errors import ConfigError, EtcdUnavailable, LeaseError, UdpflannelError
-from udpflannel.events import ControlEvent, LeaseLost
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "/coreos.com/network"
 SUBNET_TTL = 24 * 3600
 RACE_RETRIES = 50
 _DELETE = 1  # mvccpb.Event.DELETE
@@ -82,28 +82,23 @@ __all__ = ["DEFAULT_PREFIX", "SUBNET_TTL", "Lease", "SubnetManager"]
 class SubnetManager:
     """flanneld's etcd subnet manager for one node; see the module docstring for the semantics.
 
-    ``renew_margin`` is in minutes like ``--subnet-lease-renew-margin``; ``rng`` (``random.Random``-like)
-    drives the subnet draw and the race jitter. ``lease_ttl``, ``renew_retry`` (seconds between failed
-    renewals) and ``request_timeout`` exist for tests and unusual set-ups.
+    ``etcd``: how to reach etcd (endpoints, TLS, auth, request timeout). ``renew_margin`` is in minutes
+    like ``--subnet-lease-renew-margin``; ``rng`` (``random.Random``-like) drives the subnet draw and
+    the race jitter. ``lease_ttl`` and ``renew_retry`` (seconds between failed renewals) exist for tests
+    and unusual set-ups.
     """
 
     def __init__(
         self,
-        endpoints: str | Sequence[str] = DEFAULT_ENDPOINTS,
+        etcd: EtcdOptions,
         prefix: str = DEFAULT_PREFIX,
         *,
         public_ip: IPv4Address | str,
-        keyfile: str | None = None,
-        certfile: str | None = None,
-        cafile: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
         previous_subnet: IPv4Network | None = None,
         renew_margin: float = 60,
         rng: random.Random | None = None,
         lease_ttl: int = SUBNET_TTL,
         renew_retry: float = 60.0,
-        request_timeout: float = 5.0,
     ) -> None:
         try:
             self.public_ip = IPv4Address(public_ip)
@@ -114,15 +109,7 @@ class SubnetManager:
                 "subnet-lease-renew-margin",
                 f"must be above 0 and below the lease TTL ({lease_ttl // 60} minutes), got {renew_margin}",
             )
-        self._session = EtcdSession(
-            endpoints,
-            keyfile=keyfile,
-            certfile=certfile,
-            cafile=cafile,
-            username=username,
-            password=password,
-            timeout=request_timeout,
-        )
+        self._session = EtcdSession(etcd)
         self.prefix = clean_prefix(prefix)
         self._subnets = subnets_dir(self.prefix)
         self._previous = previous_subnet
@@ -408,7 +395,7 @@ class SubnetManager:
         while True:
             try:
                 return await self._acquire_once(previous)
-            except UdpflannelError as e:
+            except (ConfigError, ControlPlaneError) as e:
                 delay = backoff.next()
                 log.warning("re-acquiring a lease failed (again in %.1f s): %s", delay, e)
                 await asyncio.sleep(delay)

@@ -21,8 +21,8 @@ import logging
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
+from lease.events import PeerAdded, PeerRemoved, Snapshot
 from lease.records import LeaseAttrs, Malformed, decode_lease_value, parse_subnet_key
-from udpflannel.events import PeerAdded, PeerRemoved, Snapshot
 
 log = logging.getLogger(__name__)
 

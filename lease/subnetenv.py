@@ -14,7 +14,7 @@ from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/run/flannel/subnet.env"
+DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"  # flanneld's --subnet-file, and the CNI plugin's subnetFile
 
 
 def format_subnet_env(

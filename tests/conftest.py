@@ -23,7 +23,7 @@ def require(condition: bool, reason: str) -> None:
 
 
 def pytest_sessionstart(session) -> None:
-    """Compile tun.gso's loops (numba) once, before any test or daemon needs them: a fresh clone would
+    """Compile tun's GSO/GRO kernels (numba) once, before any test or daemon needs them: a fresh clone would
     otherwise compile them in every daemon the first tests start, seconds each."""
     from tun import gso
 

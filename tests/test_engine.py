@@ -14,10 +14,11 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from lease.events import PeerAdded, PeerRemoved, Snapshot
 from tests.strategies import slow_header_checksum
-from udpflannel.engine import Dataplane
-from udpflannel.events import PeerAdded, PeerRemoved, Snapshot
+from udpflannel.engine import Engine
 from udpflannel.packet import Verdict, decrement_ttl
+from udpflannel.routes import follow
 
 OWN = IPv4Network("10.5.1.0/24")
 PEER_SUBNET = IPv4Network("10.5.2.0/24")
@@ -44,10 +45,11 @@ class Rig:
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
-        self.dp = Dataplane(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
-                            tun_mtu=1472, tun_address=OWN.network_address, port=self.peer.getsockname()[1],
+        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
+                            tun_mtu=1472, tun_address=OWN.network_address,
                             budget=budget)
-        self.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")))
+        self.port = self.peer.getsockname()[1]  # every peer's UDP port
+        follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 
     def close(self) -> None:
         self.dp.detach()
@@ -117,21 +119,21 @@ async def test_route_events_apply_live(rig: Rig):
     """Removed: the next packet meets no route and nothing leaves. Back in a snapshot: the next one goes
     to the peer, one hop older. Moved to another PublicIP: the next one goes there, and only there."""
     rig.peer.setblocking(False)
-    rig.dp.apply(PeerRemoved(PEER_SUBNET))
+    follow(rig.dp.routes, PeerRemoved(PEER_SUBNET), rig.port)
     rig.tun_app.send(ip_packet("10.5.1.2", "10.5.2.9"))
     await until(lambda: rig.dp.counters.tun_drops[Verdict.NO_ROUTE] == 1)
     with pytest.raises(BlockingIOError):
         rig.peer.recv(2000)
-    rig.dp.apply(Snapshot((PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")),)))
+    follow(rig.dp.routes, Snapshot((PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")),)), rig.port)
     first = ip_packet("10.5.1.2", "10.5.2.9", size=61)
     rig.tun_app.send(first)
     await until(lambda: rig.dp.counters.sent_packets == 1)
     assert rig.peer.recv(2000) == after_one_hop(first)
     moved = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        moved.bind(("127.0.0.2", rig.dp.port))
+        moved.bind(("127.0.0.2", rig.port))
         moved.settimeout(2)
-        rig.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.2")))
+        follow(rig.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.2")), rig.port)
         second = ip_packet("10.5.1.2", "10.5.2.9", size=62)
         rig.tun_app.send(second)
         await until(lambda: rig.dp.counters.sent_packets == 2)

@@ -15,14 +15,17 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from lease.events import PeerAdded
+from tests.gso_helpers import split
 from tests.strategies import slow_header_checksum
 from tests.test_engine import IcmpRecorder, NarrowPath, after_one_hop, ip_packet, reassemble, until
 from tests.test_gso import slow_split
-from tun import gso, vnet
+from tun import vnet
 from udpflannel import fastpath
-from udpflannel.events import PeerAdded
-from udpflannel.fastpath import QUIET_NS, FastDataplane, Features
+from udpflannel.engine import Engine
+from udpflannel.fastpath import QUIET_NS, BatchMover, Features
 from udpflannel.packet import Verdict
+from udpflannel.routes import follow
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -46,7 +49,7 @@ def tso_hdr(mss: int = 1420) -> bytes:
 
 
 class Rig:
-    """tun_app <-> (vnet-header "TUN") FastDataplane (UDP, GSO/GRO) <-> peer socket on loopback."""
+    """tun_app <-> (vnet-header "TUN") Engine with the batch mover (UDP, GSO/GRO) <-> peer socket on loopback."""
 
     def __init__(self, features: Features = ALL, **dataplane_args) -> None:
         self.tun_app, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -62,10 +65,11 @@ class Rig:
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.dp = FastDataplane(**{"icmp_sock": None, **dataplane_args}, features=features,
+        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, features=features,
                                 tun_fd=self.tun_end.fileno(), udp=self.udp, tun_mtu=1472,
-                                tun_address=OWN.network_address, port=self.peer.getsockname()[1])
-        self.dp.apply(PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")))
+                                tun_address=OWN.network_address)
+        self.port = self.peer.getsockname()[1]  # every peer's UDP port
+        follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 
     def recv_datagrams(self, count: int) -> list[bytes]:
         return [self.peer.recv(70000) for _ in range(count)]
@@ -82,7 +86,7 @@ def read_tun(rig: Rig, count: int) -> list[bytes]:
     out: list[bytes] = []
     while len(out) < count:
         data = rig.tun_app.recv(70000)
-        out += gso.split(data[10:], vnet.parse(data))
+        out += split(data[10:], vnet.parse(data))
     return out
 
 
@@ -100,12 +104,12 @@ class Clock:
 @pytest.fixture(autouse=True)
 def busy_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups 1 ns apart: every one drains its fd, whatever the test machine's speed."""
-    monkeypatch.setattr(fastpath, "_clock", Clock(1))
+    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(1)))
 
 
 def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups far apart: a lone packet is forwarded and the engine waits for the next wake-up."""
-    monkeypatch.setattr(fastpath, "_clock", Clock(QUIET_NS + 1))
+    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(QUIET_NS + 1)))
 
 
 @pytest.fixture
@@ -195,7 +199,7 @@ async def test_gro_batches_are_coalesced_into_one_tun_write(rig: Rig):
     data = rig.tun_app.recv(70000)
     hdr = vnet.parse(data)
     assert hdr.gso_type == vnet.GSO_TCPV4 and hdr.gso_size == 1420
-    assert gso.split(data[10:], hdr) == [after_one_hop(s) for s in segments]
+    assert split(data[10:], hdr) == [after_one_hop(s) for s in segments]
     c = rig.dp.counters
     assert c.udp_gro_recvs == 1 and c.udp_gro_datagrams == 40 and c.tun_gso_writes == 1 and c.tun_writes == 1
     assert rig.dp.peer_rx == {("127.0.0.1", rig.peer.getsockname()[1]): 40}
@@ -266,7 +270,7 @@ async def test_ttl_expiry_of_a_super_packet_is_one_packets():
     """TTL 1 on a TSO packet: dropped as the per-packet path would, one ICMP error about segment 0."""
     r = Rig()
     sent: list[bytes] = []
-    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    r.dp.send_icmp = sent.append  # type: ignore[method-assign]
     r.dp.attach()
     try:
         packet = tcp_flow(5 * 1420, ttl=1)
@@ -286,7 +290,7 @@ async def test_a_refused_super_packet_does_not_disturb_the_ones_before_it():
     waiting datagrams."""
     r = Rig()
     sent: list[bytes] = []
-    r.dp._send_icmp = sent.append  # type: ignore[method-assign]
+    r.dp.send_icmp = sent.append  # type: ignore[method-assign]
     good = tcp_flow(10 * 1420, flags=0x10)
     expired = tcp_flow(5 * 1420, ttl=1, seq=1000 + 10 * 1420)
     r.tun_app.send(tso_hdr() + good)
@@ -370,7 +374,7 @@ def test_features_describe_and_disable():
     from tun.offload import TunOffloads
     from udpflannel.sockets import UdpOffloads
 
-    f = Features.from_probes(TunOffloads(True, True, True, False), UdpOffloads(gso=True, gro=True),
+    f = Features.from_probes(TunOffloads(tso=True, uso=False), UdpOffloads(gso=True, gro=True),
                              disabled=frozenset({"udp_gro"}))
     assert f == Features(tun_tso=True, tun_uso=False, udp_gso=True, udp_gro=False)
     assert f.describe() == "tun tso on, tun uso off, udp gso on, udp gro off"
@@ -399,7 +403,7 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
             except BlockingIOError:
                 await asyncio.sleep(0.005)
                 continue
-            got += gso.split(data[10:], vnet.parse(data))
+            got += split(data[10:], vnet.parse(data))
             if len(got) >= 160:
                 break
         # IDs restart at 7 in every burst here, so bursts are written apart but each stays whole
@@ -410,19 +414,19 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
 
 
 def test_only_the_fast_path_loads_numba() -> None:
-    """tun.gso_jit.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
+    """tun.kernels.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
     node never pays its ~100 MB and ~0.4 s), and the first Segmenter loads it where it is installed."""
     import subprocess
     import sys
 
     code = ("import sys, udpflannel.cli, udpflannel.node; assert 'numba' not in sys.modules, 'imported early'\n"
-            "from tun import gso, gso_jit\n"
-            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, gso_jit.load(), 'numba' in sys.modules)")
+            "from tun import gso, kernels\n"
+            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, kernels.load() is not None, 'numba' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    from tun import gso_jit
+    from tun import kernels
 
-    loaded = gso_jit.load()
+    loaded = kernels.load() is not None
     assert out.stdout.split() == [str(loaded)] * 3
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from udpflannel.errors import ConfigError
-from udpflannel.flags import DEFAULT_ENDPOINTS, parse_daemon_args
+from udpflannel.flags import etcd_options, parse_daemon_args
 
 
 def test_defaults_match_flanneld():
     args = parse_daemon_args([], environ={})
-    assert args.etcd_endpoints == DEFAULT_ENDPOINTS.split(",")
+    assert args.etcd_endpoints == ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+    assert etcd_options(args).endpoints == ["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+    assert (etcd_options(args).keyfile, etcd_options(args).username) == (None, None)  # empty: not given
     assert args.etcd_prefix == "/coreos.com/network"
     assert args.subnet_file == "/run/flannel/subnet.env"
     assert args.subnet_lease_renew_margin == 60

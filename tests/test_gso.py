@@ -14,26 +14,27 @@ from hypothesis import strategies as st
 
 from tests.cluster import TOOLS
 from tests.conftest import require
+from tests.gso_helpers import coalesce, split
 from tests.strategies import slow_checksum, slow_header_checksum, super_packets
-from tun import gso, gso_jit, vnet
-from tun.gso import ACK, CWR, FIN, PSH
-from udpflannel.packet import Verdict
+from tun import gso, kernels, vnet
+from tun.layout import ACK, CWR, FIN, PSH, UDP_MAX_SEGMENTS
+from tun.segment import Refused
 
 TCP_HDR = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 0, 0, 0, 16)
 
 
 @pytest.fixture(autouse=True, scope="module", params=["compiled", "numpy"])
 def backend(request):
-    """Every test here runs twice: with gso_jit's compiled loops (numba; CI must have it) and with the
+    """Every test here runs twice: with the compiled kernels (numba; CI must have it) and with the
     numpy reference. Module-scoped, so hypothesis sees no per-test fixture."""
     compiled = request.param == "compiled"
     if compiled:  # (compiled before any test starts: conftest's pytest_sessionstart)
-        require(gso_jit.load(), f"the compiled GSO loops need numba: {gso_jit.WHY_NOT}")
-    saved, gso.COMPILED = gso.COMPILED, compiled
+        require(kernels.load(), f"the compiled GSO loops need numba: {kernels.why_not}")
+    saved, kernels.COMPILED = kernels.COMPILED, compiled
     try:
         yield request.param
     finally:
-        gso.COMPILED = saved
+        kernels.COMPILED = saved
 
 
 def gso_hdr(packet: bytes, mss: int, *, hdr_len: int = 0) -> vnet.VnetHdr:
@@ -115,7 +116,7 @@ def test_vnet_constants_and_layout() -> None:
 def test_split_is_the_kernels_segmentation(case, junk_hdr_len) -> None:
     """Byte for byte what tcp_gso_segment/__udp_gso_segment make, whatever hdr_len claims."""
     packet, mss = case
-    segments = gso.split(packet, gso_hdr(packet, mss, hdr_len=junk_hdr_len))
+    segments = split(packet, gso_hdr(packet, mss, hdr_len=junk_hdr_len))
     assert segments == slow_split(packet, mss)
 
 
@@ -124,7 +125,7 @@ def test_split_segments_are_ordinary_packets(case) -> None:
     """Every segment is a valid IPv4 packet no bigger than headers + gso_size, the payloads add up to
     the original, and FIN/PSH travel only on the last segment, CWR only on the first."""
     packet, mss = case
-    segments = gso.split(packet, gso_hdr(packet, mss))
+    segments = split(packet, gso_hdr(packet, mss))
     hl = header_len(packet)
     assert b"".join(s[hl:] for s in segments) == packet[hl:]
     for i, segment in enumerate(segments):
@@ -142,8 +143,8 @@ def test_split_segments_are_ordinary_packets(case) -> None:
 @given(st.binary(max_size=200), st.sampled_from([vnet.GSO_TCPV4, vnet.GSO_UDP_L4, vnet.GSO_TCPV6, 2, 0x81]),
        st.integers(0, 0xFFFF))
 def test_split_never_raises(data, gso_type, mss) -> None:
-    result = gso.split(data, vnet.VnetHdr(vnet.NEEDS_CSUM, gso_type, 0, mss, 20, 16))
-    assert isinstance(result, (list, Verdict))
+    result = split(data, vnet.VnetHdr(vnet.NEEDS_CSUM, gso_type, 0, mss, 20, 16))
+    assert isinstance(result, (list, Refused))
     if isinstance(result, list):
         for segment in result:
             assert_valid(segment)
@@ -151,15 +152,15 @@ def test_split_never_raises(data, gso_type, mss) -> None:
 
 def test_split_refuses_what_it_cannot_cut() -> None:
     packet, _ = _example_flow(3000)
-    assert gso.split(packet[:10], TCP_HDR._replace(gso_size=1000)) == Verdict.TOO_SHORT
-    assert gso.split(b"\x60" + packet[1:], TCP_HDR._replace(gso_size=1000)) == Verdict.NOT_IPV4
-    assert gso.split(packet, TCP_HDR._replace(gso_type=vnet.GSO_TCPV6, gso_size=1000)) == Verdict.NOT_IPV4
-    assert gso.split(packet, TCP_HDR._replace(gso_type=vnet.GSO_UDP_L4, gso_size=1000)) == Verdict.BAD_HEADER
-    assert gso.split(packet, TCP_HDR._replace(gso_size=0)) == Verdict.BAD_HEADER
-    assert gso.split(packet + b"x", TCP_HDR._replace(gso_size=1000)) == Verdict.BAD_HEADER  # length mismatch
+    assert split(packet[:10], TCP_HDR._replace(gso_size=1000)) == Refused.TOO_SHORT
+    assert split(b"\x60" + packet[1:], TCP_HDR._replace(gso_size=1000)) == Refused.NOT_IPV4
+    assert split(packet, TCP_HDR._replace(gso_type=vnet.GSO_TCPV6, gso_size=1000)) == Refused.NOT_IPV4
+    assert split(packet, TCP_HDR._replace(gso_type=vnet.GSO_UDP_L4, gso_size=1000)) == Refused.BAD_HEADER
+    assert split(packet, TCP_HDR._replace(gso_size=0)) == Refused.BAD_HEADER
+    assert split(packet + b"x", TCP_HDR._replace(gso_size=1000)) == Refused.BAD_HEADER  # length mismatch
     fragment = bytearray(packet)
     fragment[6] |= 0x20  # MF
-    assert gso.split(bytes(fragment), TCP_HDR._replace(gso_size=1000)) == Verdict.BAD_HEADER
+    assert split(bytes(fragment), TCP_HDR._replace(gso_size=1000)) == Refused.BAD_HEADER
 
 
 @given(super_packets(protocol=6, max_segments=1) | super_packets(protocol=17, max_segments=1))
@@ -171,10 +172,10 @@ def test_complete_checksum_finishes_a_partial_sum(case) -> None:
     pseudo = packet[12:20] + bytes([0, packet[9]]) + struct.pack("!H", len(packet) - ihl)
     partial = bytearray(packet)
     struct.pack_into("!H", partial, ihl + offset, ~slow_checksum(pseudo) & 0xFFFF)
-    [done] = gso.split(bytes(partial), vnet.VnetHdr(vnet.NEEDS_CSUM, 0, 0, 0, ihl, offset))
+    [done] = split(bytes(partial), vnet.VnetHdr(vnet.NEEDS_CSUM, 0, 0, 0, ihl, offset))
     assert_valid(done)
     assert done[:ihl + offset] == packet[:ihl + offset] and done[ihl + offset + 2:] == packet[ihl + offset + 2:]
-    assert gso.split(bytes(partial), vnet.VnetHdr(vnet.NEEDS_CSUM, 0, 0, 0, ihl, len(packet))) == Verdict.BAD_HEADER
+    assert split(bytes(partial), vnet.VnetHdr(vnet.NEEDS_CSUM, 0, 0, 0, ihl, len(packet))) == Refused.BAD_HEADER
 
 
 # -- coalesce -------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def resplit(units: list[bytes]) -> list[bytes]:
             assert (hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.csum_start, hdr.csum_offset) == (
                 vnet.NEEDS_CSUM, vnet.GSO_UDP_L4, 28, 20, 6)
             assert ihl == 20 and struct.unpack_from("!H", packet, 24)[0] == len(packet) - 20
-            assert -(-(len(packet) - 28) // hdr.gso_size) <= gso.UDP_MAX_ROWS
+            assert -(-(len(packet) - 28) // hdr.gso_size) <= UDP_MAX_SEGMENTS
             check_at = 26
         else:
             assert (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset) == (vnet.NEEDS_CSUM, vnet.GSO_TCPV4, ihl, 16)
@@ -205,7 +206,7 @@ def resplit(units: list[bytes]) -> list[bytes]:
         # the L4 checksum field holds the folded pseudo-header sum, as NEEDS_CSUM wants
         pseudo = packet[12:20] + bytes([0, proto]) + struct.pack("!H", len(packet) - ihl)
         assert struct.unpack_from("!H", packet, check_at)[0] % 0xFFFF == (~slow_checksum(pseudo) & 0xFFFF) % 0xFFFF
-        segments = gso.split(packet, hdr)
+        segments = split(packet, hdr)
         assert isinstance(segments, list) and len(segments) >= 2
         out.extend(segments)
     return out
@@ -213,7 +214,7 @@ def resplit(units: list[bytes]) -> list[bytes]:
 
 def merged_groups(packets: list[bytes]) -> list[int]:
     """How many packets each TUN write carries once ``packets`` are coalesced."""
-    return [len(resplit([u])) for u in gso.coalesce(packets)]
+    return [len(resplit([u])) for u in coalesce(packets)]
 
 
 def edited(segments: list[bytes], i: int, offset: int, value: int) -> list[bytes]:
@@ -232,8 +233,8 @@ def test_split_then_coalesce_gives_back_the_stream(case, data) -> None:
     """split → coalesce → the kernel's re-split is the same list of packets, so the byte stream is
     the original; flows with only ACK/ACK|PSH segments are merged, nothing else is."""
     packet, mss = case
-    segments = gso.split(packet, gso_hdr(packet, mss))
-    units = gso.coalesce(segments)
+    segments = split(packet, gso_hdr(packet, mss))
+    units = coalesce(segments)
     assert resplit(units) == segments
     hl = header_len(packet)
     flags = packet[(packet[0] & 0x0F) * 4 + 13]
@@ -247,14 +248,14 @@ def test_coalesce_merges_nothing_damaged(case, data) -> None:
     checksum no longer verifies, or a field no longer matches), so the kernel still sees it as it came."""
     packet, mss = case
     packet = _with_ihl5(packet)
-    segments = gso.split(packet, gso_hdr(packet, mss))
+    segments = split(packet, gso_hdr(packet, mss))
     assume(len(segments) > 1)
     victim = data.draw(st.integers(0, len(segments) - 1))
     spot = data.draw(st.integers(0, len(segments[victim]) - 1))
     damaged = bytearray(segments[victim])
     damaged[spot] ^= data.draw(st.integers(1, 255))
     segments[victim] = bytes(damaged)
-    assert resplit(gso.coalesce(segments)) == segments
+    assert resplit(coalesce(segments)) == segments
 
 
 @given(super_packets(protocol=17, max_segments=100), st.data())
@@ -264,12 +265,12 @@ def test_udp_split_then_coalesce_gives_back_the_datagrams(case, data) -> None:
     packet, mss = case
     if data.draw(st.booleans()):
         packet = _with_ihl5(packet)
-    segments = gso.split(packet, gso_hdr(packet, mss))
-    units = gso.coalesce(segments)
+    segments = split(packet, gso_hdr(packet, mss))
+    units = coalesce(segments)
     assert resplit(units) == segments
     if packet[0] == 0x45 and len(segments) > 1 and (28 + mss) % 2 == 0:
         assert len(units) < len(segments)
-    assert gso.coalesce(segments, udp=False) == [vnet.PLAIN + s for s in segments]  # no USO on the TUN
+    assert coalesce(segments, udp=False) == [vnet.PLAIN + s for s in segments]  # no USO on the TUN
 
 
 @given(super_packets(protocol=6, max_segments=48) | super_packets(protocol=17, max_segments=48), st.data())
@@ -280,7 +281,7 @@ def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, da
     duplicate would show as a difference here. And nothing of it is merged that was not contiguous."""
     packet, mss = case
     packet = _with_ihl5(packet)
-    segments = gso.split(packet, gso_hdr(packet, mss))
+    segments = split(packet, gso_hdr(packet, mss))
     assume(len(segments) > 2)
     batch = list(segments)
     for _ in range(data.draw(st.integers(1, 6))):
@@ -294,7 +295,7 @@ def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, da
             batch.append(batch.pop(i))
         elif action == "duplicate":
             batch.insert(i + 1, batch[i])
-    units = gso.coalesce(batch)
+    units = coalesce(batch)
     assert resplit(units) == batch
     at = 0
     for unit in units:
@@ -312,9 +313,9 @@ def test_udp_coalesce_rules_by_example() -> None:
     ip = bytearray(struct.pack("!BBHHHBBHII", 0x45, 0, 28 + len(payload), 0xFFFA, 0x4000, 63, 17, 0,
                                0x0A050102, 0x0A050202))
     struct.pack_into("!H", ip, 10, slow_header_checksum(ip))
-    segments = gso.split(bytes(ip) + udp + payload, vnet.VnetHdr(0, vnet.GSO_UDP_L4, 0, 1400, 0, 0))
+    segments = split(bytes(ip) + udp + payload, vnet.VnetHdr(0, vnet.GSO_UDP_L4, 0, 1400, 0, 0))
     assert len(segments) == 10 and len(segments[-1]) == 28 + 1100
-    [unit] = gso.coalesce(segments)
+    [unit] = coalesce(segments)
     assert resplit([unit]) == segments and vnet.parse(unit).gso_size == 1400
 
     assert merged_groups(edited(segments, 4, 8, 62)) == [4, 1, 5]  # TTL differs
@@ -335,7 +336,7 @@ def test_udp_coalesce_rules_by_example() -> None:
     assert merged_groups(segments[:4] + [bytes(bad)] + segments[5:]) == [4, 1, 5]  # UDP checksum
     assert merged_groups(segments[:9] + [segments[9]] * 2) == [10, 1]  # a short datagram ends a run
     # many small datagrams: at most 64 per write, however many fit in 64 KB
-    small = gso.split(_with_length(bytearray(ip), 28 + 100 * 64)[:20] + struct.pack("!HHHH", 1, 2, 8 + 6400, 0)
+    small = split(_with_length(bytearray(ip), 28 + 100 * 64)[:20] + struct.pack("!HHHH", 1, 2, 8 + 6400, 0)
                       + bytes(6400), vnet.VnetHdr(0, vnet.GSO_UDP_L4, 0, 64, 0, 0))
     assert merged_groups(small) == [64, 36]
 
@@ -365,9 +366,9 @@ def _example_flow(size: int, *, mss: int = 1420, flags: int = ACK | PSH) -> tupl
 def test_coalesce_rules_by_example() -> None:
     """The merge rules one at a time on a 10-segment flow (sequence and ID wrap inside it)."""
     packet, mss = _example_flow(14000)
-    segments = gso.split(packet, gso_hdr(packet, mss))
+    segments = split(packet, gso_hdr(packet, mss))
     assert len(segments) == 10
-    [unit] = gso.coalesce(segments)
+    [unit] = coalesce(segments)
     assert resplit([unit]) == segments and vnet.parse(unit).gso_size == mss
 
     assert merged_groups(edited(segments, 4, 8, 62)) == [4, 1, 5]  # TTL differs
@@ -406,7 +407,7 @@ def test_kernel_accepts_every_segment(lab, tmp_path: Path, cases) -> None:
     no header or checksum error (IpInHdrErrors, TcpInCsumErrors, UdpInCsumErrors: what nstat shows)."""
     ns = lab.add_node(len(lab.namespaces))  # a fresh namespace per example; the lab removes them all
     ns.ip("link", "set", "eth0", "down")  # nothing but the TUN may move these counters
-    segments = [s for packet, mss in cases for s in gso.split(packet, gso_hdr(packet, mss))]
+    segments = [s for packet, mss in cases for s in split(packet, gso_hdr(packet, mss))]
     path = tmp_path / "packets.bin"
     path.write_bytes(b"".join(len(s).to_bytes(4, "big") + s for s in segments))
     result = ns.run(sys.executable, str(TOOLS / "tuninject.py"), str(path), timeout=60)
@@ -430,8 +431,9 @@ def plan_table(batches: list[list[bytes]], split_after: list[int]) -> tuple[list
     for i, row in enumerate(rows):
         buf[i * seg:i * seg + len(row)] = row
     coalescer = gso.Coalescer(buf)
-    runs = coalescer.plan(seg, [sum(map(len, batch)) for batch in batches], split_after=split_after)
-    units = [b"".join(bytes(p) for p in coalescer.merge(a, b)) if b - a > 1 else vnet.PLAIN + rows[a]
+    plan = coalescer.plan(seg, [sum(map(len, batch)) for batch in batches], split_after=split_after)
+    runs = plan.runs
+    units = [b"".join(bytes(p) for p in plan.merge(a, b)) if b - a > 1 else vnet.PLAIN + rows[a]
              for a, b in runs]
     return runs, units
 
@@ -457,7 +459,7 @@ def test_one_pass_over_many_batches(batch_rows, seq, data) -> None:
         n = min(left, 40)
         packet = bytearray(_example_flow(n * mss, mss=mss, flags=ACK)[0])
         struct.pack_into("!I", packet, 24, (seq + len(segments) * mss) & 0xFFFFFFFF)
-        segments += gso.split(bytes(packet), gso_hdr(bytes(packet), mss))
+        segments += split(bytes(packet), gso_hdr(bytes(packet), mss))
         left -= n
     if data.draw(st.booleans()):  # a short last segment
         last = bytearray(segments[-1])
@@ -504,8 +506,8 @@ def test_one_cut_over_many_packets(cases) -> None:
     segmenter = gso.Segmenter(1024)  # grows as needed
     results = segmenter.cut(buf, items)
     for (packet, mss), (_, _, gso_type, _), result in zip(cases, items, results, strict=True):
-        alone = gso.split(packet, TCP_HDR._replace(gso_type=gso_type, gso_size=mss))
-        if isinstance(result, Verdict):
+        alone = split(packet, TCP_HDR._replace(gso_type=gso_type, gso_size=mss))
+        if isinstance(result, Refused):
             assert result == alone
         else:
             out = segmenter.out
@@ -552,7 +554,7 @@ def test_one_cut_over_a_stream(case, packets, data) -> None:
         at = at + len(burst) + mss + 7 & ~7
     segmenter = gso.Segmenter(1024)
     for burst, result in zip(bursts, segmenter.cut(buf, items), strict=True):
-        assert not isinstance(result, Verdict)
+        assert not isinstance(result, Refused)
         got = [bytes(segmenter.out[result.start + j * result.size:result.start + j * result.size
                                    + (result.size if j < result.count - 1 else result.last)])
                for j in range(result.count)]
@@ -580,7 +582,7 @@ def test_a_super_packet_cut_to_fit_a_narrower_path(case, largest) -> None:
         assert fitted == mss  # no room for a cut
         return
     assert (hl + fitted) % 4 == 0 and hl + fitted <= largest
-    segments = gso.split(packet, gso_hdr(packet, fitted))
+    segments = split(packet, gso_hdr(packet, fitted))
     assert segments == slow_split(packet, fitted)
     assert all(len(s) <= largest for s in segments)
     assert b"".join(s[hl:] for s in segments) == packet[hl:]
@@ -607,7 +609,7 @@ def test_a_plain_tcp_packet_is_cut_as_a_super_packet_of_one() -> None:
     assert len(packet) == 1472
     fitted = gso.fit_segment_size(packet, 0, 1472, vnet.GSO_TCPV4, 1472, 1372)
     assert fitted == 1320
-    assert [len(s) for s in gso.split(packet, gso_hdr(packet, fitted))] == [1372, 152]
+    assert [len(s) for s in split(packet, gso_hdr(packet, fitted))] == [1372, 152]
     assert gso.fit_segment_size(packet, 0, 1472, vnet.GSO_TCPV4, 1472, 1472) == 1472  # it fits
 
 

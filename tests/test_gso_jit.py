@@ -1,4 +1,4 @@
-"""tun.gso_jit: the compiled cut and GRO checks give exactly what tun.gso's numpy reference gives.
+"""tun.gso_jit: the compiled cut and GRO checks give exactly what tun.gso_numpy's reference gives.
 (Every test in test_gso.py also runs with both; these compare them directly, on inputs built to reach
 the numpy code's separate cases: several packets per cut, odd offsets, damaged GRO tables.)"""
 
@@ -9,15 +9,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require
+from tests.gso_helpers import split
 from tests.strategies import super_packets
 from tests.test_gso import _with_ihl5, gso_hdr
-from tun import gso, gso_jit
-from udpflannel.packet import Verdict
+from tun import gso, kernels
+from tun.layout import MAX_IP_PACKET
+from tun.segment import Refused
 
 
 @pytest.fixture(autouse=True, scope="module")
 def compiled() -> None:
-    require(gso_jit.load(), f"the compiled GSO loops need numba (CI must have it): {gso_jit.WHY_NOT}")
+    require(kernels.load(), f"the compiled GSO loops need numba (CI must have it): {kernels.why_not}")
 
 
 def _laid_out(packets: list[tuple[bytes, int]]) -> tuple[bytearray, list[tuple[int, int, int, int]]]:
@@ -46,7 +48,7 @@ def test_compiled_cut_is_the_numpy_cut(cases, one_flow) -> None:
     for jit in (True, False):
         segmenter = gso.Segmenter(len(buf) * 2, jit=jit)
         results = segmenter.cut(bytearray(buf), items)
-        got[jit] = [r if isinstance(r, Verdict) else (r, [bytes(segmenter.out[r.start + j * r.size:r.start + j * r.size
+        got[jit] = [r if isinstance(r, Refused) else (r, [bytes(segmenter.out[r.start + j * r.size:r.start + j * r.size
                     + (r.size if j < r.count - 1 else r.last)]) for j in range(r.count)]) for r in results]
     assert got[True] == got[False]
 
@@ -57,7 +59,7 @@ def test_compiled_checks_are_the_numpy_checks(case, data) -> None:
     """A GRO table with some rows damaged (a flipped byte, a missing row, a stranger's row): the
     compiled checks make the same plan as the numpy ones, run for run."""
     packet, mss = case
-    segments = gso.split(_with_ihl5(packet), gso_hdr(_with_ihl5(packet), mss))
+    segments = split(_with_ihl5(packet), gso_hdr(_with_ihl5(packet), mss))
     assume(len(segments) > 2)
     for _ in range(data.draw(st.integers(0, 3))):
         i = data.draw(st.integers(0, len(segments) - 1))
@@ -74,14 +76,15 @@ def test_compiled_checks_are_the_numpy_checks(case, data) -> None:
     assume(all(len(s) == seg for s in segments[:-1]) and len(segments[-1]) <= seg)
     table = bytearray(gso.BUFFER_SIZE)
     total = sum(len(s) for s in segments)
-    assume(total <= gso.MAX_IP_PACKET)
+    assume(total <= MAX_IP_PACKET)
     for i, s in enumerate(segments):
         table[i * seg:i * seg + len(s)] = s
     plans = {}
     for jit in (True, False):
         coalescer = gso.Coalescer(bytearray(table), udp=True, jit=jit)
-        plans[jit] = coalescer.plan(seg, [total])
-        plans[jit, "merged"] = [b"".join(bytes(x) for x in coalescer.merge(a, b)) for a, b in plans[jit] if b - a > 1]
+        plan = coalescer.plan(seg, [total])
+        plans[jit] = plan.runs
+        plans[jit, "merged"] = [b"".join(bytes(x) for x in plan.merge(a, b)) for a, b in plan.runs if b - a > 1]
     assert plans[True] == plans[False] and plans[True, "merged"] == plans[False, "merged"]
 
 
@@ -97,6 +100,6 @@ def test_compiled_cut_for_a_narrower_path_is_the_numpy_cut(cases, largest) -> No
     for jit in (True, False):
         segmenter = gso.Segmenter(len(buf) * 4, jit=jit)
         results = segmenter.cut(bytearray(buf), items)
-        got[jit] = [r if isinstance(r, Verdict) else (r, bytes(segmenter.out[r.start:r.start + (r.count - 1) * r.size + r.last]))
+        got[jit] = [r if isinstance(r, Refused) else (r, bytes(segmenter.out[r.start:r.start + (r.count - 1) * r.size + r.last]))
                     for r in results]
     assert got[True] == got[False]

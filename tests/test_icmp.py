@@ -192,3 +192,25 @@ def test_unusable_offenders() -> None:
         FLANNEL_OFFENDER[:2] + b"\x00\x13" + FLANNEL_OFFENDER[4:], 36
     )  # total < 20
     assert may_send_icmp_error(FLANNEL_OFFENDER, 36)
+
+
+def test_error_for_a_verdict_is_the_routers_answer() -> None:
+    from udpflannel.icmp import error_for
+    from udpflannel.packet import Verdict
+
+    offender = bytes(FLANNEL_OFFENDER)
+    assert error_for(Verdict.NO_ROUTE, offender, 36, src=TUN_ADDR) == net_unreachable(offender, 36, src=TUN_ADDR)
+    assert error_for(Verdict.TTL_EXPIRED, offender, 36, src=TUN_ADDR) == time_exceeded(offender, 36, src=TUN_ADDR)
+    assert error_for(Verdict.NO_ROUTE, offender, 36, src=TUN_ADDR) is not None
+    for quiet in set(Verdict) - {Verdict.NO_ROUTE, Verdict.TTL_EXPIRED}:
+        assert error_for(quiet, offender, 36, src=TUN_ADDR) is None
+
+
+def test_rate_limiter_allows_a_burst_then_the_rate() -> None:
+    from udpflannel.icmp import RateLimiter
+
+    limiter = RateLimiter(rate=10.0, burst=3.0)
+    assert [limiter.allow(now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert not limiter.allow(now=0.05)  # half a token
+    assert limiter.allow(now=0.1) and not limiter.allow(now=0.1)
+    assert [limiter.allow(now=100.0) for _ in range(4)] == [True, True, True, False]  # never more than the burst

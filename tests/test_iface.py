@@ -12,12 +12,12 @@ from udpflannel.lab.netns import Lab
 PROBE = """
 import json, sys
 from udpflannel.iface import select_interface
-from udpflannel.errors import UdpflannelError
+from udpflannel.errors import FAMILIES
 kw = json.loads(sys.argv[1])
 try:
     e = select_interface(kw.get("ifaces"), kw.get("regexes"), kw.get("can_reach"), kw.get("public_ip"))
     print(json.dumps([e.name, str(e.iface_addr), str(e.ext_addr), e.mtu]))
-except UdpflannelError as exc:
+except FAMILIES as exc:
     print(json.dumps(["error", type(exc).__name__, str(exc)]))
 """
 

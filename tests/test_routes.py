@@ -193,3 +193,22 @@ def test_replace_all_drops_old_routes_and_peers() -> None:
     assert not table.peer_known(B)
     table.replace_all([])
     assert len(table) == 0 and not table.peer_known(A)
+
+
+def test_peer_events_become_routes_and_flanneld_log_lines() -> None:
+    from lease.events import PeerAdded, PeerRemoved, Snapshot
+    from udpflannel.routes import follow
+
+    table = RouteTable()
+    line = follow(table, PeerAdded(net("10.5.1.0/24"), IPv4Address("192.168.0.1")), 8285)
+    assert line == "Subnet added: 10.5.1.0/24 via 192.168.0.1"
+    assert sorted(table.entries()) == [(net("10.5.1.0/24"), ("192.168.0.1", 8285))]
+    assert follow(table, PeerRemoved(net("10.5.1.0/24")), 8285) == "Subnet removed: 10.5.1.0/24"
+    assert list(table.entries()) == []
+    snapshot = Snapshot((PeerAdded(net("10.5.2.0/24"), IPv4Address("192.168.0.2")),
+                         PeerAdded(net("10.5.3.0/24"), IPv4Address("192.168.0.3"))))
+    assert follow(table, snapshot, 9000) == "Resync: 2 peers"
+    assert sorted(table.entries()) == [(net("10.5.2.0/24"), ("192.168.0.2", 9000)),
+                                       (net("10.5.3.0/24"), ("192.168.0.3", 9000))]
+    with pytest.raises(TypeError):
+        follow(table, "not an event", 8285)  # type: ignore[arg-type]

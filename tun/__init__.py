@@ -3,7 +3,7 @@
 Nothing outside this package touches a TUN ioctl or a virtio header.
 """
 
-from tun.configure import configure_tun, external_mtu
+from tun.configure import configure_tun
 from tun.device import TunDevice, open_tun
 
-__all__ = ["TunDevice", "open_tun", "configure_tun", "external_mtu"]
+__all__ = ["TunDevice", "open_tun", "configure_tun"]

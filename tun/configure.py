@@ -16,26 +16,17 @@ from ipaddress import IPv4Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from udpflannel.errors import SetupError
+from tun.errors import TunError
+from tun.layout import ENCAP_OVERHEAD
 
-ENCAP_OVERHEAD = 28  # outer IPv4 header (20) + UDP header (8)
+__all__ = ["ENCAP_OVERHEAD", "configure_tun", "readdress_tun"]
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise SetupError(f"interface {ifname!r} does not exist")
+        raise TunError(f"interface {ifname!r} does not exist")
     return found[0]
-
-
-def external_mtu(ifname: str) -> int:
-    """The MTU of the external (underlay) interface, read once at start-up like flanneld."""
-    with IPRoute() as ipr:
-        link = ipr.get_links(_index(ipr, ifname))[0]
-        mtu = link.get_attr("IFLA_MTU")
-    if not mtu:
-        raise SetupError(f"interface {ifname!r} has MTU 0")
-    return int(mtu)
 
 
 def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, mtu: int) -> None:
@@ -45,13 +36,13 @@ def configure_tun(ifname: str, lease_subnet: IPv4Network, network: IPv4Network, 
         try:
             ipr.addr("add", index=idx, address=str(lease_subnet.network_address), prefixlen=32)
         except NetlinkError as exc:
-            raise SetupError(f"cannot add {lease_subnet.network_address}/32 to {ifname}: {exc}") from exc
+            raise TunError(f"cannot add {lease_subnet.network_address}/32 to {ifname}: {exc}") from exc
         ipr.link("set", index=idx, mtu=mtu, state="up")
         try:
             ipr.route("add", dst=str(network), oif=idx, scope=0)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise SetupError(f"cannot add route {network} dev {ifname}: {exc}") from exc
+                raise TunError(f"cannot add route {network} dev {ifname}: {exc}") from exc
 
 
 def readdress_tun(ifname: str, old: IPv4Network, new: IPv4Network) -> None:
@@ -66,9 +57,9 @@ def readdress_tun(ifname: str, old: IPv4Network, new: IPv4Network) -> None:
             ipr.addr("add", index=idx, address=str(new.network_address), prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise SetupError(f"cannot add {new.network_address}/32 to {ifname}: {exc}") from exc
+                raise TunError(f"cannot add {new.network_address}/32 to {ifname}: {exc}") from exc
         try:
             ipr.addr("del", index=idx, address=str(old.network_address), prefixlen=32)
         except NetlinkError as exc:
             if exc.code != errno.EADDRNOTAVAIL:
-                raise SetupError(f"cannot remove {old.network_address}/32 from {ifname}: {exc}") from exc
+                raise TunError(f"cannot remove {old.network_address}/32 from {ifname}: {exc}") from exc

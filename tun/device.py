@@ -17,7 +17,7 @@ import os
 
 import pytun
 
-from udpflannel.errors import SetupError
+from tun.errors import TunError
 
 DEFAULT_NAME_PATTERN = "flannel%d"
 
@@ -55,7 +55,7 @@ def open_tun(name: str = DEFAULT_NAME_PATTERN, *, vnet_hdr: bool = False) -> Tun
     try:
         dev = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
-        raise SetupError(f"cannot create TUN device {name!r}: {exc} (is /dev/net/tun there, are you root?)") from exc
+        raise TunError(f"cannot create TUN device {name!r}: {exc} (is /dev/net/tun there, are you root?)") from exc
     fd = dev.fileno()
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
     return TunDevice(dev, vnet_hdr=vnet_hdr)

@@ -1,60 +1,68 @@
-"""The two hot loops of :mod:`tun.gso` as compiled loops (numba), used when numba is installed.
+"""The GSO cut and the GRO checks as compiled loops (numba): the kernels the fast path runs where numba
+is installed, with the signatures of :mod:`tun.gso_numpy`'s (:mod:`tun.kernels` picks one).
 
 Why: numpy does a cut or a GRO check in ~20 array calls, each a pass over 200 KB or over a strided
 column of headers, and in place (caches shared with the pods and the peer daemon) every pass costs
 2–5× what it costs in a loop. One compiled loop per batch touches each row once, while it is in L1:
-copy the payload, sum it, write the headers. The numpy code in :mod:`tun.gso` stays the reference and
-the fallback (``UDPFLANNEL_JIT=0``, or no numba wheel for this architecture); the tests run both and
-require the same bytes. Written as plain Python: :func:`load` compiles them, ``--no-fast-path`` never.
+copy the payload, sum it, write the headers. The numpy kernels stay the reference and the fallback
+(``UDPFLANNEL_JIT=0``, or no numba wheel for this architecture); the tests run both and require the
+same bytes. Importing this module imports numba and compiles the loops (or loads them from numba's
+on-disk cache): only :func:`tun.kernels.load` does, so a ``--no-fast-path`` daemon never pays for it.
 
 Sums are plain integers (int64: a 64 KB packet's words sum to < 2**32) folded with ``% 0xFFFF``, as in
-:mod:`tun.gso`. Payload bytes are summed as little-endian 32-bit words of the *array* (index ``4k``..),
-which gives Σ b[even index] + 256 · Σ b[odd index]; a run that starts at an even index is therefore
-256 × its big-endian (network order) sum mod 0xFFFF, one that starts at an odd index exactly it
-(256 · 256 ≡ 1). So any alignment works, and the array's own base address only affects speed.
+:mod:`tun.gso_numpy`. Payload bytes are summed as little-endian 32-bit words of the *array* (index
+``4k``..), which gives Σ b[even index] + 256 · Σ b[odd index]; a run that starts at an even index is
+therefore 256 × its big-endian (network order) sum mod 0xFFFF, one that starts at an odd index exactly
+it (256 · 256 ≡ 1). So any alignment works, and the array's own base address only affects speed.
 """
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
+from numba import int64
 
-ENV = "UDPFLANNEL_JIT"  # "0": run tun.gso's numpy code (for comparison, or to save numba's ~100 MB)
-WHY_NOT = ""  # why the loops are not compiled, once load() has said so
-cut = check = None  # the compiled loops, once load() has compiled them (or read them from the cache)
-int64 = int  # numba's int64 once loaded: the loops below widen bytes and words with it
-_TCP = 6
-_CWR = 0x80
+from tun.layout import CWR, PROTO_TCP, PROTO_UDP
 
+if TYPE_CHECKING:
+    from tun.segment import Packet
 
-def load() -> bool:
-    """Compile the loops, or load them from numba's on-disk cache (a daemon then starts in ~0.4 s
-    more instead of ~3 s); False, with :data:`WHY_NOT` set, if numba is missing or turned off.
-    Lazy, so a ``--no-fast-path`` daemon never imports numba."""
-    global cut, check, int64, WHY_NOT
-    if cut is not None or WHY_NOT:
-        return cut is not None
-    if os.environ.get(ENV, "1") == "0":
-        WHY_NOT = f"turned off by {ENV}=0"
-        return False
-    try:
-        import numba
-    except ImportError as exc:  # no wheel for this architecture: tun.gso's numpy code runs
-        WHY_NOT = f"numba is not installed ({exc})"
-        return False
-    # No bounds checks (offsets come from headers the callers have checked); numpy's error model
-    # (no ZeroDivisionError branches in the loops); helpers inlined into the loops (a cut of 3
-    # super-packets: 46 -> 40 us).
-    options = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
-    int64 = numba.int64
-    module = globals()
-    for name in ("_le_sum", "_be_sum", "_be_words", "_put16"):  # helpers first: the loops call them
-        module[name] = numba.njit(inline="always", **options)(module[name])
-    cut, check = numba.njit(**options)(_cut), numba.njit(**options)(_check)
-    return True
+# No bounds checks (offsets come from headers the callers have checked); numpy's error model (no
+# ZeroDivisionError branches in the loops); helpers inlined into the loops (a cut of 3 super-packets:
+# 46 -> 40 us); the machine code kept in numba's on-disk cache (a daemon then starts in ~0.4 s more
+# instead of ~3 s).
+_OPTIONS = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+_helper = numba.njit(inline="always", **_OPTIONS)
+_loop = numba.njit(**_OPTIONS)
+_TCP = PROTO_TCP
+_CWR = CWR
 
 
+def cut(src: bytearray, src8: np.ndarray, src32: np.ndarray, out: bytearray, out8: np.ndarray, at: int,
+        group: list[Packet]) -> None:
+    """:class:`tun.gso_numpy.Cutter`'s work as one compiled loop (:func:`_cut`): each row written once."""
+    first = group[0]
+    templates = np.frombuffer(b"".join([p.template for p in group]), np.uint8).reshape(len(group), first.hl)
+    packets = np.array([(p.at, p.count, p.last, p.ident, p.seq, p.flags) for p in group], np.int64)
+    _cut(src8, src32, out8, at, first.proto, first.ihl, first.hl, first.mss, templates, packets)
+
+
+def check(buf: bytearray, u8: np.ndarray, u32: np.ndarray, base: int, rows: int, seg: int, hl: int, proto: int,
+          short: dict[int, int], mask: np.ndarray, step: np.ndarray) -> tuple:
+    """:class:`tun.gso_numpy.Checker`'s work as one compiled loop over the rows (:func:`_check`)."""
+    lengths = np.full(rows, seg, np.int64)
+    for r, length in short.items():
+        lengths[r] = length
+    differ = np.zeros((rows - 1, 1), np.bool_)
+    bad = np.zeros((rows, 1), np.bool_)
+    psh = np.zeros(rows - 1, np.bool_)
+    _check(u8, u32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh)
+    return differ, bad, None if proto == PROTO_UDP else psh
+
+
+@_helper
 def _le_sum(b8, b32, p, n):
     """Bytes ``p .. p+n`` of ``b8`` (``b32`` is the same memory as words): Σ even-index bytes +
     256 · Σ odd-index bytes, not yet folded. Whole words from ``b32`` into four running sums (twice
@@ -82,12 +90,14 @@ def _le_sum(b8, b32, p, n):
     return s
 
 
+@_helper
 def _be_sum(b8, b32, p, n):
     """Bytes ``p .. p+n`` as big-endian 16-bit words (an odd tail zero-padded), mod 0xFFFF."""
     s = _le_sum(b8, b32, p, n) % 0xFFFF
     return s * 256 % 0xFFFF if p & 1 == 0 else s
 
 
+@_helper
 def _be_words(b8, p, n):
     """A header's big-endian 16-bit words, ``n`` even, summed (not folded): a few per row, so bytes."""
     s = 0
@@ -96,11 +106,13 @@ def _be_words(b8, p, n):
     return s
 
 
+@_helper
 def _put16(b8, p, v):
     b8[p] = v >> 8
     b8[p + 1] = v & 0xFF
 
 
+@_loop
 def _cut(src8, src32, out8, at, proto, ihl, hl, mss, templates, packets):
     """Cut super-packets into rows of ``hl + mss`` bytes from ``out8[at]``: per packet
     ``packets[i] = (offset in src, segments, payload of the last, IP ID, TCP sequence, TCP flags)``
@@ -147,6 +159,7 @@ def _cut(src8, src32, out8, at, proto, ihl, hl, mss, templates, packets):
     return row
 
 
+@_loop
 def _check(b8, b32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh):
     """GRO checks of a table of ``rows`` rows of ``seg`` bytes at ``base`` (IHL 5 headers), rows
     ``lengths[i]`` bytes long (= seg but for short last rows, which the caller vets apart):

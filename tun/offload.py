@@ -11,9 +11,9 @@ What we *write* may always carry GSO (the kernel segments it if it must): the fl
 
 ioctl numbers: ``_IOW('T', nr, unsigned int)`` packs direction, argument size, type and number into 32
 bits. On the generic layout (x86, arm, arm64, riscv, s390, loongarch) "write" is 1 in bits 30-31 and the
-size takes 14 bits: TUNSETOFFLOAD = 0x400454d0, TUNGETFEATURES (``_IOR``, read = 2) = 0x800454cf. Alpha,
-MIPS, PowerPC and SPARC use 3 direction bits with write = 4 and read = 2 and a 13-bit size, which gives
-0x800454d0 / 0x400454cf there; :func:`_ioc` computes the right one for the machine it runs on.
+size takes 14 bits: TUNSETOFFLOAD = 0x400454d0. Alpha, MIPS, PowerPC and SPARC use 3 direction bits with
+write = 4 (read = 2) and a 13-bit size, which gives 0x800454d0 there; :func:`_ioc` computes the right one
+for the machine it runs on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import platform
-import struct
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -49,25 +48,14 @@ def _ioc(direction: str, type_: str, nr: int, size: int) -> int:
 
 
 TUNSETOFFLOAD = _ioc("w", "T", 208, 4)
-TUNGETFEATURES = _ioc("r", "T", 207, 4)
 
 
 @dataclass(frozen=True)
 class TunOffloads:
     """What the kernel agreed to, probed once when the device is opened."""
 
-    vnet_hdr: bool = False  # IFF_VNET_HDR is set on the fd (every read/write carries the header)
-    csum: bool = False  # TUN_F_CSUM
     tso: bool = False  # TUN_F_TSO4 | TUN_F_TSO6 (Linux 2.6.27)
     uso: bool = False  # TUN_F_USO4 | TUN_F_USO6 (Linux 6.2)
-
-
-def supported_flags(fd: int) -> int:
-    """TUNGETFEATURES: the IFF_* flags this kernel's TUN driver accepts (0 if it cannot say)."""
-    try:
-        return struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
 
 
 def enable_offloads(fd: int, *, uso: bool = True) -> TunOffloads:
@@ -78,10 +66,10 @@ def enable_offloads(fd: int, *, uso: bool = True) -> TunOffloads:
         fcntl.ioctl(fd, TUNSETOFFLOAD, base)
     except OSError as exc:
         log.info("TUN offloads unavailable (TUNSETOFFLOAD: %s)", exc)
-        return TunOffloads(vnet_hdr=True)
+        return TunOffloads()
     if uso:
         try:
             fcntl.ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6)
         except OSError:
             uso = False
-    return TunOffloads(vnet_hdr=True, csum=True, tso=True, uso=uso)
+    return TunOffloads(tso=True, uso=uso)

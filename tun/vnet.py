@@ -15,6 +15,8 @@ Layout (``struct virtio_net_hdr`` in linux/virtio_net.h, 10 bytes, no padding)::
 Byte order: the u16 fields are in the *host's* byte order on TUN (the "legacy" virtio byte order;
 only TUNSETVNETBE/LE, which we never call, change it), hence ``=`` in the struct format — unlike
 every field *inside* the packet, which is big-endian. Sans-IO: no syscalls here.
+
+:func:`complete_checksum` finishes what ``NEEDS_CSUM`` leaves undone, for a packet not cut.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ the hot path takes the plain tuple and skips building a :class:`VnetHdr`."""
 def parse(buf, offset: int = 0) -> VnetHdr:
     """Decode the header at ``offset``; ``struct.error`` if fewer than 10 bytes are there."""
     return VnetHdr._make(_HDR.unpack_from(buf, offset))
+
+
+def complete_checksum(buf, n: int, csum_start: int, csum_offset: int) -> bool:
+    """Finish a ``NEEDS_CSUM`` packet in place: the field holds the pseudo-header sum; add the rest.
+
+    False (buffer untouched) if the offsets do not fit the packet. Every ACK the kernel routes into
+    the TUN arrives like this once checksum offload is on, so it must be cheap: one big-int fold.
+    """
+    at = csum_start + csum_offset
+    if csum_start < 20 or at + 2 > n:
+        return False
+    value = int.from_bytes(buf[csum_start:n], "big")
+    if (n - csum_start) & 1:
+        value <<= 8
+    check = 0xFFFF - value % 0xFFFF
+    buf[at] = check >> 8
+    buf[at + 1] = check & 0xFF
+    return True
 
 
 # The header of every packet written without offload: nothing to do, checksums already complete.

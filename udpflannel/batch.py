@@ -4,10 +4,10 @@ The rule that keeps the fast path honest: every packet gets exactly the verdict,
 the ICMP error ``udpflannel.forward`` would give it alone. Batching only changes how many packets one
 syscall moves, never what happens to a packet.
 
-- Outbound (in ``udpflannel.fastpath``, it is one call): a TSO/USO super-packet shares one IP header
-  among its segments, so ``forward.outbound`` on that header decides for all of them (and decrements
-  the TTL that every segment then copies). When it says no, the ICMP error quotes the first *segment*,
-  as it would have had the kernel segmented.
+- Outbound (in ``udpflannel.fastpath_out``, it is one call): a TSO/USO super-packet shares one IP
+  header among its segments, so ``forward.outbound`` on that header decides for all of them (and
+  decrements the TTL that every segment then copies). When it says no, the ICMP error quotes the
+  first *segment*, as it would have had the kernel segmented (:func:`first_segment`).
 - Inbound, received datagrams are cut into runs by :class:`tun.gso.Coalescer`: rows of a run match the
   first row in every header byte ``forward.inbound`` looks at, and each row's own length and
   checksums (IP and TCP/UDP) were checked, so the first row's verdict is every row's, and its
@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from itertools import accumulate
 
 from tun import vnet
-from tun.gso import Coalescer
+from tun.coalesce import Coalescer
+from tun.segment import Refused, Segmenter
 from udpflannel.forward import inbound
-from udpflannel.packet import Verdict
+from udpflannel.packet import FORWARD, Verdict
 from udpflannel.routes import NextHop, RouteTable
 
 
@@ -38,17 +39,27 @@ def inbound_batches(coalescer: Coalescer, base: int, seg: int, sizes: list[int],
     bounds = list(accumulate(-(-n // seg) for n in sizes))  # rows before the end of each batch
     plain = vnet.PLAIN
     batch = 0
-    for a, b in coalescer.plan(seg, sizes, base=base, split_after=split_after):
+    plan = coalescer.plan(seg, sizes, base=base, split_after=split_after)
+    for a, b in plan.runs:
         while a >= bounds[batch]:
             batch += 1
         peer = peers[batch]
         if b - a > 1:
-            head = coalescer.row(a)
+            head = plan.row(a)
             if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source,
-                       transport_checked=True) == Verdict.FORWARD:  # plan() checked every row's TCP/UDP checksum
-                yield Verdict.FORWARD, peer, b - a, coalescer.merge(a, b)
+                       transport_checked=True) == FORWARD:  # plan() checked every row's TCP/UDP checksum
+                yield FORWARD, peer, b - a, plan.merge(a, b)
                 continue
         for i in range(a, b):
-            row = coalescer.row(i)
+            row = plan.row(i)
             verdict = inbound(row, len(row), peer, routes, tun_mtu=tun_mtu, check_source=check_source)
-            yield verdict, peer, 1, ([plain, row] if verdict == Verdict.FORWARD else row)
+            yield verdict, peer, 1, ([plain, row] if verdict == FORWARD else row)
+
+
+def first_segment(segmenter: Segmenter, buf: bytearray, p: int, n: int, gso_type: int, gso_size: int) -> bytes:
+    """What an ICMP error about a refused super-packet (``n`` bytes at ``p`` in ``buf``) quotes: its
+    first segment, or itself if it cannot be cut. Uses ``segmenter``'s output."""
+    [cut] = segmenter.cut(buf, [(p, n, gso_type, gso_size)])
+    if isinstance(cut, Refused):
+        return bytes(buf[p:p + n])
+    return bytes(segmenter.out_mv[cut.start:cut.start + (cut.size if cut.count > 1 else cut.last)])

@@ -4,7 +4,7 @@
     udpflannel demo         a local multi-node cluster in network namespaces on an embedded etcd
     udpflannel status       what a running daemon holds: lease, peers, counters
 
-Errors map to exit codes by class (``UdpflannelError.exit_code``): 2 for bad configuration, 1 for
+Errors map to exit codes by class (``exit_code`` of each family in ``udpflannel.errors.FAMILIES``): 2 for bad configuration, 1 for
 set-up failures, 0 after a clean stop on SIGTERM/SIGINT.
 """
 
@@ -20,7 +20,7 @@ import uvloop
 
 from udpflannel import __version__
 from udpflannel.engine import DEFAULT_BUDGET
-from udpflannel.errors import UdpflannelError
+from udpflannel.errors import FAMILIES
 from udpflannel.features import OFFLOADS
 
 log = logging.getLogger("udpflannel")
@@ -92,14 +92,14 @@ async def run_static(args: argparse.Namespace) -> int:
     closers = []
     try:
         for route in routes:
-            node.dataplane.apply(route)
+            node.follow(route)
             log.info("route %s via %s:%d", route.subnet, route.public_ip, args.port)
-        node.dataplane.attach()
+        node.attach()
         if args.control_socket:
-            from udpflannel.nodeapi import NodeApi
+            from udpflannel.nodeapi import NodeApi, StaticState
 
-            api = NodeApi(node=lambda: node, ready=lambda: True, network=lambda: str(network),
-                          lease=lambda: {"subnet": str(subnet), "public_ip": str(iface.ext_addr), "static": True})
+            api = NodeApi(StaticState(node, {"subnet": str(subnet), "public_ip": str(iface.ext_addr), "static": True},
+                                      str(network)))
             await api.http.serve_unix(args.control_socket)
             closers.append(api.http.close)
         if args.subnet_file:
@@ -108,7 +108,7 @@ async def run_static(args: argparse.Namespace) -> int:
             write_subnet_env(args.subnet_file, format_subnet_env(network=network, subnet=subnet, mtu=node.tun_mtu, ip_masq=args.ip_masq))
         log.info("static dataplane running on %s (%d routes)", node.tun.name, len(routes))
         sig = await wait_for_stop_signal()
-        log.info("signal %d: stopping; counters %s", sig, json.dumps(node.dataplane.counters.as_dict()))
+        log.info("signal %d: stopping; counters %s", sig, json.dumps(node.counters.as_dict()))
     finally:
         for close in closers:
             await close()
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "status":
             return status_main(argv[1:])
         return run_daemon(argv)
-    except UdpflannelError as exc:
+    except FAMILIES as exc:
         log.error("%s", exc)
         print(f"udpflannel: {exc}", file=sys.stderr)
         return exc.exit_code

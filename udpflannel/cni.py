@@ -22,9 +22,8 @@ import sys
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from lease.subnetenv import parse_env
+from lease.subnetenv import DEFAULT_SUBNET_FILE, parse_env
 
-DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_DATA_DIR = "/var/lib/cni/flannel"
 SUPPORTED_VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0"]
 

@@ -18,14 +18,14 @@ from argparse import Namespace
 from functools import partial
 from ipaddress import IPv4Network
 
+from lease.events import LeaseAcquired, LeaseLost
 from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
-from tun.configure import readdress_tun
 from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
-from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
+from udpflannel.flags import etcd_options
 from udpflannel.iface import select_interface
-from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
+from udpflannel.node import Node, bring_up, wait_for_stop_signal
 from udpflannel.nodeapi import NodeApi
 from udpflannel.resync import Kept, keep
 from udpflannel.traffic import TrafficRules
@@ -39,22 +39,24 @@ class Daemon:
     def __init__(self, args: Namespace) -> None:
         self.args = args
         self.ready = False
-        self.node: NodeDataplane | None = None
+        self.node: Node | None = None
         self.manager: SubnetManager | None = None
         self.lease = None
         self.config = None
         self.traffic: TrafficRules | None = None
         self.kept: list[Kept] = []  # what the resync keeps in place (rules, blackhole route)
         self._resync_lock = asyncio.Lock()
-        self.api = NodeApi(node=lambda: self.node, ready=lambda: self.ready, lease=self._lease_info,
-                           network=lambda: str(self.config.network) if self.config else None, gauges=self._lease_gauges)
+        self.api = NodeApi(self)
 
-    # -- HTTP views -----------------------------------------------------------------------------------
-    def _lease_gauges(self) -> dict[str, float]:
+    # -- what the HTTP views show (udpflannel.nodeapi.NodeState) ----------------------------------------
+    def gauges(self) -> dict[str, float]:
         expires = self.manager.expires_at_unix if self.manager else None
         return {"lease_expiry_timestamp_seconds": float(expires)} if expires else {}
 
-    def _lease_info(self) -> dict | None:
+    def network_name(self) -> str | None:
+        return str(self.config.network) if self.config else None
+
+    def lease_info(self) -> dict | None:
         lease = self.lease
         if lease is None:
             return None
@@ -91,9 +93,8 @@ class Daemon:
             iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
             log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
             self.manager = SubnetManager(
-                endpoints=a.etcd_endpoints, prefix=a.etcd_prefix, keyfile=a.etcd_keyfile or None, certfile=a.etcd_certfile or None,
-                cafile=a.etcd_cafile or None, username=a.etcd_username or None, password=a.etcd_password or None,
-                public_ip=iface.ext_addr, previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
+                etcd_options(a), a.etcd_prefix, public_ip=iface.ext_addr,
+                previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
             )
             startup = asyncio.ensure_future(self._start(iface))
             done, _ = await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,7 +126,7 @@ class Daemon:
             budget=self.args.budget, check_source=not self.args.accept_any_inner_source, trace=self.args.trace,
             fast_path=not self.args.no_fast_path, disabled_offloads=self.args.disable_offloads,
         )
-        self.node.dataplane.attach()
+        self.node.attach()
         await asyncio.to_thread(self._set_up_traffic)
         self._write_subnet_env()
         self.ready = True
@@ -156,13 +157,13 @@ class Daemon:
     async def _follow_events(self) -> None:
         assert self.manager is not None and self.node is not None
         async for event in self.manager.events():
-            if isinstance(event, LeaseAcquired):
-                await self._own_lease(event)
-            elif isinstance(event, LeaseLost):
-                log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", event.subnet, event.reason)
-            else:
-                self.node.dataplane.apply(event)
-                log.info("%s", describe_event(event))
+            match event:
+                case LeaseAcquired():
+                    await self._own_lease(event)
+                case LeaseLost(subnet, reason):
+                    log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", subnet, reason)
+                case _:  # a peer event
+                    log.info("%s", self.node.follow(event))
 
     async def _own_lease(self, event: LeaseAcquired) -> None:
         """Re-acquired after a loss: usually the same subnet; if not, move flannel0 and subnet.env."""
@@ -173,9 +174,7 @@ class Daemon:
             return
         old, new = self.node.subnet, IPv4Network(event.subnet)
         async with self._resync_lock:  # the resync must not restore the old subnet's rules meanwhile
-            await asyncio.to_thread(readdress_tun, self.node.tun.name, old, new)
-            self.node.subnet = new
-            self.node.dataplane.tun_address = int(new.network_address)
+            await asyncio.to_thread(self.node.move_to, new)
             if self.args.ip_blackhole_route:
                 try:
                     await asyncio.to_thread(remove_blackhole, old)
@@ -194,7 +193,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.node is not None:
-            log.info("stopping; counters %s", json.dumps(self.node.dataplane.counters.as_dict()))
+            log.info("stopping; counters %s", json.dumps(self.node.counters.as_dict()))
             self.node.close()
         if self.manager is not None:
             if self.args.release_lease_on_exit and self.lease is not None:
@@ -204,13 +203,3 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.manager.close(), 1.0)
         await self.api.http.close()
-
-
-
-def describe_event(event: ControlEvent) -> str:
-    """flanneld's log wording, so operators can grep for the same lines."""
-    if isinstance(event, PeerAdded):
-        return f"Subnet added: {event.subnet} via {event.public_ip}"
-    if isinstance(event, PeerRemoved):
-        return f"Subnet removed: {event.subnet}"
-    return f"Resync: {len(event.peers)} peers"  # Snapshot

@@ -1,43 +1,28 @@
-"""One exception family. Messages tell the user what to do; the CLI maps classes to exit codes.
+"""The error families and their exit codes. Messages tell the user what to do; the CLI maps every
+family to ``exit_code`` (2 for bad configuration, 1 for the rest).
 
+The leaves own their errors (``lease.errors``, ``tun.errors``); this module adds the node's own and
+re-exports the control plane's, so the rest of ``udpflannel`` has one place to import them from.
 Bad *packets* never raise: the sans-IO core returns a verdict instead (see ``udpflannel.packet``).
-Exceptions are for configuration, set-up and control-plane failures.
 """
 
 from __future__ import annotations
 
+from lease.errors import ConfigError, ControlPlaneError, EtcdUnavailable, LeaseError, OutOfSubnets
+from tun.errors import TunError
+
+__all__ = ["ConfigError", "ControlPlaneError", "EtcdUnavailable", "LeaseError", "OutOfSubnets", "SetupError",
+           "TunError", "UdpflannelError", "FAMILIES"]
+
 
 class UdpflannelError(Exception):
-    """Base class; ``exit_code`` is what the CLI exits with when this error ends the process."""
+    """Base class of the node's own errors; ``exit_code`` as for every family."""
 
     exit_code = 1
-
-
-class ConfigError(UdpflannelError):
-    """A configuration value is wrong. ``field`` names it (a JSON key or a command-line flag)."""
-
-    exit_code = 2
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class SetupError(UdpflannelError):
     """The node cannot be set up (no interface, TUN creation failed, port in use...)."""
 
 
-class LeaseError(UdpflannelError):
-    """The subnet lease could not be acquired or kept."""
-
-
-class OutOfSubnets(LeaseError):
-    """Every subnet between SubnetMin and SubnetMax is leased."""
-
-    def __init__(self, detail: str = "") -> None:
-        super().__init__("out of subnets" + (f": {detail}" if detail else ""))
-
-
-class EtcdUnavailable(UdpflannelError):
-    """etcd did not answer; the dataplane keeps forwarding with the routes it has."""
+FAMILIES = (UdpflannelError, ConfigError, ControlPlaneError, TunError)  # what the CLI turns into exit codes

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 
+from lease.options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EtcdOptions
+from lease.subnetenv import DEFAULT_SUBNET_FILE
 from udpflannel import __version__
 from udpflannel.errors import ConfigError
 
-DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
-DEFAULT_PREFIX = "/coreos.com/network"
-DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 DEFAULT_CONTROL_SOCKET = "/run/flannel/udpflannel.sock"
 
 
@@ -36,7 +35,7 @@ def daemon_parser() -> argparse.ArgumentParser:
         "Subcommands: 'udpflannel static --help', 'udpflannel status', 'udpflannel demo'.",
     )
     etcd = p.add_argument_group("etcd")
-    etcd.add_argument("--etcd-endpoints", default=DEFAULT_ENDPOINTS, help="a comma-delimited list of etcd endpoints (default %(default)s)")
+    etcd.add_argument("--etcd-endpoints", default=",".join(DEFAULT_ENDPOINTS), help="a comma-delimited list of etcd endpoints (default %(default)s)")
     etcd.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help="etcd prefix (default %(default)s)")
     etcd.add_argument("--etcd-keyfile", default="", help="SSL key file used to secure etcd communication")
     etcd.add_argument("--etcd-certfile", default="", help="SSL certification file used to secure etcd communication")
@@ -121,3 +120,10 @@ def parse_daemon_args(argv: list[str], environ: dict[str, str] | None = None,
     if bool(args.etcd_keyfile) != bool(args.etcd_certfile):
         raise ConfigError("--etcd-keyfile", "TLS needs both --etcd-keyfile and --etcd-certfile")
     return args
+
+
+def etcd_options(args: argparse.Namespace) -> EtcdOptions:
+    """The ``--etcd-*`` flags as the lease manager takes them (an empty flag is not given)."""
+    return EtcdOptions(endpoints=args.etcd_endpoints, keyfile=args.etcd_keyfile or None,
+                       certfile=args.etcd_certfile or None, cafile=args.etcd_cafile or None,
+                       username=args.etcd_username or None, password=args.etcd_password or None)

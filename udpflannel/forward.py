@@ -10,6 +10,12 @@ only ``Verdict.FORWARD`` leaves the buffer modified (TTL − 1, header checksum 
 from __future__ import annotations
 
 from udpflannel.packet import (
+    BAD_CHECKSUM,
+    FORWARD,
+    NO_ROUTE,
+    OVERSIZE,
+    TTL_EXPIRED,
+    UNKNOWN_PEER,
     Verdict,
     check_ipv4,
     check_ipv4_checksum,
@@ -19,13 +25,6 @@ from udpflannel.packet import (
     src_u32,
 )
 from udpflannel.routes import NextHop, RouteTable
-
-FORWARD = Verdict.FORWARD
-NO_ROUTE = Verdict.NO_ROUTE
-TTL_EXPIRED = Verdict.TTL_EXPIRED
-OVERSIZE = Verdict.OVERSIZE
-BAD_CHECKSUM = Verdict.BAD_CHECKSUM
-UNKNOWN_PEER = Verdict.UNKNOWN_PEER
 
 
 def outbound(buf: bytearray, n: int, routes: RouteTable) -> tuple[Verdict, NextHop | None]:

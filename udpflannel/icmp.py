@@ -4,6 +4,9 @@ flannel sends only net-unreachable, suppresses it for every ICMP offender (echo 
 rejects 60-byte headers by an off-by-one and quotes ``ihl*4 + 8`` bytes even from shorter packets,
 leaking stale buffer bytes (§7.7). Here the RFC 792 / RFC 1812 §4.3.2.7 rules decide, and the quote
 never reaches past the valid bytes or the offender's total length.
+
+The policy is here too, as pure functions with the time passed in (``now=``): which error a verdict
+earns (:func:`error_for`), and how many the node may send (:class:`RateLimiter`). The engine only sends.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import struct
 
 from udpflannel.packet import (
     IPV4_MIN_HEADER,
+    NO_ROUTE,
     PROTO_ICMP,
+    TTL_EXPIRED,
+    Verdict,
     dst_u32,
     internet_checksum,
     ipv4_header_checksum,
@@ -140,3 +146,31 @@ def frag_needed(offender, n: int, *, src: int, mtu: int, ttl: int = DEFAULT_TTL)
         ttl=ttl,
         next_hop_mtu=mtu,
     )
+
+
+def error_for(verdict: Verdict, offender, n: int, *, src: int) -> bytes | None:
+    """The error a router sends about a packet it drops with ``verdict``: net unreachable for no
+    route, time exceeded for an expired TTL; None for the rest (malformed packets, strangers' datagrams:
+    nobody to tell) and where RFC 1812 forbids one. Frag-needed needs the path's MTU: :func:`frag_needed`."""
+    if verdict == NO_ROUTE:
+        return net_unreachable(offender, n, src=src)
+    if verdict == TTL_EXPIRED:
+        return time_exceeded(offender, n, src=src)
+    return None
+
+
+class RateLimiter:
+    """Token bucket for the ICMP errors we originate (the kernel limits its own the same way): ``rate``
+    per second, ``burst`` at once. Time comes in as ``now`` (any monotonic clock, in seconds)."""
+
+    def __init__(self, rate: float = 1000.0, burst: float = 50.0) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = burst, 0.0
+
+    def allow(self, *, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

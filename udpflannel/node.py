@@ -1,4 +1,5 @@
-"""Bringing one node's dataplane up and down: TUN, sockets, engine. Shared by the daemon and static mode.
+"""One node's dataplane: bring it up and down (TUN, sockets, engine), and the one place where the control
+plane's peer events reach the engine's routes. Shared by the daemon and static mode.
 
 Order as flanneld's ``RegisterNetwork``: create and configure the TUN, then bind the UDP socket (a bind
 failure is fatal). Closing the TUN fd removes the device and its route, as with flannel.
@@ -17,34 +18,71 @@ import signal
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
+from lease.events import PeerEvent
 from tun import TunDevice, configure_tun
-from tun.configure import ENCAP_OVERHEAD
-from udpflannel.engine import DEFAULT_BUDGET, Dataplane
-from udpflannel.fastpath import FastDataplane, open_tun_for, probe_features
+from tun.configure import readdress_tun
+from tun.errors import TunError
+from tun.layout import ENCAP_OVERHEAD
+from udpflannel.counters import Counters
+from udpflannel.engine import DEFAULT_BUDGET, Engine
+from udpflannel.errors import SetupError
 from udpflannel.iface import ExternalInterface
+from udpflannel.probe import open_tun_for, probe_features
+from udpflannel.routes import follow
 from udpflannel.sockets import open_icmp_socket, open_udp_socket
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class NodeDataplane:
-    """Everything that owns a file descriptor on this node, closed together."""
+class Node:
+    """Everything that owns a file descriptor on this node, closed together, and its engine."""
 
     iface: ExternalInterface
     subnet: IPv4Network
     network: IPv4Network
     port: int
     tun: TunDevice
-    dataplane: Dataplane
+    engine: Engine
     closers: list = field(default_factory=list)
 
     @property
     def tun_mtu(self) -> int:
-        return self.dataplane.tun_mtu
+        return self.engine.tun_mtu
+
+    @property
+    def counters(self) -> Counters:
+        return self.engine.counters
+
+    def attach(self) -> None:
+        """Start moving packets (in the running event loop)."""
+        self.engine.attach()
+
+    def follow(self, event: PeerEvent) -> str:
+        """Apply a peer event to the routes (safe while traffic flows: same thread); returns the log
+        line, in flanneld's words so operators can grep for the same lines."""
+        return follow(self.engine.routes, event, self.port)
+
+    def move_to(self, subnet: IPv4Network) -> None:
+        """Our lease moved: readdress flannel0 and answer (ICMP) from the new address. Netlink: call
+        through ``asyncio.to_thread``."""
+        try:
+            readdress_tun(self.tun.name, self.subnet, subnet)
+        except TunError as exc:
+            raise SetupError(str(exc)) from exc
+        self.subnet = subnet
+        self.engine.tun_address = int(subnet.network_address)
+
+    def peers(self) -> list[tuple[IPv4Network, tuple[str, int], int, int | None]]:
+        """Each route: subnet, next hop, datagrams accepted from it, and the path MTU to it where
+        narrower than the interface (as last read from the kernel; None: full size)."""
+        engine = self.engine
+        limits, rx = engine.path_mtus.limits, engine.peer_rx
+        return [(subnet, hop, rx.get(hop, 0), None if hop not in limits else limits[hop] + ENCAP_OVERHEAD)
+                for subnet, hop in sorted(engine.routes.entries())]
 
     def close(self) -> None:
-        self.dataplane.detach()
+        self.engine.detach()
         for close in reversed(self.closers):
             with contextlib.suppress(OSError):
                 close()
@@ -62,11 +100,11 @@ def bring_up(
     trace: bool = False,
     fast_path: bool = True,
     disabled_offloads: frozenset[str] = frozenset(),
-) -> NodeDataplane:
+) -> Node:
     """Create flannel0 for ``subnet``, bind ``iface_addr:port``, and build (not yet attach) the engine.
 
     ``fast_path``: use TUN offloads and UDP GSO/GRO where the kernel has them (``udpflannel.fastpath``),
-    except those named in ``disabled_offloads`` (``fastpath.OFFLOADS``).
+    except those named in ``disabled_offloads`` (``features.OFFLOADS``).
     """
     tun_mtu = iface.mtu - ENCAP_OVERHEAD
     closers = []
@@ -78,20 +116,17 @@ def bring_up(
         closers.append(udp.close)
         icmp_sock = open_icmp_socket()
         closers.append(icmp_sock.close)
-    except BaseException:
+    except BaseException as exc:
         for close in reversed(closers):
             close()
+        if isinstance(exc, TunError):  # the TUN layer's error, as the node's set-up failure
+            raise SetupError(str(exc)) from exc
         raise
-    common = dict(
-        tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
-        port=port, budget=budget, check_source=check_source, trace=trace,
-    )
-    if tun.vnet_hdr:
-        dataplane: Dataplane = FastDataplane(features=probe_features(tun_offloads, udp, disabled_offloads), **common)
-    else:
-        dataplane = Dataplane(**common)
+    features = probe_features(tun_offloads, udp, disabled_offloads) if tun.vnet_hdr else None  # None: per packet
+    engine = Engine(tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
+                    budget=budget, check_source=check_source, trace=trace, features=features)
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
-    return NodeDataplane(iface=iface, subnet=subnet, network=network, port=port, tun=tun, dataplane=dataplane, closers=closers)
+    return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=engine, closers=closers)
 
 
 async def wait_for_stop_signal() -> int:

@@ -34,9 +34,9 @@ went up (if the path is still narrow, the next full-size datagrams teach the ker
 
 from __future__ import annotations
 
+from tun.layout import ENCAP_OVERHEAD  # path MTU − 28 is the largest inner packet
 from udpflannel.routes import NextHop
 
-ENCAP_OVERHEAD = 28  # outer IPv4 header + UDP header: path MTU − 28 is the largest inner packet
 SMALLEST_INNER = 68  # RFC 791: every IPv4 module takes 68 bytes; no path is believed narrower
 RECHECK_MIN = 1.0  # seconds between two readings of one peer's path MTU, at least...
 RECHECK_MAX = 60.0  # ...and at most: a flushed route cache (``ip route flush cache``) shows within a minute

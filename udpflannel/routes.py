@@ -14,26 +14,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
-from udpflannel.packet import Verdict
+from lease.events import PeerAdded, PeerEvent, PeerRemoved, Snapshot
+from udpflannel.packet import FORWARD, SPOOFED_SOURCE, UNKNOWN_PEER, Verdict
 
 NextHop = tuple[str, int]
-
-# Members as module globals: ``Verdict.X`` costs ~90 ns per access on CPython 3.11.
-_FORWARD = Verdict.FORWARD
-_UNKNOWN_PEER = Verdict.UNKNOWN_PEER
-_SPOOFED_SOURCE = Verdict.SPOOFED_SOURCE
 
 # (mask, {masked network: next hop}), longest prefix first: what lookup iterates.
 _Level = tuple[int, dict[int, NextHop]]
 
 
 def normalize_next_hop(next_hop: tuple[object, int]) -> NextHop:
-    """``(ip, port)`` with the IP in the dotted form ``recvfrom`` reports, so lookups compare equal."""
+    """``(ip, port)`` with the IP in the dotted form ``recvfrom`` reports, so lookups compare equal.
+    The control plane hands over an ``IPv4Address``, formatted here once; anything else is parsed."""
     host, port = next_hop
     port = int(port)
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"next hop port out of range: {port}")
-    return (str(IPv4Address(host)), port)
+    return (str(host if isinstance(host, IPv4Address) else IPv4Address(host)), port)
 
 
 def _mask(prefixlen: int) -> int:
@@ -133,11 +130,11 @@ class RouteTable:
         """
         groups = self._by_peer.get(peer_addr)
         if groups is None:
-            return _UNKNOWN_PEER
+            return UNKNOWN_PEER
         for mask, members in groups.items():
             if inner_src & mask in members:
-                return _FORWARD
-        return _SPOOFED_SOURCE
+                return FORWARD
+        return SPOOFED_SOURCE
 
     def peer_known(self, peer_addr: tuple[str, int]) -> bool:
         """Whether some route leads to ``peer_addr`` (address and port)."""
@@ -161,3 +158,20 @@ class RouteTable:
 
     def __repr__(self) -> str:
         return f"RouteTable({self.entries()!r})"
+
+
+def follow(routes: RouteTable, event: PeerEvent, port: int) -> str:
+    """Apply a peer event from the control plane to ``routes`` (every peer listens on ``port``); returns
+    the log line, in flanneld's words so operators can grep for the same lines. The one place that
+    turns events into routes."""
+    match event:
+        case PeerAdded(subnet, public_ip):
+            routes.set(subnet, (public_ip, port))
+            return f"Subnet added: {subnet} via {public_ip}"
+        case PeerRemoved(subnet):
+            routes.delete(subnet)
+            return f"Subnet removed: {subnet}"
+        case Snapshot(peers):
+            routes.replace_all((p.subnet, (p.public_ip, port)) for p in peers)
+            return f"Resync: {len(peers)} peers"
+    raise TypeError(f"not a peer event: {event!r}")

@@ -14,6 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from tun.layout import MAX_IP_PACKET, UDP_HEADERS
 from udpflannel.errors import SetupError
 
 # Linux socket options missing from Python 3.11's socket module (asm-generic/socket.h, the same on
@@ -58,8 +59,7 @@ def open_udp_socket(address: str, port: int, *, buffer: int = SOCKET_BUFFER) -> 
 SOL_UDP = 17
 UDP_SEGMENT = 103  # send: one sendmsg of N×size bytes leaves as N datagrams (Linux 4.18)
 UDP_GRO = 104  # receive: back-to-back datagrams of one flow arrive as one buffer + their size (Linux 5.0)
-UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (128 since Linux 6.x; 64 is safe everywhere)
-UDP_MAX_PAYLOAD = 65507  # one send is one IP packet before segmentation: 65535 − 20 − 8
+UDP_MAX_PAYLOAD = MAX_IP_PACKET - UDP_HEADERS  # one send is one IP packet before segmentation: 65,507
 
 
 @dataclass(frozen=True)

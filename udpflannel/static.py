@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address, IPv4Network
 
+from lease.events import PeerAdded
 from udpflannel.errors import ConfigError
-from udpflannel.events import PeerAdded
 
 log = logging.getLogger(__name__)
 

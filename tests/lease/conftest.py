@@ -13,6 +13,7 @@ import aetcd
 import pytest
 
 from lease.manager import SubnetManager
+from lease.options import EtcdOptions
 from tests.conftest import require
 from udpflannel.errors import SetupError
 from udpflannel.lab.etcd import EtcdServer, find_binary
@@ -66,8 +67,8 @@ async def managers(etcd, prefix):
     made: list[SubnetManager] = []
 
     def make(public_ip: str = "192.168.1.10", **kwargs) -> SubnetManager:
-        kwargs.setdefault("request_timeout", 2.0)
-        m = SubnetManager(kwargs.pop("endpoints", etcd.endpoint), prefix, public_ip=public_ip, **kwargs)
+        options = EtcdOptions(kwargs.pop("endpoints", etcd.endpoint), timeout=kwargs.pop("request_timeout", 2.0))
+        m = SubnetManager(options, prefix, public_ip=public_ip, **kwargs)
         made.append(m)
         return m
 

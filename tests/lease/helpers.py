@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Network
 
+from lease.events import ControlEvent, Snapshot
 from lease.manager import Lease, SubnetManager
 from lease.records import make_subnet_key
-from udpflannel.events import ControlEvent, Snapshot
 
 NETWORK_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
 ME = "192.168.1.10"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lease.etcd import Backoff, Endpoint, EtcdSession, parse_endpoints
+from lease.options import EtcdOptions
 from udpflannel.errors import ConfigError
 
 
@@ -29,19 +30,19 @@ def test_key_and_cert_go_together(tmp_path):
     key = tmp_path / "k.pem"
     key.write_text("x")
     with pytest.raises(ConfigError) as info:
-        EtcdSession("https://127.0.0.1:2379", keyfile=str(key))
+        EtcdSession(EtcdOptions("https://127.0.0.1:2379", keyfile=str(key)))
     assert info.value.field == "etcd-certfile"
 
 
 def test_unreadable_tls_file_names_its_flag(tmp_path):
     with pytest.raises(ConfigError) as info:
-        EtcdSession("https://127.0.0.1:2379", cafile=str(tmp_path / "missing-ca.pem"))
+        EtcdSession(EtcdOptions("https://127.0.0.1:2379", cafile=str(tmp_path / "missing-ca.pem")))
     assert info.value.field == "etcd-cafile"
 
 
 def test_username_and_password_go_together():
     with pytest.raises(ConfigError) as info:
-        EtcdSession("http://127.0.0.1:2379", username="flannel")
+        EtcdSession(EtcdOptions("http://127.0.0.1:2379", username="flannel"))
     assert info.value.field == "etcd-password"
 
 

@@ -7,9 +7,9 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from lease.config import parse_network_config
+from lease.events import LeaseAcquired, LeaseLost
 from lease.lifecycle import RENEW, TRANSITIONS, Input, Lease, LeaseLifecycle, State
 from udpflannel.errors import LeaseError
-from udpflannel.events import LeaseAcquired, LeaseLost
 
 SUBNET = IPv4Network("10.5.35.0/24")
 IP = IPv4Address("192.168.1.10")

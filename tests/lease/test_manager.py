@@ -10,6 +10,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from lease.events import LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from lease.lifecycle import State
 from lease.records import encode_lease_value, make_subnet_key
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
@@ -24,7 +25,6 @@ from tests.lease.helpers import (
     start_node,
 )
 from udpflannel.errors import ConfigError, EtcdUnavailable, OutOfSubnets
-from udpflannel.events import LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from udpflannel.lab.etcd import free_port
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
@@ -225,8 +225,9 @@ async def test_config_missing_invalid_and_out_of_subnets(kv, prefix, managers):
 
 async def test_unreachable_etcd_raises_etcd_unavailable_quickly(prefix):
     from lease.manager import SubnetManager
+    from lease.options import EtcdOptions
 
-    m = SubnetManager(f"http://127.0.0.1:{free_port()}", prefix, public_ip=ME, request_timeout=1.0)
+    m = SubnetManager(EtcdOptions(f"http://127.0.0.1:{free_port()}", timeout=1.0), prefix, public_ip=ME)
     t0 = time.monotonic()
     with pytest.raises(EtcdUnavailable):
         await m.get_config()

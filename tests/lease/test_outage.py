@@ -13,10 +13,10 @@ from ipaddress import IPv4Address
 import aetcd
 import pytest
 
+from lease.events import LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from lease.lifecycle import State
 from lease.records import make_subnet_key
 from tests.lease.helpers import FLANNELD_VALUE, ME, TcpProxy, net, put_config, put_record, start_node
-from udpflannel.events import LeaseLost, PeerAdded, PeerRemoved, Snapshot
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 

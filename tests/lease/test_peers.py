@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
+from lease.events import PeerAdded, PeerRemoved, Snapshot
 from lease.peers import PeerTable
-from udpflannel.events import PeerAdded, PeerRemoved, Snapshot
 
 P = "/coreos.com/network"
 S = f"{P}/subnets/"

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from lease.manager import SubnetManager
+from lease.options import EtcdOptions
 from tests.conftest import require
 from tests.lease.conftest import need_etcd
 from tests.lease.helpers import NETWORK_CONFIG
@@ -42,15 +43,15 @@ async def test_tls_with_client_certificates(certs):
     with EtcdServer(cert_file=certs["node.pem"], key_file=certs["node.key"], ca_file=certs["ca.pem"]) as etcd:
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         assert etcd.endpoint.startswith("https://")
-        m = SubnetManager(etcd.endpoint, public_ip=ME, keyfile=certs["node.key"], certfile=certs["node.pem"],
-                          cafile=certs["ca.pem"], request_timeout=2.0)
+        m = SubnetManager(EtcdOptions(etcd.endpoint, keyfile=certs["node.key"], certfile=certs["node.pem"],
+                                      cafile=certs["ca.pem"], timeout=2.0), public_ip=ME)
         try:
             lease = await m.acquire()
             assert etcd.ctl("get", lease.key, "--print-value-only").strip() == '{"PublicIP":"192.168.1.10","PublicIPv6":null}'
         finally:
             await m.close()
         # Without a client certificate the server refuses us: an error, not a hang.
-        anonymous = SubnetManager(etcd.endpoint, public_ip=ME, cafile=certs["ca.pem"], request_timeout=2.0)
+        anonymous = SubnetManager(EtcdOptions(etcd.endpoint, cafile=certs["ca.pem"], timeout=2.0), public_ip=ME)
         try:
             with pytest.raises(EtcdUnavailable):
                 await anonymous.get_config()
@@ -64,8 +65,8 @@ async def test_username_and_password_and_an_expired_token():
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         etcd.ctl("user", "add", "root", "--new-user-password=s3cret")
         etcd.ctl("auth", "enable")
-        good = SubnetManager(etcd.endpoint, public_ip=ME, username="root", password="s3cret", request_timeout=2.0)
-        bad = SubnetManager(etcd.endpoint, public_ip=ME, username="root", password="wrong", request_timeout=2.0)
+        good = SubnetManager(EtcdOptions(etcd.endpoint, username="root", password="s3cret", timeout=2.0), public_ip=ME)
+        bad = SubnetManager(EtcdOptions(etcd.endpoint, username="root", password="wrong", timeout=2.0), public_ip=ME)
         try:
             lease = await good.acquire()
             assert lease.subnet.prefixlen == 24

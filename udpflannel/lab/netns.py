@@ -187,13 +187,13 @@ class Lab:
         """SIGTERM every process the lab started (whole process group), SIGKILL after ``grace``."""
         for proc in self.processes:
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.processes:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.processes.clear()
 
@@ -218,7 +218,8 @@ class Lab:
         self.close()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a process started in its own session and everything it started; gone already is fine."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

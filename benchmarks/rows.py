@@ -1,6 +1,6 @@
 """The two-node benchmark lab and the dataplanes measured on it.
 
-Every row of the benchmark is a :class:`Dataplane` set up on a fresh two-node lab with the same
+Every row of the benchmark is a :class:`Row` set up on a fresh two-node lab with the same
 topology (``udpflannel.lab.netns``: an underlay bridge in a hub namespace, two nodes, one pod behind
 ``cni0`` on each)::
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from udpflannel.lab.netns import Lab, Netns, Node, Pod
+from udpflannel.lab.netns import Lab, Netns, Node, Pod, signal_group
 
 NETWORK = IPv4Network("10.5.0.0/16")
 SUBNETS = {1: IPv4Network("10.5.1.0/24"), 2: IPv4Network("10.5.2.0/24")}
@@ -106,7 +106,7 @@ def wait_reachable(topo: Topology, *, timeout: float = 15.0) -> None:
     raise DataplaneError(f"pod {topo.pods[1].address} cannot reach {target} after {timeout:.0f}s ({last[0]})")
 
 
-class Dataplane:
+class Row:
     """One row of the benchmark. Subclasses override what they need; the defaults suit kernel dataplanes."""
 
     kind = "kernel"  # "kernel" (softirq, no process) or "userspace" (processes we can account for)
@@ -143,7 +143,7 @@ class Dataplane:
         """Stop everything; the lab deletes the namespaces (and with them every device and route)."""
 
 
-class HostGw(Dataplane):
+class HostGw(Row):
     """flannel's host-gw backend: a plain route to each peer's subnet via its underlay address."""
 
     def __init__(self, name: str = "host-gw") -> None:
@@ -162,7 +162,7 @@ def vtep_mac(index: int) -> str:
     return f"0e:f1:a0:00:00:{index:02x}"
 
 
-class KernelVxlan(Dataplane):
+class KernelVxlan(Row):
     """flannel's vxlan backend (``pkg/backend/vxlan``), configured with ``ip`` and ``bridge``.
 
     Device ``flannel.1`` (VNI 1, ``local`` = the node's address, ``dev eth0``, ``dstport 8472``,
@@ -197,7 +197,7 @@ def read_subnet_env(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-class ProcessDataplane(Dataplane):
+class ProcessRow(Row):
     """A dataplane made of one process (tree) per node, started with ``ip netns exec``."""
 
     kind = "userspace"
@@ -272,12 +272,12 @@ class ProcessDataplane(Dataplane):
     def stop(self) -> dict | None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         for i, proc in self.procs.items():
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=5)
                 raise DataplaneError(f"{self.name} on node {i} ignored SIGTERM for 5s") from None
         self.procs.clear()
@@ -285,7 +285,7 @@ class ProcessDataplane(Dataplane):
 
     def teardown(self) -> None:
         if self.procs:
-            ProcessDataplane.stop(self)  # whatever is left, without reading counters
+            ProcessRow.stop(self)  # whatever is left, without reading counters
 
     def node_pids(self, index: int) -> list[int]:
         proc = self.procs.get(index)
@@ -299,7 +299,7 @@ COUNTERS_LINE = re.compile(r"counters (\{.*\})\s*$", re.MULTILINE)
 COUNTED_SYSCALLS = ("tun_reads", "tun_writes", "udp_recvs", "udp_sends")
 
 
-class UdpflannelStatic(ProcessDataplane):
+class UdpflannelStatic(ProcessRow):
     """``python -m udpflannel static`` on both nodes; ``extra_args`` make further rows (fast-path settings).
 
     ``code`` is a snapshot of the packages (see :func:`snapshot_code`) put first on ``PYTHONPATH``, so
@@ -346,7 +346,7 @@ class UdpflannelStatic(ProcessDataplane):
         return {"nodes": per_node, "total": sum_counters(list(per_node.values()))}
 
 
-class OnEtcd(ProcessDataplane):
+class OnEtcd(ProcessRow):
     """A dataplane whose nodes lease their subnets from a real etcd in the hub namespace (mixed in).
 
     Each node's subnet.env is pre-seeded with the lab's subnet, so the daemon's own acquisition order
@@ -466,7 +466,7 @@ PLACEHOLDERS = ("node", "index", "iface", "address", "subnet", "network", "peer_
                 "port", "subnet_file", "mtu")
 
 
-class External(ProcessDataplane):
+class External(ProcessRow):
     """Any dataplane started by a command line, run (through ``sh -c``) inside each node's namespace.
 
     Placeholders: ``{node}`` namespace name, ``{index}`` 1 or 2, ``{iface}`` eth0, ``{address}`` the node's
@@ -502,9 +502,9 @@ class External(ProcessDataplane):
 NO_FAST_PATH = "--no-fast-path"
 
 
-def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: dict[str, str] | None = None,
+def builtin_rows(variants: dict[str, list[str]] | None = None, externals: dict[str, str] | None = None,
                        external_mtu: int = UNDERLAY_MTU - UDP_OVERHEAD, *, code: Path | None = None,
-                       static_flags: frozenset[str] = frozenset(), flanneld: Path | None = None) -> dict[str, Dataplane]:
+                       static_flags: frozenset[str] = frozenset(), flanneld: Path | None = None) -> dict[str, Row]:
     """The rows by name, in table order: udpflannel (and its variants), externals, flanneld (given its
     binary), then the kernel references.
 
@@ -512,7 +512,7 @@ def builtin_dataplanes(variants: dict[str, list[str]] | None = None, externals: 
     the per-packet path gets a row of its own next to the default (fast-path) one.
     """
     if NO_FAST_PATH in static_flags:
-        rows: dict[str, Dataplane] = {
+        rows: dict[str, Row] = {
             "udpflannel": UdpflannelStatic(code=code, description="udpflannel static mode, default settings (fast path)"),
             f"udpflannel {NO_FAST_PATH}": UdpflannelStatic(f"udpflannel {NO_FAST_PATH}", [NO_FAST_PATH], code=code,
                                                           description="udpflannel static mode, per-packet path"),
@@ -593,10 +593,3 @@ def process_tree(root: int) -> list[int]:
             out.append(pid)
             todo.extend(children.get(pid, []))
     return out
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -1,6 +1,7 @@
-"""Events flowing from the control plane (``lease/``, or static routes) to the dataplane.
+"""What the control plane tells the node: frozen values, flowing one way (``lease/`` → ``udpflannel``).
 
-The dataplane only ever sees these frozen values; it never imports etcd.
+Peer events change the routes; lease events are about this node's own subnet. The node never sees
+etcd, only these; a static route table (``udpflannel static``) speaks them too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class PeerRemoved:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The complete set of peers after a (re)sync: the dataplane replaces its table with it."""
+    """The complete set of peers after a (re)sync: the routes are replaced with it."""
 
     peers: tuple[PeerAdded, ...]
 
@@ -47,4 +48,6 @@ class LeaseLost:
     reason: str
 
 
-ControlEvent = PeerAdded | PeerRemoved | Snapshot | LeaseAcquired | LeaseLost
+PeerEvent = PeerAdded | PeerRemoved | Snapshot
+LeaseEvent = LeaseAcquired | LeaseLost
+ControlEvent = PeerEvent | LeaseEvent

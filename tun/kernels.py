@@ -1,0 +1,63 @@
+"""Which kernels cut and check: numba's compiled loops (:mod:`tun.gso_jit`) where numba is installed,
+else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
+
+- a *cutter* ``cutter(src, src8, src32, out, out8, at, group)`` writes a group of like super-packets'
+  segments as rows from ``out[at]`` (headers, payload, checksums);
+- a *checker* ``checker(buf, u8, u32, base, rows, seg, hl, proto, short, mask, step) -> (differ, bad,
+  psh)`` runs the GRO checks of a table of received rows.
+
+Chosen once per :class:`~tun.segment.Segmenter` or :class:`~tun.coalesce.Coalescer`. Lazy: nothing
+imports numba before a fast-path engine asks (a ``--no-fast-path`` daemon never loads its ~100 MB).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+from tun import gso_numpy
+
+ENV = "UDPFLANNEL_JIT"  # "0": run the numpy kernels (for comparison, or to save numba's ~100 MB)
+# Segmenters and Coalescers built without ``jit=`` use the compiled kernels where they load, unless
+# this is False (the tests run both and compare).
+COMPILED = True
+
+
+class Kernels(NamedTuple):
+    compiled: bool
+    description: str  # for the start-up log: "compiled (numba)" or "numpy (why not compiled)"
+    new_cutter: Callable[[], Callable]  # a cutter per Segmenter output buffer (the numpy one keeps views of it)
+    new_checker: Callable[[], Callable]
+
+
+NUMPY = Kernels(False, "numpy", gso_numpy.Cutter, gso_numpy.Checker)
+_compiled: Kernels | None = None
+why_not = ""  # why the compiled kernels are not used, once load() has tried
+
+
+def load() -> Kernels | None:
+    """The compiled kernels (compiled now, or read from numba's on-disk cache), or None with
+    :data:`why_not` saying why: numba is missing or turned off by ``UDPFLANNEL_JIT=0``."""
+    global _compiled, why_not
+    if _compiled is not None or why_not:
+        return _compiled
+    if os.environ.get(ENV, "1") == "0":
+        why_not = f"turned off by {ENV}=0"
+        return None
+    try:
+        from tun import gso_jit
+    except ImportError as exc:  # no wheel for this architecture: the numpy kernels run
+        why_not = f"numba is not installed ({exc})"
+        return None
+    _compiled = Kernels(True, "compiled (numba)", lambda: gso_jit.cut, lambda: gso_jit.check)
+    return _compiled
+
+
+def choose(jit: bool | None = None) -> Kernels:
+    """``jit``: True/False asks for one kind (compiled falls back to numpy where it cannot load);
+    None: compiled if :data:`COMPILED` and it loads."""
+    if not (COMPILED if jit is None else jit):
+        return NUMPY
+    compiled = load()
+    return compiled if compiled is not None else NUMPY._replace(description=f"numpy ({why_not})")

@@ -1,0 +1,131 @@
+"""The per-packet mover: one packet per syscall each way, flannel's design (``--no-fast-path``, or a
+kernel without TUN offloads). It plugs into the engine (``udpflannel/engine.py``), which owns the fds.
+
+This is the last of the three files a packet crosses: ``tun/device.py`` (the fd) →
+``udpflannel/forward.py`` (what to do with it) → **here** (the syscalls): ``readv`` from flannel0,
+``sendto(packet, (peer_public_ip, 8285))`` — the bare IPv4 packet is the UDP payload, exactly as
+flanneld sends it; on the way in ``recvfrom_into`` and a ``write`` into flannel0.
+
+Each wake-up drains its fd up to the engine's ``budget`` packets, so one event-loop callback amortises
+over a burst instead of costing one per packet. The loops are written for speed (every Python step
+per packet costs ~1 µs): locals bound before the loop, the decision and the syscall inline; only what
+goes wrong leaves the loop, for the engine to handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from udpflannel.forward import describe, inbound, outbound
+from udpflannel.routes import NextHop
+
+if TYPE_CHECKING:
+    from udpflannel.engine import Engine
+
+log = logging.getLogger(__name__)
+trace_log = logging.getLogger("udpflannel.trace")
+
+RECV_BUFFER = 65536  # any UDP datagram fits, so an oversize one is seen whole and dropped, not truncated
+
+
+class PacketMover:
+    """Moves one packet per syscall; see the module docstring."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._tun_buf = bytearray(RECV_BUFFER)
+        self._udp_buf = bytearray(RECV_BUFFER)
+
+    # -- TUN -> UDP ----------------------------------------------------------------------------------
+    def on_tun_readable(self) -> None:
+        e = self.engine
+        c = e.counters
+        c.tun_wakeups += 1
+        buf, fd, routes, trace = self._tun_buf, e.tun_fd, e.routes, e.trace
+        view = memoryview(buf)
+        bufs = [buf]
+        readv, sendto = os.readv, e.udp.sendto
+        for _ in range(e.budget):
+            c.tun_reads += 1
+            try:
+                n = readv(fd, bufs)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.warning("TUN read failed: %s", exc)
+                return
+            c.tun_packets += 1
+            c.tun_bytes += n
+            verdict, hop = outbound(buf, n, routes)
+            if trace:
+                trace_log.debug("tun>udp %s -> %s %s", describe(buf, n), verdict.name, hop)
+            if verdict:
+                e.drop(verdict, buf, n, c.tun_drops)
+                continue
+            c.udp_sends += 1
+            try:
+                sendto(view[:n], hop)
+            except BlockingIOError:
+                e.park_send(bytes(view[:n]), n, 1, hop)
+                return
+            except OSError as exc:
+                e.send_failed(exc, view[:n], n, 1, hop)
+                continue
+            c.sent_packets += 1
+            c.sent_bytes += n
+
+    def refit(self, data, size: int, hop: NextHop) -> None:
+        """A datagram the kernel refused (EMSGSIZE): answered as a router answers what does not fit
+        (frag-needed with DF, fragments without), if the path MTU explains it."""
+        n = len(data)
+        limit = self.engine.narrower_path(hop, n)
+        if limit is None:
+            self.engine.counters.send_errors += 1
+            log.debug("sendto %s failed with EMSGSIZE for %d bytes, path MTU %s", hop, n, limit)
+            return
+        self.engine.answer_too_big(data, n, hop, limit)
+
+    # -- UDP -> TUN ----------------------------------------------------------------------------------
+    def on_udp_readable(self) -> None:
+        e = self.engine
+        c = e.counters
+        c.udp_wakeups += 1
+        buf, fd, routes, trace = self._udp_buf, e.tun_fd, e.routes, e.trace
+        view = memoryview(buf)
+        recv, write = e.udp.recvfrom_into, os.write
+        tun_mtu, check_source, peer_rx = e.tun_mtu, e.check_source, e.peer_rx
+        for _ in range(e.budget):
+            c.udp_recvs += 1
+            try:
+                n, peer = recv(buf)
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                log.debug("recvfrom failed: %s", exc)
+                continue
+            c.udp_packets += 1
+            c.udp_bytes += n
+            verdict = inbound(buf, n, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
+            if trace:
+                trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(buf, n), verdict.name)
+            if verdict:
+                e.drop(verdict, buf, n, c.udp_drops)
+                continue
+            peer_rx[peer] = peer_rx.get(peer, 0) + 1
+            c.tun_writes += 1
+            try:
+                write(fd, view[:n])
+            except BlockingIOError:
+                e.park_write(bytes(view[:n]), 1)
+                return
+            except OSError as exc:
+                e.write_failed(exc, 1)
+                continue
+            c.delivered_packets += 1
+            c.delivered_bytes += n
