@@ -43,7 +43,18 @@ _CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 2_000,
 }
 
-_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError)
+
+class CancelledByGrpc(Exception):
+    """grpc.aio ended a call by cancelling it itself, and said so with ``asyncio.CancelledError``.
+
+    A stream call whose request writer fails (say, the call already ended with an error, as etcd's
+    LeaseKeepAlive does on a member without a leader) is cancelled locally by grpc.aio, and its reads
+    then raise CancelledError. Let through, that CancelledError ended the task awaiting it, silently:
+    the lease keeper died and the lease was never renewed again.
+    """
+
+
+_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError, CancelledByGrpc)
 
 
 class Compacted(EtcdUnavailable):
@@ -318,6 +329,8 @@ async def _bounded(aw: Awaitable[T], timeout: float | None, on_abort: Callable[[
     if not done:
         _abandon(task, on_abort)
         raise TimeoutError
+    if task.cancelled():  # not by us: we were not cancelled, and we never cancel a task we still await
+        raise CancelledByGrpc("the call was cancelled by gRPC")
     return task.result()
 
 
