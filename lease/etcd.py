@@ -3,7 +3,14 @@
 This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
 :meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
 :class:`~udpflannel.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
-one on the next endpoint (fresh channels also re-authenticate, which renews an expired auth token).
+one (fresh channels also re-authenticate, which renews an expired auth token).
+
+**Failover.** A fresh channel goes to a member that answers *and knows a leader*: every endpoint is
+asked for its status (Maintenance.Status) at once, and the first to answer with a leader is used. A
+killed member (refused), a hung one (no answer within the probe timeout) and one cut off from the
+majority (no leader) are thus all skipped in one step, instead of one failed request each; with no
+member fit, the caller gets EtcdUnavailable and retries with its backoff. Each switch is logged
+(``etcd: using <endpoint>``) with the member and leader IDs.
 
 Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
 what aetcd hides: header revisions of progress notifications, the compaction revision, and an error
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+PROBE_TIMEOUT = 2.0  # seconds a member may take to report its status before another one is used
 
 _CHANNEL_OPTIONS = {
     # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
@@ -42,6 +51,7 @@ _CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 2_000,
 }
+
 
 
 class CancelledByGrpc(Exception):
@@ -156,7 +166,12 @@ class _Client(aetcd.Client):
 
 
 class EtcdSession:
-    """One logical connection to the etcd cluster, failing over between endpoints."""
+    """One logical connection to the etcd cluster, failing over between endpoints.
+
+    ``requests`` counts what this session asked etcd, by kind: ``status`` probes, ``unary`` requests
+    (lease refreshes included), ``keepalive`` lease refreshes, ``watch`` streams opened: an operator's
+    (and a test's) view of the load one daemon puts on etcd.
+    """
 
     def __init__(
         self,
@@ -181,7 +196,10 @@ class EtcdSession:
         self._username = username or None
         self._password = password or None
         self.timeout = timeout
+        self.probe_timeout = min(timeout, PROBE_TIMEOUT)
+        self.requests: Counter[str] = Counter()
         self._index = 0
+        self._used: Endpoint | None = None
         self._client: _Client | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -195,24 +213,66 @@ class EtcdSession:
             if self._closed:
                 raise EtcdUnavailable("the etcd session is closed")
             if self._client is None:
-                ep = self.endpoint
-                client = _Client(
-                    credentials=self._credentials,
-                    host=ep.host,
-                    port=ep.port,
-                    username=self._username,
-                    password=self._password,
-                    timeout=self.timeout,
-                    options=_CHANNEL_OPTIONS,
-                )
-                try:
-                    await _bounded(client.connect(), self.timeout)
-                except _RPC_ERRORS as e:
-                    await _close_quietly(client)
-                    self._index = (self._index + 1) % len(self.endpoints)
-                    raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
-                self._client = client
+                self._client, self._index = await self._select()
             return self._client
+
+    async def _select(self) -> tuple[_Client, int]:
+        """Probe every endpoint at once; keep the first that answers with a leader, close the others."""
+        n = len(self.endpoints)
+        order = [(self._index + k) % n for k in range(n)]
+        probes = {asyncio.ensure_future(self._probe(self.endpoints[i])): i for i in order}
+        pending = set(probes)
+        reasons: dict[int, str] = {}
+        chosen: asyncio.Future | None = None
+        try:
+            while pending and chosen is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: order.index(probes[t])):
+                    if task.exception() is not None:
+                        reasons[probes[task]] = _describe(task.exception())
+                    elif chosen is None and task.result()[1].leader:
+                        chosen = task
+                    elif not task.result()[1].leader:
+                        reasons[probes[task]] = "no leader (cut off from the majority, or an election is under way)"
+        finally:
+            for task in probes:
+                if task is not chosen:
+                    _discard_probe(task)
+        if chosen is None:
+            self._index = (self._index + 1) % n
+            detail = "; ".join(f"{self.endpoints[i]}: {reasons.get(i, 'no answer')}" for i in order)
+            raise EtcdUnavailable(f"no etcd member answers with a leader ({detail})")
+        client, status = chosen.result()
+        index = probes[chosen]
+        ep = self.endpoints[index]
+        log.log(logging.INFO if ep != self._used or n > 1 else logging.DEBUG,
+                "etcd: using %s (member %x, leader %x, raft term %d)", ep, status.header.member_id, status.leader,
+                status.raftTerm)
+        self._used = ep
+        return client, index
+
+    async def _probe(self, ep: Endpoint) -> tuple[_Client, rpc.StatusResponse]:
+        """A connected channel to ``ep`` and its status; closes the channel on any failure or cancellation."""
+        client = _Client(
+            credentials=self._credentials,
+            host=ep.host,
+            port=ep.port,
+            username=self._username,
+            password=self._password,
+            timeout=self.timeout,
+            options=_CHANNEL_OPTIONS,
+        )
+        try:
+            await _bounded(client.connect(), self.timeout)
+            self.requests["status"] += 1
+            status = await _bounded(
+                client.maintenancestub.Status(rpc.StatusRequest(), timeout=self.probe_timeout, metadata=client.metadata),
+                self.probe_timeout + 0.5,
+            )
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        return client, status
 
     async def _drop(self, client: _Client) -> None:
         """Forget ``client`` (if still current) and move to the next endpoint."""
@@ -230,6 +290,7 @@ class EtcdSession:
         for attempt in (1, 2):
             client = await self._current()
             ep = self.endpoint
+            self.requests["unary"] += 1
             try:
                 return await _bounded(fn(client), self.timeout + 1)
             except _RPC_ERRORS as e:
@@ -243,6 +304,7 @@ class EtcdSession:
         """Refresh an etcd lease once (LeaseKeepAlive); returns its new TTL, 0 or less if it is gone."""
 
         async def once(client: aetcd.Client) -> int:
+            self.requests["keepalive"] += 1
             stream = client.leasestub.LeaseKeepAlive(
                 iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout, metadata=client.metadata
             )
@@ -264,6 +326,7 @@ class EtcdSession:
         """
         client = await self._current()
         ep = self.endpoint
+        self.requests["watch"] += 1
         metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
         call = rpc.WatchStub(client.channel).Watch(metadata=metadata)
         create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=True)
@@ -341,6 +404,25 @@ def _abandon(task: asyncio.Future, on_abort: Callable[[], object] | None) -> Non
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody will read it
 
 
+_CLOSING: set[asyncio.Future] = set()  # channels of unused probes being closed (a reference keeps the task alive)
+
+
+def _discard_probe(task: asyncio.Future) -> None:
+    """An unused probe: cancel it if still running (it then closes its channel), else close its channel."""
+
+    def close(t: asyncio.Future) -> None:
+        if not t.cancelled() and t.exception() is None:
+            closing = asyncio.ensure_future(_close_quietly(t.result()[0]))
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+
+    if task.done():
+        close(task)
+    else:
+        task.cancel()
+        task.add_done_callback(close)
+
+
 async def _close_quietly(client: aetcd.Client) -> None:
     try:
         await _bounded(client.close(), 2)
@@ -350,7 +432,10 @@ async def _close_quietly(client: aetcd.Client) -> None:
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
+        details = e.details() or ""
+        if "Connection refused" in details:  # gRPC's long "failed to connect to all addresses; ..." form
+            details = "connection refused"
+        return f"{e.code().name}: {details}"
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
     return str(e) or type(e).__name__
