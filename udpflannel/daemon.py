@@ -33,6 +33,7 @@ from udpflannel.traffic import TrafficRules
 log = logging.getLogger(__name__)
 
 CONFIG_RETRY = 1.0
+LEFTOVER_GRACE = 0.5  # seconds tasks cancelled at shutdown get to finish before they count as leaked
 
 
 class Daemon:
@@ -47,12 +48,19 @@ class Daemon:
         self.kept: list[Kept] = []  # what the resync keeps in place (rules, blackhole route)
         self._resync_lock = asyncio.Lock()
         self.api = NodeApi(node=lambda: self.node, ready=lambda: self.ready, lease=self._lease_info,
-                           network=lambda: str(self.config.network) if self.config else None, gauges=self._lease_gauges)
+                           network=lambda: str(self.config.network) if self.config else None, gauges=self._gauges)
 
     # -- HTTP views -----------------------------------------------------------------------------------
-    def _lease_gauges(self) -> dict[str, float]:
-        expires = self.manager.expires_at_unix if self.manager else None
-        return {"lease_expiry_timestamp_seconds": float(expires)} if expires else {}
+    def _gauges(self) -> dict[str, float]:
+        """The lease's expiry, what this daemon has asked etcd (by kind: the load one node puts on it) and
+        the asyncio tasks alive (flat over time, or something leaks)."""
+        out = {"asyncio_tasks": float(len(asyncio.all_tasks()))}
+        if self.manager is not None:
+            out.update({f"etcd_{kind}_requests": float(n) for kind, n in sorted(self.manager.etcd_requests.items())})
+            expires = self.manager.expires_at_unix
+            if expires:
+                out["lease_expiry_timestamp_seconds"] = float(expires)
+        return out
 
     def _lease_info(self) -> dict | None:
         lease = self.lease
@@ -204,7 +212,20 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.manager.close(), 1.0)
         await self.api.http.close()
+        await report_leftover_tasks()
 
+
+async def report_leftover_tasks(grace: float = LEFTOVER_GRACE) -> None:
+    """Name every task still running at exit: each is a leak, which the loop would otherwise cancel
+    without a word. Tasks cancelled a moment ago get ``grace`` seconds to finish."""
+    me = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not me}
+    pending = (await asyncio.wait(others, timeout=grace))[1] if others else set()
+    if pending:
+        names = sorted(f"{t.get_name()} ({getattr(t.get_coro(), '__qualname__', t.get_coro())})" for t in pending)
+        log.warning("stopping with %d task(s) still running: %s", len(pending), ", ".join(names))
+    else:
+        log.info("stopped: no task left running")
 
 
 def describe_event(event: ControlEvent) -> str:
