@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import re
@@ -27,6 +28,24 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S) (\S+): (.*)$", re.MULTILINE)
+
+
+def log_lines(text: str) -> list[tuple[float, str, str, str]]:
+    """A daemon's log as (wall-clock time, level letter, logger, message), in order."""
+    return [(datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), level, name, message)
+            for stamp, level, name, message in LOG_LINE.findall(text)]
+
+
+def logged_at(cluster, index: int, message: str, *, timeout: float = 10, since: float = 0.0) -> float:
+    """The wall-clock time node ``index``'s daemon logged ``message`` (its own timestamp, not when a
+    test poll noticed), at or after ``since``, waiting for the line up to ``timeout`` seconds."""
+    def find() -> float | None:
+        return next((t for t, _, _, text in log_lines(cluster.nodes[index].log())
+                     if t >= since and text.startswith(message)), None)
+    return wait_for(find, timeout=timeout, what=f"node {index} logging {message!r}")
 
 
 def start_udpflannel(node: Node, args: list[str], log_dir: Path, *, ready_file: Path | None = None) -> subprocess.Popen:

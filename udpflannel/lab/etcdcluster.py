@@ -8,8 +8,8 @@ follower, or a quorum, and bring them back.
         SubnetManager(etcd.endpoint, ...)                     # "http://127.0.0.1:P1,http://127.0.0.1:P2,..."
         leader = etcd.leader(); leader.kill(); ...; etcd.restart(leader)
 
-With ``netns=`` every member runs in that namespace (the lab's hub, on addresses of its bridge:
-``udpflannel.lab.cluster.Cluster(..., etcd_members=3)``). Each member is a
+With ``netns=`` every member runs in that namespace; :func:`on_hub` puts them on addresses of the
+lab's hub bridge (``udpflannel.lab.cluster.Cluster(..., etcd_members=3)``). Each member is a
 :class:`~udpflannel.lab.etcd.EtcdServer`; a killed member restarts on its own data directory and
 rejoins. Not thread-safe; use from one thread.
 """
@@ -23,8 +23,19 @@ from collections.abc import Sequence
 
 from udpflannel.errors import SetupError
 from udpflannel.lab.etcd import EtcdServer
+from udpflannel.lab.netns import UNDERLAY, Netns
 
 QUORUM_KEY = "/udpflannel-lab/quorum-probe"
+FIRST_MEMBER_HOST = 241  # members on the hub's bridge at 198.18.0.241, .242, ...: nodes stay below
+
+
+def on_hub(hub: Netns, members: int = 3) -> EtcdCluster:
+    """A cluster whose members listen on addresses of their own on the hub's bridge (added here), so
+    each can be killed alone, and daemons name all of them in ``--etcd-endpoints``."""
+    hosts = [str(UNDERLAY.network_address + FIRST_MEMBER_HOST + i) for i in range(members)]
+    for host in hosts:
+        hub.ip("addr", "add", f"{host}/{UNDERLAY.prefixlen}", "dev", "br0")
+    return EtcdCluster(hosts, netns=hub.name)
 
 
 class EtcdCluster:
