@@ -6,11 +6,12 @@ This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs
 one (fresh channels also re-authenticate, which renews an expired auth token).
 
 **Failover.** A fresh channel goes to a member that answers *and knows a leader*: every endpoint is
-asked for its status (Maintenance.Status) at once, and the first to answer with a leader is used. A
+asked for its status (Maintenance.Status) at once, and one that answers with a leader is used. A
 killed member (refused), a hung one (no answer within the probe timeout) and one cut off from the
 majority (no leader) are thus all skipped in one step, instead of one failed request each; with no
-member fit, the caller gets EtcdUnavailable and retries with its backoff. Each switch is logged
-(``etcd: using <endpoint>``) with the member and leader IDs.
+member fit, the caller gets EtcdUnavailable and retries with its backoff. Each session starts its turn
+at a random endpoint, so the nodes of a cluster spread their watches over the members. Each switch
+is logged (``etcd: using <endpoint>``) with the member and leader IDs.
 
 Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
 what aetcd hides: header revisions of progress notifications, the compaction revision, and an error
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ T = TypeVar("T")
 
 DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
 PROBE_TIMEOUT = 2.0  # seconds a member may take to report its status before another one is used
+PREFER_GRACE = 0.2  # seconds a fit member waits for an earlier one in the turn to answer
 
 _CHANNEL_OPTIONS = {
     # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
@@ -198,7 +201,7 @@ class EtcdSession:
         self.timeout = timeout
         self.probe_timeout = min(timeout, PROBE_TIMEOUT)
         self.requests: Counter[str] = Counter()
-        self._index = 0
+        self._index = random.randrange(len(self.endpoints))  # where the turn starts: nodes spread over members
         self._used: Endpoint | None = None
         self._client: _Client | None = None
         self._connecting = asyncio.Lock()
@@ -217,23 +220,39 @@ class EtcdSession:
             return self._client
 
     async def _select(self) -> tuple[_Client, int]:
-        """Probe every endpoint at once; keep the first that answers with a leader, close the others."""
+        """Probe every endpoint at once; keep the one that answers with a leader, close the others.
+
+        Endpoints are preferred in turn from ``_index`` (a random one at first, so nodes spread over the
+        members); a fit one later in the turn is taken when the earlier ones have failed, or have not
+        answered within ``PREFER_GRACE`` of it.
+        """
         n = len(self.endpoints)
         order = [(self._index + k) % n for k in range(n)]
         probes = {asyncio.ensure_future(self._probe(self.endpoints[i])): i for i in order}
+        rank = {task: order.index(i) for task, i in probes.items()}
         pending = set(probes)
+        fit: list[asyncio.Future] = []
         reasons: dict[int, str] = {}
         chosen: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        give_up_waiting: float | None = None
         try:
-            while pending and chosen is None:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in sorted(done, key=lambda t: order.index(probes[t])):
+            while pending:
+                timeout = None if give_up_waiting is None else max(0.0, give_up_waiting - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
                     if task.exception() is not None:
                         reasons[probes[task]] = _describe(task.exception())
-                    elif chosen is None and task.result()[1].leader:
-                        chosen = task
-                    elif not task.result()[1].leader:
+                    elif task.result()[1].leader:
+                        fit.append(task)
+                    else:
                         reasons[probes[task]] = "no leader (cut off from the majority, or an election is under way)"
+                if fit:
+                    best = min(fit, key=rank.get)
+                    if all(rank[t] > rank[best] for t in pending) or (give_up_waiting and loop.time() >= give_up_waiting):
+                        break
+                    give_up_waiting = give_up_waiting or loop.time() + PREFER_GRACE
+            chosen = min(fit, key=rank.get) if fit else None
         finally:
             for task in probes:
                 if task is not chosen:
