@@ -351,26 +351,32 @@ class EtcdSession:
         create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=True)
         if range_end is not None:
             create.range_end = range_end
+        reader: asyncio.Future | None = None
         try:
             await _bounded(call.write(rpc.WatchRequest(create_request=create)), self.timeout, call.cancel)
-            first = True
+            resp = await _bounded(call.read(), self.timeout, call.cancel)
+            if resp is not grpc.aio.EOF and not resp.created:
+                raise EtcdUnavailable(f"etcd at {ep} did not confirm the watch")
+            responses: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.ensure_future(_read_ahead(call, responses))
             while True:
-                resp = await _bounded(call.read(), self.timeout if first else None, call.cancel)
+                if isinstance(resp, BaseException):
+                    raise resp
                 if resp is grpc.aio.EOF:
                     raise EtcdUnavailable(f"etcd at {ep} ended the watch stream")
-                if first and not resp.created:
-                    raise EtcdUnavailable(f"etcd at {ep} did not confirm the watch")
-                first = False
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
                     raise EtcdUnavailable(f"etcd at {ep} canceled the watch: {resp.cancel_reason or 'no reason'}")
                 yield resp
+                resp = await responses.get()
         except _RPC_ERRORS as e:
             await self._drop(client)
             raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
         finally:
             call.cancel()
+            if reader is not None:
+                reader.cancel()
 
     async def close(self) -> None:
         async with self._connecting:
@@ -393,6 +399,29 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.first
+
+
+async def _read_ahead(call, out: asyncio.Queue) -> None:
+    """Read a stream's messages into ``out`` as they come, ending with EOF or the error.
+
+    The next read is asked for as soon as a message is in, not when the consumer is done with it: on a
+    loop kept busy by the data path each hop costs a full loop iteration, and one read per consumer
+    step (a task for it, a wait, a wake-up) let a busy node fall seconds behind a churning watch.
+    The consumer awaits ``out`` (always cancellable); this task ends when the call is cancelled.
+    """
+    try:
+        while True:
+            message = await call.read()
+            out.put_nowait(message)
+            if message is grpc.aio.EOF:
+                return
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # cancelled by the consumer, which no longer reads ``out``
+        out.put_nowait(CancelledByGrpc("the watch stream was cancelled by gRPC"))
+    except Exception as e:
+        out.put_nowait(e)
 
 
 async def _bounded(aw: Awaitable[T], timeout: float | None, on_abort: Callable[[], object] | None = None) -> T:
