@@ -25,6 +25,7 @@ from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, re
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.events import ControlEvent, LeaseAcquired, LeaseLost, PeerAdded, PeerRemoved
 from udpflannel.iface import select_interface
+from udpflannel.loopthread import LoopThread
 from udpflannel.node import NodeDataplane, bring_up, wait_for_stop_signal
 from udpflannel.nodeapi import NodeApi
 from udpflannel.resync import Kept, keep
@@ -42,6 +43,7 @@ class Daemon:
         self.ready = False
         self.node: NodeDataplane | None = None
         self.manager: SubnetManager | None = None
+        self.control = LoopThread("udpflannel-etcd")  # the manager runs there, never behind the data path
         self.lease = None
         self.config = None
         self.traffic: TrafficRules | None = None
@@ -54,7 +56,7 @@ class Daemon:
     def _gauges(self) -> dict[str, float]:
         """The lease's expiry, what this daemon has asked etcd (by kind: the load one node puts on it) and
         the asyncio tasks alive (flat over time, or something leaks)."""
-        out = {"asyncio_tasks": float(len(asyncio.all_tasks()))}
+        out = {"asyncio_tasks": float(len(asyncio.all_tasks()) + self.control.tasks())}
         if self.manager is not None:
             out.update({f"etcd_{kind}_requests": float(n) for kind, n in sorted(self.manager.etcd_requests.items())})
             expires = self.manager.expires_at_unix
@@ -76,7 +78,7 @@ class Daemon:
         last_error = ""
         while True:
             try:
-                return await self.manager.get_config()
+                return await self.control.run(self.manager.get_config())
             except (ConfigError, EtcdUnavailable) as exc:
                 if str(exc) != last_error:
                     log.warning("Couldn't fetch network config: %s (retrying every %.0f s)", exc, CONFIG_RETRY)
@@ -96,6 +98,7 @@ class Daemon:
             if a.healthz_port:
                 await self.api.http.serve_tcp(a.healthz_ip, a.healthz_port)
             await self.api.http.serve_unix(a.control_socket)
+            self.control.start()
             iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
             log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
             self.manager = SubnetManager(
@@ -126,7 +129,7 @@ class Daemon:
     async def _start(self, iface) -> None:
         assert self.manager is not None
         self.config = await self._get_config()
-        self.lease = await self.manager.acquire()
+        self.lease = await self.control.run(self.manager.acquire())
         log.info("Acquired lease %s (public ip %s)", self.lease.subnet, self.lease.public_ip)
         self.node = await asyncio.to_thread(
             bring_up, iface, self.lease.subnet, self.config.network, self.config.port,
@@ -162,15 +165,37 @@ class Daemon:
         return kept
 
     async def _follow_events(self) -> None:
+        """The manager's events, read on the control loop and applied here, on the data path's loop."""
         assert self.manager is not None and self.node is not None
-        async for event in self.manager.events():
-            if isinstance(event, LeaseAcquired):
-                await self._own_lease(event)
-            elif isinstance(event, LeaseLost):
-                log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", event.subnet, event.reason)
-            else:
-                self.node.dataplane.apply(event)
-                log.info("%s", describe_event(event))
+        manager, events, main = self.manager, asyncio.Queue(), asyncio.get_running_loop()
+
+        async def forward() -> None:  # on the control loop
+            try:
+                async for item in manager.events():
+                    main.call_soon_threadsafe(events.put_nowait, item)
+            except Exception as exc:  # handed over, raised below
+                main.call_soon_threadsafe(events.put_nowait, exc)
+            finally:
+                main.call_soon_threadsafe(events.put_nowait, None)
+
+        forwarding = asyncio.ensure_future(self.control.run(forward()))
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, Exception):
+                    raise event
+                await self._apply(event)
+        finally:
+            forwarding.cancel()
+
+    async def _apply(self, event: ControlEvent) -> None:
+        assert self.node is not None
+        if isinstance(event, LeaseAcquired):
+            await self._own_lease(event)
+        elif isinstance(event, LeaseLost):
+            log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", event.subnet, event.reason)
+        else:
+            self.node.dataplane.apply(event)
+            log.info("%s", describe_event(event))
 
     async def _own_lease(self, event: LeaseAcquired) -> None:
         """Re-acquired after a loss: usually the same subnet; if not, move flannel0 and subnet.env."""
@@ -207,23 +232,26 @@ class Daemon:
         if self.manager is not None:
             if self.args.release_lease_on_exit and self.lease is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.manager.release(), 1.0)
+                    await asyncio.wait_for(self.control.run(self.manager.release()), 1.0)
                     log.info("released lease %s", self.lease.subnet)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.manager.close(), 1.0)
+                await asyncio.wait_for(self.control.run(self.manager.close()), 1.0)
+        if not self.control.stop():
+            log.warning("the etcd thread did not stop")
         await self.api.http.close()
-        await report_leftover_tasks()
+        await report_leftover_tasks(also=self.control.leftover)
 
 
-async def report_leftover_tasks(grace: float = LEFTOVER_GRACE) -> None:
+async def report_leftover_tasks(grace: float = LEFTOVER_GRACE, also: list[str] = ()) -> None:
     """Name every task still running at exit: each is a leak, which the loop would otherwise cancel
-    without a word. Tasks cancelled a moment ago get ``grace`` seconds to finish."""
+    without a word. Tasks cancelled a moment ago get ``grace`` seconds to finish; ``also`` names those
+    another loop (the etcd thread's) was left with."""
     me = asyncio.current_task()
     others = {t for t in asyncio.all_tasks() if t is not me}
     pending = (await asyncio.wait(others, timeout=grace))[1] if others else set()
-    if pending:
-        names = sorted(f"{t.get_name()} ({getattr(t.get_coro(), '__qualname__', t.get_coro())})" for t in pending)
-        log.warning("stopping with %d task(s) still running: %s", len(pending), ", ".join(names))
+    names = [*also, *sorted(f"{t.get_name()} ({getattr(t.get_coro(), '__qualname__', t.get_coro())})" for t in pending)]
+    if names:
+        log.warning("stopping with %d task(s) still running: %s", len(names), ", ".join(names))
     else:
         log.info("stopped: no task left running")
 
