@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
 import re
@@ -13,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from udpflannel.lab.cluster import log_lines
 from udpflannel.lab.netns import Netns, Node
 
 TOOLS = Path(__file__).parent / "tools"
@@ -28,15 +28,6 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S) (\S+): (.*)$", re.MULTILINE)
-
-
-def log_lines(text: str) -> list[tuple[float, str, str, str]]:
-    """A daemon's log as (wall-clock time, level letter, logger, message), in order."""
-    return [(datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), level, name, message)
-            for stamp, level, name, message in LOG_LINE.findall(text)]
 
 
 def logged_at(cluster, index: int, message: str, *, timeout: float = 10, since: float = 0.0) -> float:

@@ -15,8 +15,9 @@ import pytest
 
 from lease.lifecycle import State
 from lease.records import make_subnet_key
-from tests.lease.helpers import FLANNELD_VALUE, ME, TcpProxy, net, put_config, put_record, start_node
+from tests.lease.helpers import FLANNELD_VALUE, ME, net, put_config, put_record, start_node
 from udpflannel.events import LeaseLost, PeerAdded, PeerRemoved, Snapshot
+from udpflannel.lab.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 

@@ -20,6 +20,7 @@ with the same flags, and its pods are then wired by flannel's own CNI plugin::
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -40,6 +41,15 @@ from udpflannel.lab.netns import HUB_ADDRESS, Lab, Node, Pod
 PREFIX = "/coreos.com/network"
 CNI_PATH = "/usr/lib/cni:/opt/cni/bin"  # Debian's containernetworking-plugins, then the usual place
 HOST_LOCAL_DIR = "/var/lib/cni/networks"
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S) (\S+): (.*)$", re.MULTILINE)
+
+
+def log_lines(text: str) -> list[tuple[float, str, str, str]]:
+    """A daemon's log as (wall-clock time, level letter, logger, message), in order."""
+    return [(datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), level, name, message)
+            for stamp, level, name, message in LOG_LINE.findall(text)]
 
 
 def cni_plugin_command() -> list[str]:
