@@ -62,4 +62,6 @@ class LoopThread:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
+        elif self._thread.ident is None and not self.loop.is_closed():
+            self.loop.close()  # never started (the daemon stopped before it needed etcd)
         return not self._thread.is_alive()
