@@ -10,7 +10,9 @@ etcd through a proxy that can cut it off. The tests run in order:
    etcd's table;
 5. 100 leases added and 100 removed per second for 30 s while pod 1 sends to pod 2 at full speed:
    every event applied within 1 s by every daemon, no real route removed, and no etcd request made
-   for it (the watch carries it all).
+   for it (the watch carries it all);
+6. SIGTERM under churn and full-speed traffic, and while cut off from etcd: exit within 2 s, no task
+   left, no orphaned etcd lease.
 
 The figures are printed at the end (pytest -s) and in each assertion message.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.cluster import wait_for
+from tests.cluster import sigterm_cleanly, wait_for
 from tests.conftest import check_lab_tools, require
 from tests.lease.conftest import need_etcd
 from udpflannel.lab.cluster import Cluster, log_lines
@@ -198,3 +200,29 @@ def test_churn_100_per_second_under_full_speed_traffic_is_applied_within_1s(scal
                    if text.startswith("Subnet removed: ") and text.split()[2] in real]
         assert not removed, f"real routes flapped on node {i}: {removed}"
         assert real - {scale.subnets[i]} <= set(routes(scale.node(i)))
+
+
+def test_sigterm_under_churn_and_while_cut_off_from_etcd_exits_within_2s_leaving_no_orphan_lease(scale: Scale):
+    """Issue 17 item 6 on this lab's faults: node 1 stopped while it forwards at full speed through lease
+    churn, node 3 while cut off from etcd; each keeps its lease for a restart (as flanneld does), and
+    etcd holds no lease but the three daemons'."""
+    c = scale.cluster
+    pods = {i: c.nodes[i].pod for i in FAST}
+    server = pods[2].popen(["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    client = pods[1].popen(["iperf3", "-c", str(pods[2].address), "-t", "8"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    churn = BackgroundWriter(c, "churn", 12000, CHURN_RATE, 6)
+    scale.proxy.cut()
+    time.sleep(2)
+    for i, what in ((1, "under churn and full-speed traffic"), (PER_PACKET, "cut off from etcd")):
+        elapsed = sigterm_cleanly(c, i)
+        scale.report.append(f"node {i}: SIGTERM {what} -> exit 0 in {elapsed:.2f} s, no task left running")
+    churn.finish(timeout=60)
+    scale.proxy.restore()
+    client.kill()  # its peer's daemon is gone: the transfer cannot finish
+    server.kill()
+    kvs = json.loads(c.etcd.ctl("get", "--prefix", "/coreos.com/network/subnets/", "-w", "json")).get("kvs", [])
+    attached = {int(kv["lease"]) for kv in kvs if kv.get("lease")}
+    held = {int(x["id"]) for x in json.loads(c.etcd.ctl("lease", "list", "-w", "json")).get("leases") or []}
+    assert held == attached and len(held) == len(REAL), (held, attached)
