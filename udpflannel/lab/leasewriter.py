@@ -83,18 +83,23 @@ async def add(client: aetcd.Client, prefix: str, first: int, count: int, interva
 
 
 async def churn(client: aetcd.Client, prefix: str, first: int, rate: int, seconds: float) -> None:
-    """Tick ``rate`` times a second: add the next record, and delete the one added a second ago."""
+    """Tick ``rate`` times a second: add the next record, and delete the one added a second ago. Indexes
+    run from ``first`` and wrap round at MAX_INDEX (a long soak), each long deleted by then."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     ticks = int(rate * seconds)
+
+    def index(k: int) -> int:
+        return first + k % (MAX_INDEX - first)
+
     for k in range(ticks + rate):  # the last second only removes
         await asyncio.sleep(max(0.0, t0 + k / rate - loop.time()))
         if k < ticks:
-            await client.put(*record(prefix, first + k))
-            emit("put", first + k)
+            await client.put(*record(prefix, index(k)))
+            emit("put", index(k))
         if k >= rate:
-            await client.delete(record(prefix, first + k - rate)[0])
-            emit("del", first + k - rate)
+            await client.delete(record(prefix, index(k - rate))[0])
+            emit("del", index(k - rate))
     elapsed = loop.time() - t0
     print(json.dumps({"done": True, "ops": 2 * ticks, "seconds": round(elapsed, 3),
                       "rate_achieved": round(2 * ticks / elapsed, 1)}), flush=True)
