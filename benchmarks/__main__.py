@@ -63,6 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rebuild-report", action="store_true",
                    help="measure nothing: rebuild the Markdown, plots (and README section) from <out>/results.json")
     p.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    p.add_argument("--soak", action="store_true",
+                   help="instead of the table: the soak (bulk TCP, request/response and lease churn together, "
+                        "benchmarks/soak.py) into <out>/soak.md and soak.json; exit 1 if a check fails")
+    p.add_argument("--soak-minutes", type=float, default=10.0, metavar="M", help="how long the soak runs (default 10)")
     return p.parse_args(argv)
 
 
@@ -138,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
         return rebuild_report(out, update=args.out is None and not args.quick and not args.no_readme)
     check_environment()
+    if args.soak:
+        from benchmarks import soak
+
+        long, _ = machine_description()
+        meta = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": long, "commit": git_commit(),
+                "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}
+        return soak.main((args.out or DEFAULT_OUT).resolve(), args.soak_minutes, Progress(), meta)
     base = QUICK if args.quick else FULL
     settings = Settings(
         repeat=args.repeat or base.repeat, tcp_seconds=args.seconds or base.tcp_seconds, omit=base.omit,

@@ -3,7 +3,15 @@
 This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
 :meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
 :class:`~lease.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
-one on the next endpoint (fresh channels also re-authenticate, which renews an expired auth token).
+one (fresh channels also re-authenticate, which renews an expired auth token).
+
+**Failover.** A fresh channel goes to a member that answers *and knows a leader*: every endpoint is
+asked for its status (Maintenance.Status) at once, and one that answers with a leader is used. A
+killed member (refused), a hung one (no answer within the probe timeout) and one cut off from the
+majority (no leader) are thus all skipped in one step, instead of one failed request each; with no
+member fit, the caller gets EtcdUnavailable and retries with its backoff. Each session starts its turn
+at a random endpoint, so the nodes of a cluster spread their watches over the members. Each switch
+is logged (``etcd: using <endpoint>``) with the member and leader IDs.
 
 Watches use etcd's Watch RPC directly (:meth:`~EtcdSession.watch`), not aetcd's watcher, because we need
 what aetcd hides: header revisions of progress notifications, the compaction revision, and an error
@@ -14,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -32,6 +42,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PROBE_TIMEOUT = 2.0  # seconds a member may take to report its status before another one is used
+PREFER_GRACE = 0.2  # seconds a fit member waits for an earlier one in the turn to answer
+
 _CHANNEL_OPTIONS = {
     # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
     "grpc.keepalive_time_ms": 10_000,
@@ -42,7 +55,19 @@ _CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 2_000,
 }
 
-_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError)
+
+
+class CancelledByGrpc(Exception):
+    """grpc.aio ended a call by cancelling it itself, and said so with ``asyncio.CancelledError``.
+
+    A stream call whose request writer fails (say, the call already ended with an error, as etcd's
+    LeaseKeepAlive does on a member without a leader) is cancelled locally by grpc.aio, and its reads
+    then raise CancelledError. Let through, that CancelledError ended the task awaiting it, silently:
+    the lease keeper died and the lease was never renewed again.
+    """
+
+
+_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, asyncio.TimeoutError, OSError, CancelledByGrpc)
 
 
 class Compacted(EtcdUnavailable):
@@ -144,7 +169,12 @@ class _Client(aetcd.Client):
 
 
 class EtcdSession:
-    """One logical connection to the etcd cluster, failing over between endpoints."""
+    """One logical connection to the etcd cluster, failing over between endpoints.
+
+    ``requests`` counts what this session asked etcd, by kind: ``status`` probes, ``unary`` requests
+    (lease refreshes included), ``keepalive`` lease refreshes, ``watch`` streams opened: an operator's
+    (and a test's) view of the load one daemon puts on etcd.
+    """
 
     def __init__(self, options: EtcdOptions) -> None:
         self.endpoints = parse_endpoints(options.endpoints)
@@ -160,7 +190,10 @@ class EtcdSession:
         self._username = username or None
         self._password = password or None
         self.timeout = options.timeout
-        self._index = 0
+        self.probe_timeout = min(options.timeout, PROBE_TIMEOUT)
+        self.requests: Counter[str] = Counter()
+        self._index = random.randrange(len(self.endpoints))  # where the turn starts: nodes spread over members
+        self._used: Endpoint | None = None
         self._client: _Client | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -174,24 +207,82 @@ class EtcdSession:
             if self._closed:
                 raise EtcdUnavailable("the etcd session is closed")
             if self._client is None:
-                ep = self.endpoint
-                client = _Client(
-                    credentials=self._credentials,
-                    host=ep.host,
-                    port=ep.port,
-                    username=self._username,
-                    password=self._password,
-                    timeout=self.timeout,
-                    options=_CHANNEL_OPTIONS,
-                )
-                try:
-                    await _bounded(client.connect(), self.timeout)
-                except _RPC_ERRORS as e:
-                    await _close_quietly(client)
-                    self._index = (self._index + 1) % len(self.endpoints)
-                    raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
-                self._client = client
+                self._client, self._index = await self._select()
             return self._client
+
+    async def _select(self) -> tuple[_Client, int]:
+        """Probe every endpoint at once; keep the one that answers with a leader, close the others.
+
+        Endpoints are preferred in turn from ``_index`` (a random one at first, so nodes spread over the
+        members); a fit one later in the turn is taken when the earlier ones have failed, or have not
+        answered within ``PREFER_GRACE`` of it.
+        """
+        n = len(self.endpoints)
+        order = [(self._index + k) % n for k in range(n)]
+        probes = {asyncio.ensure_future(self._probe(self.endpoints[i])): i for i in order}
+        rank = {task: order.index(i) for task, i in probes.items()}
+        pending = set(probes)
+        fit: list[asyncio.Future] = []
+        reasons: dict[int, str] = {}
+        chosen: asyncio.Future | None = None
+        loop = asyncio.get_running_loop()
+        give_up_waiting: float | None = None
+        try:
+            while pending:
+                timeout = None if give_up_waiting is None else max(0.0, give_up_waiting - loop.time())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        reasons[probes[task]] = _describe(task.exception())
+                    elif task.result()[1].leader:
+                        fit.append(task)
+                    else:
+                        reasons[probes[task]] = "no leader (cut off from the majority, or an election is under way)"
+                if fit:
+                    best = min(fit, key=rank.get)
+                    if all(rank[t] > rank[best] for t in pending) or (give_up_waiting and loop.time() >= give_up_waiting):
+                        break
+                    give_up_waiting = give_up_waiting or loop.time() + PREFER_GRACE
+            chosen = min(fit, key=rank.get) if fit else None
+        finally:
+            for task in probes:
+                if task is not chosen:
+                    _discard_probe(task)
+        if chosen is None:
+            self._index = (self._index + 1) % n
+            detail = "; ".join(f"{self.endpoints[i]}: {reasons.get(i, 'no answer')}" for i in order)
+            raise EtcdUnavailable(f"no etcd member answers with a leader ({detail})")
+        client, status = chosen.result()
+        index = probes[chosen]
+        ep = self.endpoints[index]
+        log.log(logging.INFO if ep != self._used or n > 1 else logging.DEBUG,
+                "etcd: using %s (member %x, leader %x, raft term %d)", ep, status.header.member_id, status.leader,
+                status.raftTerm)
+        self._used = ep
+        return client, index
+
+    async def _probe(self, ep: Endpoint) -> tuple[_Client, rpc.StatusResponse]:
+        """A connected channel to ``ep`` and its status; closes the channel on any failure or cancellation."""
+        client = _Client(
+            credentials=self._credentials,
+            host=ep.host,
+            port=ep.port,
+            username=self._username,
+            password=self._password,
+            timeout=self.timeout,
+            options=_CHANNEL_OPTIONS,
+        )
+        try:
+            await _bounded(client.connect(), self.timeout)
+            self.requests["status"] += 1
+            status = await _bounded(
+                client.maintenancestub.Status(rpc.StatusRequest(), timeout=self.probe_timeout, metadata=client.metadata),
+                self.probe_timeout + 0.5,
+            )
+        except BaseException:
+            await _close_quietly(client)
+            raise
+        return client, status
 
     async def _drop(self, client: _Client) -> None:
         """Forget ``client`` (if still current) and move to the next endpoint."""
@@ -209,6 +300,7 @@ class EtcdSession:
         for attempt in (1, 2):
             client = await self._current()
             ep = self.endpoint
+            self.requests["unary"] += 1
             try:
                 return await _bounded(fn(client), self.timeout + 1)
             except _RPC_ERRORS as e:
@@ -222,6 +314,7 @@ class EtcdSession:
         """Refresh an etcd lease once (LeaseKeepAlive); returns its new TTL, 0 or less if it is gone."""
 
         async def once(client: aetcd.Client) -> int:
+            self.requests["keepalive"] += 1
             stream = client.leasestub.LeaseKeepAlive(
                 iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), timeout=self.timeout, metadata=client.metadata
             )
@@ -243,31 +336,38 @@ class EtcdSession:
         """
         client = await self._current()
         ep = self.endpoint
+        self.requests["watch"] += 1
         metadata = tuple(client.metadata or ()) + (("hasleader", "true"),)
         call = rpc.WatchStub(client.channel).Watch(metadata=metadata)
         create = rpc.WatchCreateRequest(key=key, start_revision=start_revision, progress_notify=True)
         if range_end is not None:
             create.range_end = range_end
+        reader: asyncio.Future | None = None
         try:
             await _bounded(call.write(rpc.WatchRequest(create_request=create)), self.timeout, call.cancel)
-            first = True
+            resp = await _bounded(call.read(), self.timeout, call.cancel)
+            if resp is not grpc.aio.EOF and not resp.created:
+                raise EtcdUnavailable(f"etcd at {ep} did not confirm the watch")
+            responses: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.ensure_future(_read_ahead(call, responses))
             while True:
-                resp = await _bounded(call.read(), self.timeout if first else None, call.cancel)
+                if isinstance(resp, BaseException):
+                    raise resp
                 if resp is grpc.aio.EOF:
                     raise EtcdUnavailable(f"etcd at {ep} ended the watch stream")
-                if first and not resp.created:
-                    raise EtcdUnavailable(f"etcd at {ep} did not confirm the watch")
-                first = False
                 if resp.compact_revision:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
                     raise EtcdUnavailable(f"etcd at {ep} canceled the watch: {resp.cancel_reason or 'no reason'}")
                 yield resp
+                resp = await responses.get()
         except _RPC_ERRORS as e:
             await self._drop(client)
             raise EtcdUnavailable(f"etcd at {ep}: {_describe(e)}") from e
         finally:
             call.cancel()
+            if reader is not None:
+                reader.cancel()
 
     async def close(self) -> None:
         async with self._connecting:
@@ -292,6 +392,29 @@ class Backoff:
         self._next = self.first
 
 
+async def _read_ahead(call, out: asyncio.Queue) -> None:
+    """Read a stream's messages into ``out`` as they come, ending with EOF or the error.
+
+    The next read is asked for as soon as a message is in, not when the consumer is done with it: on a
+    loop kept busy by the data path each hop costs a full loop iteration, and one read per consumer
+    step (a task for it, a wait, a wake-up) let a busy node fall seconds behind a churning watch.
+    The consumer awaits ``out`` (always cancellable); this task ends when the call is cancelled.
+    """
+    try:
+        while True:
+            message = await call.read()
+            out.put_nowait(message)
+            if message is grpc.aio.EOF:
+                return
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # cancelled by the consumer, which no longer reads ``out``
+        out.put_nowait(CancelledByGrpc("the watch stream was cancelled by gRPC"))
+    except Exception as e:
+        out.put_nowait(e)
+
+
 async def _bounded(aw: Awaitable[T], timeout: float | None, on_abort: Callable[[], object] | None = None) -> T:
     """Await ``aw`` for at most ``timeout`` seconds (None: no limit), and stay cancellable meanwhile.
 
@@ -308,6 +431,8 @@ async def _bounded(aw: Awaitable[T], timeout: float | None, on_abort: Callable[[
     if not done:
         _abandon(task, on_abort)
         raise TimeoutError
+    if task.cancelled():  # not by us: we were not cancelled, and we never cancel a task we still await
+        raise CancelledByGrpc("the call was cancelled by gRPC")
     return task.result()
 
 
@@ -316,6 +441,25 @@ def _abandon(task: asyncio.Future, on_abort: Callable[[], object] | None) -> Non
         on_abort()
     task.cancel()
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody will read it
+
+
+_CLOSING: set[asyncio.Future] = set()  # channels of unused probes being closed (a reference keeps the task alive)
+
+
+def _discard_probe(task: asyncio.Future) -> None:
+    """An unused probe: cancel it if still running (it then closes its channel), else close its channel."""
+
+    def close(t: asyncio.Future) -> None:
+        if not t.cancelled() and t.exception() is None:
+            closing = asyncio.ensure_future(_close_quietly(t.result()[0]))
+            _CLOSING.add(closing)
+            closing.add_done_callback(_CLOSING.discard)
+
+    if task.done():
+        close(task)
+    else:
+        task.cancel()
+        task.add_done_callback(close)
 
 
 async def _close_quietly(client: aetcd.Client) -> None:
@@ -327,7 +471,10 @@ async def _close_quietly(client: aetcd.Client) -> None:
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
+        details = e.details() or ""
+        if "Connection refused" in details:  # gRPC's long "failed to connect to all addresses; ..." form
+            details = "connection refused"
+        return f"{e.code().name}: {details}"
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
     return str(e) or type(e).__name__

@@ -142,6 +142,16 @@ class SubnetManager:
     def state(self) -> State:
         return self._lifecycle.state
 
+    @property
+    def etcd_endpoint(self) -> str:
+        """The etcd endpoint in use (or to be tried next)."""
+        return str(self._session.endpoint)
+
+    @property
+    def etcd_requests(self) -> dict[str, int]:
+        """What this manager has asked etcd so far, by kind (see ``EtcdSession.requests``)."""
+        return dict(self._session.requests)
+
     async def get_config(self) -> NetworkConfig:
         """Read and validate ``<prefix>/config``: ConfigError if missing or invalid, EtcdUnavailable."""
         key = config_key(self.prefix)

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from udpflannel.lab.cluster import log_lines
 from udpflannel.lab.netns import Netns, Node
 
 TOOLS = Path(__file__).parent / "tools"
@@ -27,6 +28,45 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def logged_at(cluster, index: int, message: str, *, timeout: float = 10, since: float = 0.0) -> float:
+    """The wall-clock time node ``index``'s daemon logged ``message`` (its own timestamp, not when a
+    test poll noticed), at or after ``since``, waiting for the line up to ``timeout`` seconds."""
+    def find() -> float | None:
+        return next((t for t, _, _, text in log_lines(cluster.nodes[index].log())
+                     if t >= since and text.startswith(message)), None)
+    return wait_for(find, timeout=timeout, what=f"node {index} logging {message!r}")
+
+
+STOP_BUDGET = 2.0  # seconds from SIGTERM to exit (issue 17 item 6)
+
+
+def flannel_rules(node: Netns) -> list[str]:
+    """The node's iptables rules flanneld's comments mark (masquerade and forward)."""
+    return [line for line in node.run("iptables-save").stdout.splitlines() if "flanneld" in line]
+
+
+def sigterm_cleanly(cluster, index: int) -> float:
+    """SIGTERM node ``index``'s daemon and check the exit: status 0 within STOP_BUDGET, no task left
+    running, its rules left in place exactly once (for a restart, as flanneld leaves them) and naming no
+    subnet but the network and its own. Returns the seconds it took."""
+    n = cluster.nodes[index]
+    env = n.env() if n.subnet_file.exists() else {}
+    rules = flannel_rules(n.node)
+    t0 = time.monotonic()
+    code = cluster.stop_node(index, signal.SIGTERM, timeout=10)
+    elapsed = time.monotonic() - t0
+    log = n.log()
+    assert code == 0, log[-3000:]
+    assert elapsed < STOP_BUDGET, f"node {index} took {elapsed:.2f} s to stop"
+    assert "stopped: no task left running" in log and "task(s) still running" not in log, log[-3000:]
+    after = flannel_rules(n.node)
+    assert after == rules and len(set(after)) == len(after), (rules, after)
+    own = {env["FLANNEL_SUBNET"].replace(".1/", ".0/")} if env else set()
+    named = set(re.findall(r"\d+\.\d+\.\d+\.\d+/\d+", "\n".join(after))) - {env.get("FLANNEL_NETWORK"), "224.0.0.0/4"}
+    assert named <= own, f"rules for subnets that are not this node's: {named - own}"
+    return elapsed
 
 
 def start_udpflannel(node: Node, args: list[str], log_dir: Path, *, ready_file: Path | None = None) -> subprocess.Popen:

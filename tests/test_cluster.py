@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Pinger, ping, tcp_transfer, wait_for
+from tests.cluster import Pinger, logged_at, ping, tcp_transfer, wait_for
 from udpflannel.lab.cluster import PREFIX, Cluster
 from udpflannel.lab.netns import Lab
 
@@ -39,20 +37,6 @@ def start(cluster: Cluster, *indices: int, pods: bool = True) -> None:
         cluster.wait_ready(i)
         if pods:
             cluster.add_pod(i)
-
-
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S (\S+): (.*)$", re.MULTILINE)
-
-
-def logged_at(cluster: Cluster, index: int, message: str, *, timeout: float = 10) -> float:
-    """The wall-clock time node ``index``'s daemon logged ``message`` (its own timestamp, not when a
-    test poll noticed), waiting for the line up to ``timeout`` seconds."""
-    def find() -> float | None:
-        for stamp, _, text in LOG_LINE.findall(cluster.nodes[index].log()):
-            if text.startswith(message):
-                return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        return None
-    return wait_for(find, timeout=timeout, what=f"node {index} logging {message!r}")
 
 
 def first_reply_after(src, dst_ip: str, since: float, *, timeout: float = 10) -> float:

@@ -14,7 +14,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+from typing import NoReturn
 
 import uvloop
 
@@ -124,7 +126,20 @@ def run_daemon(argv: list[str]) -> int:
     add_dataplane_flags(parser)
     args = parse_daemon_args(argv, parser=parser)
     setup_logging(args.verbosity, args.trace)
-    return uvloop.run(Daemon(args).run())
+    exit_now(uvloop.run(Daemon(args).run()))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process after a clean stop without the interpreter's finalization.
+
+    Freeing numba's and LLVM's state at exit takes ~0.6 s of CPU (1.5 s on a loaded 2-core machine),
+    which counted against the 2 s SIGTERM budget. By now the daemon has closed its TUN device, sockets,
+    rules' resync and etcd session itself, and nothing registered to run at exit is needed.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def status_main(argv: list[str]) -> int:

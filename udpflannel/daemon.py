@@ -18,13 +18,14 @@ from argparse import Namespace
 from functools import partial
 from ipaddress import IPv4Network
 
-from lease.events import LeaseAcquired, LeaseLost
+from lease.events import ControlEvent, LeaseAcquired, LeaseLost
 from lease.manager import SubnetManager
 from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
 from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
 from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
 from udpflannel.flags import etcd_options
 from udpflannel.iface import select_interface
+from udpflannel.loopthread import LoopThread
 from udpflannel.node import Node, bring_up, wait_for_stop_signal
 from udpflannel.nodeapi import NodeApi
 from udpflannel.resync import Kept, keep
@@ -33,6 +34,7 @@ from udpflannel.traffic import TrafficRules
 log = logging.getLogger(__name__)
 
 CONFIG_RETRY = 1.0
+LEFTOVER_GRACE = 0.5  # seconds tasks cancelled at shutdown get to finish before they count as leaked
 
 
 class Daemon:
@@ -41,6 +43,7 @@ class Daemon:
         self.ready = False
         self.node: Node | None = None
         self.manager: SubnetManager | None = None
+        self.control = LoopThread("udpflannel-etcd")  # the manager runs there, never behind the data path
         self.lease = None
         self.config = None
         self.traffic: TrafficRules | None = None
@@ -50,8 +53,15 @@ class Daemon:
 
     # -- what the HTTP views show (udpflannel.nodeapi.NodeState) ----------------------------------------
     def gauges(self) -> dict[str, float]:
-        expires = self.manager.expires_at_unix if self.manager else None
-        return {"lease_expiry_timestamp_seconds": float(expires)} if expires else {}
+        """The lease's expiry, what this daemon has asked etcd (by kind: the load one node puts on it) and
+        the asyncio tasks alive (flat over time, or something leaks)."""
+        out = {"asyncio_tasks": float(len(asyncio.all_tasks()) + self.control.tasks())}
+        if self.manager is not None:
+            out.update({f"etcd_{kind}_requests": float(n) for kind, n in sorted(self.manager.etcd_requests.items())})
+            expires = self.manager.expires_at_unix
+            if expires:
+                out["lease_expiry_timestamp_seconds"] = float(expires)
+        return out
 
     def network_name(self) -> str | None:
         return str(self.config.network) if self.config else None
@@ -70,7 +80,7 @@ class Daemon:
         last_error = ""
         while True:
             try:
-                return await self.manager.get_config()
+                return await self.control.run(self.manager.get_config())
             except (ConfigError, EtcdUnavailable) as exc:
                 if str(exc) != last_error:
                     log.warning("Couldn't fetch network config: %s (retrying every %.0f s)", exc, CONFIG_RETRY)
@@ -90,6 +100,7 @@ class Daemon:
             if a.healthz_port:
                 await self.api.http.serve_tcp(a.healthz_ip, a.healthz_port)
             await self.api.http.serve_unix(a.control_socket)
+            self.control.start()
             iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
             log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
             self.manager = SubnetManager(
@@ -119,7 +130,7 @@ class Daemon:
     async def _start(self, iface) -> None:
         assert self.manager is not None
         self.config = await self._get_config()
-        self.lease = await self.manager.acquire()
+        self.lease = await self.control.run(self.manager.acquire())
         log.info("Acquired lease %s (public ip %s)", self.lease.subnet, self.lease.public_ip)
         self.node = await asyncio.to_thread(
             bring_up, iface, self.lease.subnet, self.config.network, self.config.port,
@@ -155,15 +166,37 @@ class Daemon:
         return kept
 
     async def _follow_events(self) -> None:
+        """The manager's events, read on the control loop and applied here, on the data path's loop."""
         assert self.manager is not None and self.node is not None
-        async for event in self.manager.events():
-            match event:
-                case LeaseAcquired():
-                    await self._own_lease(event)
-                case LeaseLost(subnet, reason):
-                    log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", subnet, reason)
-                case _:  # a peer event
-                    log.info("%s", self.node.follow(event))
+        manager, events, main = self.manager, asyncio.Queue(), asyncio.get_running_loop()
+
+        async def forward() -> None:  # on the control loop
+            try:
+                async for item in manager.events():
+                    main.call_soon_threadsafe(events.put_nowait, item)
+            except Exception as exc:  # handed over, raised below
+                main.call_soon_threadsafe(events.put_nowait, exc)
+            finally:
+                main.call_soon_threadsafe(events.put_nowait, None)
+
+        forwarding = asyncio.ensure_future(self.control.run(forward()))
+        try:
+            while (event := await events.get()) is not None:
+                if isinstance(event, Exception):
+                    raise event
+                await self._apply(event)
+        finally:
+            forwarding.cancel()
+
+    async def _apply(self, event: ControlEvent) -> None:
+        assert self.node is not None
+        match event:
+            case LeaseAcquired():
+                await self._own_lease(event)
+            case LeaseLost(subnet, reason):
+                log.warning("own lease %s lost (%s); re-acquiring, forwarding continues", subnet, reason)
+            case _:  # a peer event
+                log.info("%s", self.node.follow(event))
 
     async def _own_lease(self, event: LeaseAcquired) -> None:
         """Re-acquired after a loss: usually the same subnet; if not, move flannel0 and subnet.env."""
@@ -198,8 +231,25 @@ class Daemon:
         if self.manager is not None:
             if self.args.release_lease_on_exit and self.lease is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.manager.release(), 1.0)
+                    await asyncio.wait_for(self.control.run(self.manager.release()), 1.0)
                     log.info("released lease %s", self.lease.subnet)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.manager.close(), 1.0)
+                await asyncio.wait_for(self.control.run(self.manager.close()), 1.0)
+        if not self.control.stop():
+            log.warning("the etcd thread did not stop")
         await self.api.http.close()
+        await report_leftover_tasks(also=self.control.leftover)
+
+
+async def report_leftover_tasks(grace: float = LEFTOVER_GRACE, also: list[str] = ()) -> None:
+    """Name every task still running at exit: each is a leak, which the loop would otherwise cancel
+    without a word. Tasks cancelled a moment ago get ``grace`` seconds to finish; ``also`` names those
+    another loop (the etcd thread's) was left with."""
+    me = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not me}
+    pending = (await asyncio.wait(others, timeout=grace))[1] if others else set()
+    names = [*also, *sorted(f"{t.get_name()} ({getattr(t.get_coro(), '__qualname__', t.get_coro())})" for t in pending)]
+    if names:
+        log.warning("stopping with %d task(s) still running: %s", len(names), ", ".join(names))
+    else:
+        log.info("stopped: no task left running")

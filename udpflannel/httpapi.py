@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from udpflannel import ctlsocket
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,22 @@ class HttpApi:
     def __init__(self, routes: dict[str, Handler]) -> None:
         self.routes = routes
         self.servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, tuple[int, int]]] = []
 
     async def serve_tcp(self, host: str, port: int) -> None:
         self.servers.append(await asyncio.start_server(self._handle, host, port))
         log.info("health/metrics on http://%s:%d/", host, port)
 
     async def serve_unix(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.servers.append(await asyncio.start_unix_server(self._handle, path))
-        os.chmod(path, 0o600)
-        self._unix_paths.append(path)
+        """Serve on ``path``; SetupError if a running daemon already answers there (see ctlsocket)."""
+        sock, identity = ctlsocket.claim(path)
+        try:
+            self.servers.append(await asyncio.start_unix_server(self._handle, sock=sock))
+        except BaseException:
+            sock.close()
+            ctlsocket.release(path, identity)
+            raise
+        self._unix_paths.append((path, identity))
 
     async def close(self) -> None:
         for server in self.servers:
@@ -62,9 +66,9 @@ class HttpApi:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
-        for path in self._unix_paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for path, identity in self._unix_paths:
+            ctlsocket.release(path, identity)  # only our own socket, never one that replaced it
+        self._unix_paths.clear()
         self.servers.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,5 +1,4 @@
-"""Test helpers: raw records as flanneld writes them, a manager's events with bounded waits, and a TCP
-proxy that can cut a node off etcd."""
+"""Test helpers: raw records as flanneld writes them, and a manager's events with bounded waits."""
 
 from __future__ import annotations
 
@@ -76,61 +75,6 @@ class EventTap:
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.wait([self._task])
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> etcd. ``cut()`` drops every connection and refuses new ones until ``restore()``."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = 0
-        self._cut = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._cut:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-    def cut(self) -> None:
-        self._cut = True
-        for w in list(self._writers):
-            w.transport.abort()
-
-    def restore(self) -> None:
-        self._cut = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 async def start_node(manager: SubnetManager) -> tuple[Lease, EventTap, Snapshot]:

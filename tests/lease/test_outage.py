@@ -16,7 +16,8 @@ import pytest
 from lease.events import LeaseLost, PeerAdded, PeerRemoved, Snapshot
 from lease.lifecycle import State
 from lease.records import make_subnet_key
-from tests.lease.helpers import FLANNELD_VALUE, ME, TcpProxy, net, put_config, put_record, start_node
+from tests.lease.helpers import FLANNELD_VALUE, ME, net, put_config, put_record, start_node
+from udpflannel.lab.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(60)]
 

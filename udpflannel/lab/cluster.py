@@ -8,6 +8,9 @@ The demo, the cluster tests and the benchmarks all build the same thing with it:
         env = cluster.wait_ready(1)           # subnet.env as a dict
         pod = cluster.add_pod(1)              # cni0 = FLANNEL_SUBNET, pod = .2
 
+``Cluster(lab, workdir, etcd_members=3)`` runs a 3-member etcd cluster on the hub instead of one etcd
+(``udpflannel.lab.etcdcluster``); ``cluster.etcd`` then kills and restarts members.
+
 Given flannel's binaries (``udpflannel.lab.flanneld``), a node can run the real ``flanneld`` instead,
 with the same flags, and its pods are then wired by flannel's own CNI plugin::
 
@@ -17,6 +20,7 @@ with the same flags, and its pods are then wired by flannel's own CNI plugin::
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -30,11 +34,22 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 from udpflannel.lab.etcd import EtcdServer
+from udpflannel.lab.etcdcluster import EtcdCluster
+from udpflannel.lab.etcdcluster import on_hub as etcd_on_hub
 from udpflannel.lab.netns import HUB_ADDRESS, Lab, Node, Pod
 
 PREFIX = "/coreos.com/network"
 CNI_PATH = "/usr/lib/cni:/opt/cni/bin"  # Debian's containernetworking-plugins, then the usual place
 HOST_LOCAL_DIR = "/var/lib/cni/networks"
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\S) (\S+): (.*)$", re.MULTILINE)
+
+
+def log_lines(text: str) -> list[tuple[float, str, str, str]]:
+    """A daemon's log as (wall-clock time, level letter, logger, message), in order."""
+    return [(datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), level, name, message)
+            for stamp, level, name, message in LOG_LINE.findall(text)]
 
 
 def cni_plugin_command() -> list[str]:
@@ -79,14 +94,18 @@ class Cluster:
     """Owns etcd and the daemons; the ``Lab`` owns the namespaces."""
 
     def __init__(self, lab: Lab, workdir: Path, *, healthz_port: int = 8286, flanneld: Path | None = None,
-                 flannel_cni: Path | None = None) -> None:
+                 flannel_cni: Path | None = None, etcd_members: int = 1) -> None:
+        """``etcd_members`` > 1: an etcd cluster of that many members on the hub (198.18.0.241 onwards;
+        node indexes stay below), every daemon given all of them in ``--etcd-endpoints``."""
         self.lab = lab
         self.workdir = Path(workdir)
         self.healthz_port = healthz_port
         self.flanneld = flanneld
         self.flannel_cni = flannel_cni
         self.hub = lab.hub or lab.add_hub()
-        self.etcd = EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=self.hub.name)
+        self.etcd: EtcdServer | EtcdCluster = (
+            EtcdServer(host=str(HUB_ADDRESS), port=2379, netns=self.hub.name) if etcd_members == 1
+            else etcd_on_hub(self.hub, etcd_members))
         self.nodes: dict[int, ClusterNode] = {}
         self.cni_network = f"{lab.tag}-cbr0"  # host-local keeps its leases under /var/lib/cni/networks/<name>
 

@@ -95,9 +95,12 @@ class EtcdServer:
         key_file: str | None = None,
         ca_file: str | None = None,
         extra_args: tuple[str, ...] = (),
+        initial_cluster: str | None = None,
     ) -> None:
         """``cert_file``/``key_file`` serve https; ``ca_file`` also requires client certificates from it
-        (etcdctl then presents ``cert_file``/``key_file``, so make that certificate good for clientAuth)."""
+        (etcdctl then presents ``cert_file``/``key_file``, so make that certificate good for clientAuth).
+        ``initial_cluster`` (``name=peer-url,...``) makes this one member of a cluster
+        (``udpflannel.lab.etcdcluster``); by default it is a cluster of its own."""
         self.host = host
         self.netns = netns
         # In a fresh namespace the standard ports are free; in the root namespace ask the kernel.
@@ -107,6 +110,7 @@ class EtcdServer:
         self.binary = binary or find_binary("etcd")
         self.cert_file, self.key_file, self.ca_file = cert_file, key_file, ca_file
         self.extra_args = tuple(extra_args)
+        self.initial_cluster = initial_cluster
         self._tmp = tempfile.mkdtemp(prefix="udpflannel-etcd-")
         self.data_dir = Path(data_dir) if data_dir is not None else Path(self._tmp) / "data"
         self.log_path = Path(self._tmp) / "etcd.log"
@@ -121,6 +125,10 @@ class EtcdServer:
         return f"{'https' if self.cert_file else 'http'}://{self.host}:{self.port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -133,7 +141,13 @@ class EtcdServer:
         """Start (or restart on the same data dir) and wait until it answers; bounded by ``timeout``."""
         if self.running:
             return self
-        peer = f"http://{self.host}:{self.peer_port}"
+        self.launch()
+        return self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Start the process (on the same data dir if it ran before) without waiting for it: a cluster
+        member answers only once a quorum of members runs."""
+        peer = self.peer_url
         args = [
             *self._prefix(), self.binary,
             "--name", self.name,
@@ -142,7 +156,7 @@ class EtcdServer:
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--initial-cluster-state", "new",
             "--log-level", "warn",
             "--unsafe-no-fsync",  # a lab etcd: page cache survives a killed process, which is all we test
@@ -163,6 +177,10 @@ class EtcdServer:
         self._paused = False
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, EtcdServer._cleanup, [self.proc], self._tmp)
+
+    def wait_healthy(self, timeout: float = 20.0) -> EtcdServer:
+        """Until this etcd answers; SetupError (and the process killed) after ``timeout`` or if it exits."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -231,11 +249,12 @@ class EtcdServer:
 
     # -- etcdctl -------------------------------------------------------------------------------------------
 
-    def ctl(self, *args: str, timeout: float = 10, input: str | None = None) -> str:
-        """Run ``etcdctl`` against this server (in its namespace); returns stdout, SetupError on failure."""
+    def ctl(self, *args: str, timeout: float = 10, input: str | None = None, endpoints: str | None = None) -> str:
+        """Run ``etcdctl`` against this server (in its namespace); returns stdout, SetupError on failure.
+        ``endpoints``: ask these instead (the members of its cluster, say)."""
         cmd = [
             *self._prefix(), find_binary("etcdctl"),
-            f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=3s",
+            f"--endpoints={endpoints or self.endpoint}", "--dial-timeout=2s", "--command-timeout=3s",
         ]
         if self.ca_file:
             cmd += [f"--cacert={self.ca_file}", f"--cert={self.cert_file}", f"--key={self.key_file}"]
