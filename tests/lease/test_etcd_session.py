@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from lease.etcd import EtcdSession
+from lease.options import EtcdOptions
 from udpflannel.errors import EtcdUnavailable
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(30)]
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.etcd, pytest.mark.timeout(30)]
 async def test_a_call_grpc_cancels_by_itself_raises_etcd_unavailable_and_leaves_the_caller_running(etcd):
     """grpc.aio raises CancelledError from a stream it cancelled itself (a LeaseKeepAlive on a member
     without a leader does it); that once ended the lease keeper without a word."""
-    session = EtcdSession(etcd.endpoint, timeout=2)
+    session = EtcdSession(EtcdOptions(etcd.endpoint, timeout=2))
 
     async def cancelled_by_grpc(client):
         raise asyncio.CancelledError()  # what grpc.aio's _raise_for_status raises for a locally cancelled call
@@ -31,7 +32,7 @@ async def test_a_call_grpc_cancels_by_itself_raises_etcd_unavailable_and_leaves_
 
 
 async def test_the_caller_s_own_cancellation_still_cancels(etcd):
-    session = EtcdSession(etcd.endpoint, timeout=2)
+    session = EtcdSession(EtcdOptions(etcd.endpoint, timeout=2))
 
     async def slow(client):
         await asyncio.sleep(30)

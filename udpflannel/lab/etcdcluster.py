@@ -5,7 +5,7 @@ follower, or a quorum, and bring them back.
 
     with EtcdCluster(["127.0.0.1"] * 3) as etcd:            # loopback, free ports, one data dir each
         etcd.ctl("put", "/coreos.com/network/config", "...")  # etcdctl against every member
-        SubnetManager(etcd.endpoint, ...)                     # "http://127.0.0.1:P1,http://127.0.0.1:P2,..."
+        SubnetManager(EtcdOptions(etcd.endpoint), ...)        # "http://127.0.0.1:P1,http://127.0.0.1:P2,..."
         leader = etcd.leader(); leader.kill(); ...; etcd.restart(leader)
 
 With ``netns=`` every member runs in that namespace; :func:`on_hub` puts them on addresses of the
