@@ -33,6 +33,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from typing import Self
 
 from udpflannel.errors import SetupError
 
@@ -78,7 +79,27 @@ def _terminate(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         pass
 
 
-class EtcdServer:
+class StartedInWith:
+    """``with X() as x``: ``start()`` on entry (``close()`` if that fails), ``close()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EtcdServer(StartedInWith):
     """One etcd process and its data directory. Not thread-safe; use from one thread."""
 
     def __init__(
@@ -236,16 +257,6 @@ class EtcdServer:
             if proc is not None:
                 _terminate(proc, 2.0)
         shutil.rmtree(tmp, ignore_errors=True)
-
-    def __enter__(self) -> EtcdServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- etcdctl -------------------------------------------------------------------------------------------
 

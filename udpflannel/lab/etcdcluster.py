@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from udpflannel.errors import SetupError
-from udpflannel.lab.etcd import EtcdServer
+from udpflannel.lab.etcd import EtcdServer, StartedInWith
 from udpflannel.lab.netns import UNDERLAY, Netns
 
 QUORUM_KEY = "/udpflannel-lab/quorum-probe"
@@ -38,7 +38,7 @@ def on_hub(hub: Netns, members: int = 3) -> EtcdCluster:
     return EtcdCluster(hosts, netns=hub.name)
 
 
-class EtcdCluster:
+class EtcdCluster(StartedInWith):
     def __init__(self, hosts: Sequence[str], *, netns: str | None = None) -> None:
         if len(hosts) < 2:
             raise ValueError("a cluster needs at least two members; use EtcdServer for one")
@@ -106,16 +106,6 @@ class EtcdCluster:
                 errors.append(exc)
         if errors:
             raise errors[0]
-
-    def __enter__(self) -> EtcdCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- roles ---------------------------------------------------------------------------------------------
 
