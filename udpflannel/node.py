@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from lease.events import PeerEvent
-from tun import TunDevice, configure_tun
-from tun.configure import readdress_tun
+from tun.configure import configure_tun, readdress_tun
+from tun.device import TunDevice
 from tun.errors import TunError
 from tun.layout import ENCAP_OVERHEAD
 from udpflannel.counters import Counters
