@@ -22,10 +22,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import report
+from benchmarks import render, report
+from benchmarks.code import snapshot_code, static_flags
 from benchmarks.measure import RR_RUNS, RR_SIZE, machine_busy_fraction
-from benchmarks.rows import DataplaneError, builtin_rows, snapshot_code, static_flags
+from benchmarks.processes import builtin_rows
 from benchmarks.runner import FULL, OPEN_LABS, QUICK, QUIET, Progress, Settings, run_all
+from benchmarks.topology import DataplaneError
 from udpflannel.lab.flanneld import BinaryNotFound, find_flanneld
 
 HERE = Path(__file__).resolve().parent
@@ -129,14 +131,15 @@ def rebuild_report(out: Path, update: bool) -> int:
     raw = {"rows": saved["raw"], "strace": saved.get("strace_check"), "calibration": saved.get("calibration"),
            "rtt_pairs": saved.get("rtt_pairs", {}).get("raw", [])}
     results = report.build_results(raw, saved["meta"])
-    paths = report.write_all(results, out)
+    paths = render.write_all(results, out)
     print(f"rebuilt {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
-    if update and report.update_readme(HERE / "README.md", results, "results/"):
+    if update and render.update_readme(HERE / "README.md", results, "results/"):
         print("updated the results section of benchmarks/README.md", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the rows, or rebuild the report: the command line's steps in order (long as that list is)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.rebuild_report:
         out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
@@ -202,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": round(progress.elapsed(), 1),
         }
         results = report.build_results(raw, meta)
-        paths = report.write_all(results, out)
+        paths = render.write_all(results, out)
         progress(f"wrote {', '.join(str(p) for p in paths.values())}")
         if not args.quick and args.out is None and not args.no_readme:
-            if report.update_readme(HERE / "README.md", results, "results/"):
+            if render.update_readme(HERE / "README.md", results, "results/"):
                 progress("updated the results section of benchmarks/README.md")
-        print(report.main_table(results))
+        print(render.main_table(results))
         return 0
     except (KeyboardInterrupt, Interrupted) as exc:
         progress(f"interrupted ({type(exc).__name__}): removing the lab")

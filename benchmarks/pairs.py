@@ -18,14 +18,8 @@ import subprocess
 from pathlib import Path
 
 from benchmarks.measure import MeasureError, request_response, runtime_ns, start_servers
-from benchmarks.rows import (
-    NO_FAST_PATH,
-    DataplaneError,
-    UdpflannelStatic,
-    add_pods,
-    build_nodes,
-    wait_reachable,
-)
+from benchmarks.processes import NO_FAST_PATH, UdpflannelStatic
+from benchmarks.topology import DataplaneError, add_pods, build_nodes, wait_reachable
 from udpflannel.lab.netns import Lab
 
 

@@ -27,13 +27,14 @@ from benchmarks.measure import (
     request_response,
     restart_iperf_server,
     start_servers,
-    strace_check,
     tcp_throughput,
     udp_flood,
     window,
 )
 from benchmarks.pairs import pair_rows, paired_rtt
-from benchmarks.rows import DataplaneError, Row, Topology, add_pods, build_nodes, wait_reachable
+from benchmarks.rows import Row
+from benchmarks.strace import strace_check
+from benchmarks.topology import DataplaneError, Topology, add_pods, build_nodes, wait_reachable
 from udpflannel.lab.netns import Lab
 
 OPEN_LABS: set[Lab] = set()

@@ -128,7 +128,8 @@ def _backend(fields: dict[str, Any]) -> tuple[str, int]:
 
 
 def parse_network_config(data: bytes | str) -> NetworkConfig:
-    """Parse and validate the JSON stored at ``<prefix>/config``."""
+    """Parse and validate the JSON stored at ``<prefix>/config``: flanneld's checks in flanneld's order,
+    one after another (long as that list is)."""
     try:
         doc = json.loads(data, object_pairs_hook=_folded_object)
     except (ValueError, UnicodeDecodeError) as e:

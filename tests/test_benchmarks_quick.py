@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import render, report
 from benchmarks.runner import LAB_PREFIX
 from tests.conftest import require
 from udpflannel.lab.netns import leftover_namespaces
@@ -133,7 +133,7 @@ def test_every_metric_failing_is_flagged_as_failed() -> None:
 
 def test_markdown_and_plots_render(tmp_path: Path) -> None:
     require(importlib.util.find_spec("matplotlib") is not None, "needs matplotlib (the `bench` extra)")
-    paths = report.write_all(report.build_results(fake_raw(), META), tmp_path)
+    paths = render.write_all(report.build_results(fake_raw(), META), tmp_path)
     md = paths["md"].read_text()
     assert "≥ 10.00" not in md and "0.90 (0.80–1.00) [2 of 3]" in md
     assert "≥ 50" in md  # generator-limited packet rate is shown as a lower bound

@@ -18,6 +18,7 @@ from lease.events import PeerAdded, PeerRemoved, Snapshot
 from tests.strategies import slow_header_checksum
 from udpflannel.engine import Engine
 from udpflannel.packet import Verdict, decrement_ttl
+from udpflannel.perpacket import PacketMover
 from udpflannel.routes import follow
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -48,6 +49,7 @@ class Rig:
         self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
                             tun_mtu=1472, tun_address=OWN.network_address,
                             budget=budget)
+        self.dp.plug(PacketMover(self.dp))
         self.port = self.peer.getsockname()[1]  # every peer's UDP port
         follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 

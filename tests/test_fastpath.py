@@ -23,7 +23,8 @@ from tests.test_gso import slow_split
 from tun import vnet
 from udpflannel import fastpath
 from udpflannel.engine import Engine
-from udpflannel.fastpath import QUIET_NS, BatchMover, Features
+from udpflannel.fastpath import BatchMover, Features
+from udpflannel.pace import QUIET_NS, Pace
 from udpflannel.packet import Verdict
 from udpflannel.routes import follow
 from udpflannel.sockets import SOL_UDP, UDP_GRO, gso_cmsg, probe_udp_offloads
@@ -65,9 +66,9 @@ class Rig:
         self.peer.bind(("127.0.0.1", 0))
         self.peer.settimeout(2)
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, features=features,
-                                tun_fd=self.tun_end.fileno(), udp=self.udp, tun_mtu=1472,
-                                tun_address=OWN.network_address)
+        self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=self.tun_end.fileno(), udp=self.udp,
+                         tun_mtu=1472, tun_address=OWN.network_address)
+        self.dp.plug(BatchMover(self.dp, features))
         self.port = self.peer.getsockname()[1]  # every peer's UDP port
         follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 
@@ -104,12 +105,12 @@ class Clock:
 @pytest.fixture(autouse=True)
 def busy_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups 1 ns apart: every one drains its fd, whatever the test machine's speed."""
-    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(1)))
+    monkeypatch.setattr(Pace, "clock", staticmethod(Clock(1)))
 
 
 def quiet_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """Wake-ups far apart: a lone packet is forwarded and the engine waits for the next wake-up."""
-    monkeypatch.setattr(BatchMover, "clock", staticmethod(Clock(QUIET_NS + 1)))
+    monkeypatch.setattr(Pace, "clock", staticmethod(Clock(QUIET_NS + 1)))
 
 
 @pytest.fixture

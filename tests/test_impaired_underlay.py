@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.rows import SUBNETS, KernelVxlan, Topology
+from benchmarks.rows import KernelVxlan
+from benchmarks.topology import SUBNETS, Topology
 from tests.cluster import TOOLS, start_udpflannel, tcp_transfer
 from tests.conftest import require
 from udpflannel.lab.netns import UNDERLAY, Lab, Node

@@ -35,3 +35,15 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from udpflannel.packet import Verdict\n    import lease.etcd\n")
     assert imported_packages(module) == {"udpflannel", "lease"}
+
+
+def test_the_command_line_imports_no_heavy_library() -> None:
+    """``udpflannel status`` must stay fast: the CLI module loads no numpy, netlink, TUN, etcd or gRPC code."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "numba", "pyroute2", "pytun", "aetcd", "grpc")
+    code = f"import sys, udpflannel.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -23,7 +23,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.rows import KernelVxlan, Topology, add_pods
+from benchmarks.rows import KernelVxlan
+from benchmarks.topology import Topology, add_pods
 from tests.cluster import TOOLS, ping, start_udpflannel, tcp_transfer, wait_for
 from tests.conftest import require
 from tests.test_fastpath_e2e import Pair

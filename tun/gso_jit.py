@@ -27,7 +27,7 @@ from numba import int64
 from tun.layout import CWR, PROTO_TCP, PROTO_UDP
 
 if TYPE_CHECKING:
-    from tun.segment import Packet
+    from tun.superpacket import Packet
 
 # No bounds checks (offsets come from headers the callers have checked); numpy's error model (no
 # ZeroDivisionError branches in the loops); helpers inlined into the loops (a cut of 3 super-packets:

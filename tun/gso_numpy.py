@@ -39,7 +39,7 @@ from tun.layout import (
 )
 
 if TYPE_CHECKING:
-    from tun.segment import Packet
+    from tun.superpacket import Packet
 
 ZEROS = memoryview(bytes(MAX_IP_PACKET + 8))
 _BIG = 0xFFFF << 42  # a multiple of 0xFFFF above every sum here

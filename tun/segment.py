@@ -36,6 +36,7 @@ from tun.layout import (
     UDP_HEADER,
     UDP_LENGTH,
 )
+from tun.superpacket import Packet
 
 # Read buffers must have this much room beyond the largest packet: a cut zero-pads the last segment's
 # payload to a whole segment so one reshape sums every segment (the zeros don't change a checksum).
@@ -64,22 +65,6 @@ class Cut(NamedTuple):
     count: int
     size: int
     last: int
-
-
-class Packet(NamedTuple):
-    """What the parse learns about one super-packet: all a kernel needs to cut it."""
-
-    at: int  # offset of the packet in the input buffer
-    proto: int
-    ihl: int
-    hl: int  # IP + transport header bytes
-    mss: int
-    count: int
-    last: int  # payload bytes of the last segment
-    template: bytes  # headers for a middle segment: total length set, ID/seq/checksums 0, FIN/PSH/CWR off
-    ident: int
-    seq: int
-    flags: int  # TCP flags as read (0 for UDP)
 
 
 class Segmenter:

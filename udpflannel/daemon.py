@@ -11,19 +11,19 @@ stream reconnects on its own, so a dead etcd stops route *changes*, not forwardi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from argparse import Namespace
+from collections.abc import Callable
 from functools import partial
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from lease.events import ControlEvent, LeaseAcquired, LeaseLost
-from lease.manager import SubnetManager
-from lease.subnetenv import format_subnet_env, read_previous_subnet, write_subnet_env
+from lease.protocol import SubnetManager
+from lease.subnetenv import format_subnet_env, write_subnet_env
 from udpflannel.blackhole import METRIC, blackhole_present, ensure_blackhole, remove_blackhole
-from udpflannel.errors import ConfigError, EtcdUnavailable, SetupError
-from udpflannel.flags import etcd_options
+from udpflannel.errors import ConfigError, ControlPlaneError, EtcdUnavailable, SetupError
+from udpflannel.flags import etcd_subnet_manager
 from udpflannel.iface import select_interface
 from udpflannel.loopthread import LoopThread
 from udpflannel.node import Node, bring_up, wait_for_stop_signal
@@ -37,9 +37,21 @@ CONFIG_RETRY = 1.0
 LEFTOVER_GRACE = 0.5  # seconds tasks cancelled at shutdown get to finish before they count as leaked
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived: the daemon's task group ends, cleanly."""
+
+
+async def _until_stopped() -> None:
+    raise Stopped(await wait_for_stop_signal())
+
+
 class Daemon:
-    def __init__(self, args: Namespace) -> None:
+    """``make_manager(args, public_ip)``: the subnet manager to run with (``lease.protocol``): etcd's,
+    as flanneld's, unless the caller brings another."""
+
+    def __init__(self, args: Namespace, *, make_manager: Callable[[Namespace, IPv4Address], SubnetManager] = etcd_subnet_manager) -> None:
         self.args = args
+        self._make_manager = make_manager
         self.ready = False
         self.node: Node | None = None
         self.manager: SubnetManager | None = None
@@ -57,7 +69,8 @@ class Daemon:
         the asyncio tasks alive (flat over time, or something leaks)."""
         out = {"asyncio_tasks": float(len(asyncio.all_tasks()) + self.control.tasks())}
         if self.manager is not None:
-            out.update({f"etcd_{kind}_requests": float(n) for kind, n in sorted(self.manager.etcd_requests.items())})
+            requests = getattr(self.manager, "etcd_requests", {})  # what an etcd manager asked etcd, by kind
+            out.update({f"etcd_{kind}_requests": float(n) for kind, n in sorted(requests.items())})
             expires = self.manager.expires_at_unix
             if expires:
                 out["lease_expiry_timestamp_seconds"] = float(expires)
@@ -93,39 +106,32 @@ class Daemon:
         write_subnet_env(self.args.subnet_file, text)
 
     async def run(self) -> int:
+        """Start up, then run the workers, all in one task group until SIGTERM/SIGINT (which ends it
+        cleanly, start-up included) or a failure (raised, for the CLI's exit code)."""
         a = self.args
-        stop = asyncio.ensure_future(wait_for_stop_signal())
-        tasks: list[asyncio.Task] = []
         try:
-            if a.healthz_port:
-                await self.api.http.serve_tcp(a.healthz_ip, a.healthz_port)
-            await self.api.http.serve_unix(a.control_socket)
-            self.control.start()
-            iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
-            log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
-            self.manager = SubnetManager(
-                etcd_options(a), a.etcd_prefix, public_ip=iface.ext_addr,
-                previous_subnet=read_previous_subnet(a.subnet_file), renew_margin=a.subnet_lease_renew_margin,
-            )
-            startup = asyncio.ensure_future(self._start(iface))
-            done, _ = await asyncio.wait({startup, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if stop in done:
-                startup.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await startup
-                return 0
-            startup.result()
-            tasks.append(asyncio.ensure_future(self._follow_events()))
-            tasks.append(asyncio.ensure_future(self.api.track_last_seen()))
-            tasks.append(asyncio.ensure_future(keep(lambda: self.kept, period=a.iptables_resync, lock=self._resync_lock)))
-            done, _ = await asyncio.wait({stop, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop:
-                    task.result()  # an unexpected end of a worker is an error
-            log.info("Exiting cleanly...")
-            return 0
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_until_stopped(), name="udpflannel-signals")
+                if a.healthz_port:
+                    await self.api.http.serve_tcp(a.healthz_ip, a.healthz_port)
+                await self.api.http.serve_unix(a.control_socket)
+                self.control.start()
+                iface = await asyncio.to_thread(select_interface, a.iface, a.iface_regex, a.iface_can_reach or None, a.public_ip or None)
+                log.info("Using interface %s with address %s (public %s)", iface.name, iface.iface_addr, iface.ext_addr)
+                self.manager = self._make_manager(a, iface.ext_addr)
+                await self._start(iface)
+                tasks.create_task(self._follow_events(), name="udpflannel-events")
+                tasks.create_task(self.api.track_last_seen(), name="udpflannel-last-seen")
+                tasks.create_task(keep(lambda: self.kept, period=a.iptables_resync, lock=self._resync_lock),
+                                  name="udpflannel-resync")
+        except BaseExceptionGroup as group:
+            errors = [exc for exc in group.exceptions if not isinstance(exc, Stopped)]
+            if errors:
+                raise errors[0] from group
         finally:
-            await self._shutdown(stop, tasks)
+            await self._shutdown()
+        log.info("Exiting cleanly...")
+        return 0
 
     async def _start(self, iface) -> None:
         assert self.manager is not None
@@ -217,24 +223,24 @@ class Daemon:
         self._write_subnet_env()
         log.warning("own subnet moved %s -> %s; flannel0 and %s updated", old, event.subnet, self.args.subnet_file)
 
-    async def _shutdown(self, stop: asyncio.Future, tasks: list[asyncio.Task]) -> None:
+    async def _shutdown(self) -> None:
+        """After the task group: the dataplane down, the lease released (if asked) and the manager
+        closed, each bounded to 1 s (SIGTERM stops the daemon within 2 s); etcd may be gone."""
         self.ready = False
-        stop.cancel()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         if self.node is not None:
             log.info("stopping; counters %s", json.dumps(self.node.counters.as_dict()))
             self.node.close()
         if self.manager is not None:
             if self.args.release_lease_on_exit and self.lease is not None:
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(self.control.run(self.manager.release()), 1.0)
                     log.info("released lease %s", self.lease.subnet)
-            with contextlib.suppress(Exception):
+                except (ControlPlaneError, TimeoutError) as exc:
+                    log.warning("could not release lease %s: %s", self.lease.subnet, exc or "timed out")
+            try:
                 await asyncio.wait_for(self.control.run(self.manager.close()), 1.0)
+            except (ControlPlaneError, TimeoutError) as exc:
+                log.warning("closing the subnet manager: %s", exc or "timed out")
         if not self.control.stop():
             log.warning("the etcd thread did not stop")
         await self.api.http.close()

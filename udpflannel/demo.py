@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_demo(lab: Lab, cluster: Cluster, args: argparse.Namespace) -> None:
+    """The demo's script, step by step as the user reads it on the terminal (long as a script is)."""
     step(f"etcd is running in namespace {cluster.hub.name} at {cluster.endpoint} (underlay bridge br0)")
     cluster.put_config(CONFIG)
     say(f"etcdctl put {PREFIX}/config '{CONFIG}'")

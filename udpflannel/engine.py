@@ -34,13 +34,10 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Protocol
 
-from tun.layout import UDP_MAX_SEGMENTS
 from udpflannel import icmp, sockets
 from udpflannel.counters import Counters
-from udpflannel.features import Features
 from udpflannel.fragment import fragment
 from udpflannel.packet import TOO_BIG, Verdict, dont_fragment
-from udpflannel.perpacket import PacketMover
 from udpflannel.pmtu import PathMtus, recheck_interval
 from udpflannel.routes import NextHop, RouteTable
 
@@ -50,8 +47,12 @@ DEFAULT_BUDGET = 64
 
 
 class Mover(Protocol):
-    """What plugs into the engine: the two read callbacks, and how to send again what a narrower path
-    refused (``data``: datagrams of ``size`` bytes, the last maybe shorter)."""
+    """What plugs into the engine: the two read callbacks, how to send again what a narrower path
+    refused (``data``: datagrams of ``size`` bytes, the last maybe shorter), the bytes of header in
+    front of each TUN read and write (a virtio_net_hdr, or none) and the datagrams one send may carry."""
+
+    tun_header: int
+    max_segments: int
 
     def on_tun_readable(self) -> None: ...
     def on_udp_readable(self) -> None: ...
@@ -61,8 +62,7 @@ class Mover(Protocol):
 class Engine:
     """Moves packets between the TUN fd and the UDP socket through a mover; see the module docstring.
 
-    ``features``: the kernel's offloads (``udpflannel.probe``) for the batch mover, with a TUN opened
-    with a vnet header; None: the per-packet mover. ``path_mtu(peer_ip)``: the kernel's path MTU to a
+    A mover plugs in before :meth:`attach` (:meth:`plug`; ``udpflannel.node`` picks it). ``path_mtu(peer_ip)``: the kernel's path MTU to a
     peer now (default: read through a socket from the UDP socket's address, ``sockets.path_mtu``);
     ``pmtu_recheck``: seconds between two readings of a narrowed peer's (default: from the kernel's
     ``mtu_expires``).
@@ -83,7 +83,6 @@ class Engine:
         trace: bool = False,
         path_mtu: Callable[[str], int] | None = None,
         pmtu_recheck: float | None = None,
-        features: Features | None = None,
     ) -> None:
         self.tun_fd = tun_fd
         self.udp = udp
@@ -104,22 +103,19 @@ class Engine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.parked_sends: list[tuple[bytes, int, int, NextHop]] = []  # (datagrams, size, count, peer)
         self.parked_writes: list[tuple[bytes, int]] = []  # (one TUN write, the packets it carries)
-        self.features = features
-        self.max_segments = UDP_MAX_SEGMENTS if features is not None and features.udp_gso else 1  # per send
-        self.mover: Mover
-        if features is None:
-            self.mover = PacketMover(self)
-            self.tun_header = 0
-        else:
-            from udpflannel.fastpath import (
-                BatchMover,  # numpy and the GSO kernels: only where offloads are on
-            )
-
-            self.mover = BatchMover(self, features)
-            self.tun_header = BatchMover.TUN_HEADER  # every TUN write starts with a virtio_net_hdr
+        self.mover: Mover | None = None
+        self.max_segments = 1  # datagrams per send: the mover's, until EIO turns GSO off
+        self.tun_header = 0  # bytes before each packet in a TUN read or write: the mover's
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def plug(self, mover: Mover) -> Engine:
+        """What moves the packets: ``udpflannel.perpacket.PacketMover`` or ``udpflannel.fastpath.BatchMover``."""
+        self.mover = mover
+        self.max_segments, self.tun_header = mover.max_segments, mover.tun_header
+        return self
+
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        assert self.mover is not None, "plug() a mover first"
         self.loop = loop or asyncio.get_running_loop()
         self.loop.add_reader(self.tun_fd, self.mover.on_tun_readable)
         self.loop.add_reader(self.udp.fileno(), self.mover.on_udp_readable)

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 from tun import gso, vnet
 from udpflannel.batch import inbound_batches
 from udpflannel.forward import describe, inbound
+from udpflannel.pace import Pace
 from udpflannel.packet import FORWARD, OVERSIZE, TOO_SHORT, Verdict
 from udpflannel.routes import NextHop
 from udpflannel.sockets import GRO_CMSG_SPACE, gro_size
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
-    from udpflannel.fastpath import BatchMover
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("udpflannel.trace")
@@ -35,8 +35,8 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFla
 class Inbound:
     """UDP → TUN for the :class:`~udpflannel.fastpath.BatchMover`; see the module docstring."""
 
-    def __init__(self, engine: Engine, mover: BatchMover, *, merge_udp: bool) -> None:
-        self.engine, self.mover = engine, mover
+    def __init__(self, engine: Engine, pace: Pace, *, merge_udp: bool) -> None:
+        self.engine, self.pace = engine, pace
         self._rx = bytearray(RX_BYTES + gso.BUFFER_SIZE)
         self._rx_mv = memoryview(self._rx)
         self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
@@ -47,11 +47,10 @@ class Inbound:
         """A wake-up. Its first receive is handled here in as few steps as the per-packet path takes: a
         single datagram is decided and written at once and, on a quiet socket, that ends the wake-up.
         A GRO batch, or a busy socket, goes on to ``_receive_on``."""
-        e, mover = self.engine, self.mover
+        e = self.engine
         c = e.counters
         c.udp_wakeups += 1
-        now = mover.clock()
-        quiet, self._woke = now - self._woke > mover.QUIET_NS and now > mover.bulk_until, now
+        quiet, self._woke = self.pace.woke(self._woke)
         c.udp_recvs += 1
         try:
             received = e.udp.recvmsg_into(self._rx_start, GRO_CMSG_SPACE)
@@ -154,7 +153,7 @@ class Inbound:
                 verdict = self._decide_datagram(row, nbytes, peer)
                 units = iter([(verdict, peer, 1, [plain, row] if verdict == FORWARD else row)])
             else:
-                self.mover.bulk_until = self.mover.clock() + self.mover.BULK_NS
+                self.pace.batch_moved()
                 units = inbound_batches(self._coalescer, at, seg, [t[1] for t in table[i:j]],
                                         [t[3] for t in table[i:j]], routes, tun_mtu=tun_mtu, check_source=check_source)
             i = j

@@ -32,13 +32,13 @@ from tun.layout import MAX_IP_PACKET
 from udpflannel import icmp
 from udpflannel.batch import first_segment
 from udpflannel.forward import describe, outbound
+from udpflannel.pace import Pace
 from udpflannel.packet import BAD_HEADER, Verdict, dont_fragment
 from udpflannel.routes import NextHop
 from udpflannel.sockets import UDP_MAX_PAYLOAD, gso_cmsg
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
-    from udpflannel.fastpath import BatchMover
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("udpflannel.trace")
@@ -71,8 +71,8 @@ class _Batch:
 class Outbound:
     """TUN → UDP for the :class:`~udpflannel.fastpath.BatchMover`; see the module docstring."""
 
-    def __init__(self, engine: Engine, mover: BatchMover) -> None:
-        self.engine, self.mover = engine, mover
+    def __init__(self, engine: Engine, pace: Pace) -> None:
+        self.engine, self.pace = engine, pace
         self._in = bytearray(TUN_BYTES + 2 * TUN_ROOM + 64)
         self._in_mv = memoryview(self._in)
         self._in_hdr = bytearray(vnet.VNET_HDR_LEN)
@@ -89,11 +89,10 @@ class Outbound:
         """A wake-up. Its first read is handled here in as few steps as the per-packet path takes: an
         ordinary packet is forwarded at once and, on a quiet fd, that ends the wake-up. A super-packet,
         or a busy fd, goes on to ``_read_on``."""
-        e, mover = self.engine, self.mover
+        e = self.engine
         c = e.counters
         c.tun_wakeups += 1
-        now = mover.clock()
-        quiet, self._woke = now - self._woke > mover.QUIET_NS and now > mover.bulk_until, now
+        quiet, self._woke = self.pace.woke(self._woke)
         c.tun_reads += 1
         try:  # the packet lands at offset 0, its vnet header apart
             n = os.readv(e.tun_fd, self._in_start) - vnet.VNET_HDR_LEN
@@ -149,7 +148,10 @@ class Outbound:
     def _read_on(self, first: int) -> None:
         """Read until EAGAIN (or the budget) back to back into one buffer, cut all the super-packets
         in one pass (``Segmenter.cut``), then queue and send per peer, in order. ``first`` ≥ 0: a
-        super-packet of that length is already at offset 0 (the wake-up's first read)."""
+        super-packet of that length is already at offset 0 (the wake-up's first read).
+
+        Long on purpose: the hot loop, with its locals bound once; a helper call per read would cost
+        ~1 µs per super-packet (docs/fast-path-profile.md)."""
         e = self.engine
         c = e.counters
         fd, routes, readv, limits, trace = e.tun_fd, e.routes, os.readv, e.path_mtus.limits, e.trace
@@ -224,7 +226,7 @@ class Outbound:
         if not supers:
             return
         self._send_all()
-        self.mover.bulk_until = self.mover.clock() + self.mover.BULK_NS
+        self.pace.batch_moved()
         e = self.engine
         c = e.counters
         results = self._segmenter.cut(self._in, [item[:4] for item in supers])

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
 
 from lease.options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EtcdOptions
 from lease.subnetenv import DEFAULT_SUBNET_FILE
 from udpflannel import __version__
 from udpflannel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lease.protocol import SubnetManager
 
 DEFAULT_CONTROL_SOCKET = "/run/flannel/udpflannel.sock"
 
@@ -127,3 +132,13 @@ def etcd_options(args: argparse.Namespace) -> EtcdOptions:
     return EtcdOptions(endpoints=args.etcd_endpoints, keyfile=args.etcd_keyfile or None,
                        certfile=args.etcd_certfile or None, cafile=args.etcd_cafile or None,
                        username=args.etcd_username or None, password=args.etcd_password or None)
+
+
+def etcd_subnet_manager(args: argparse.Namespace, public_ip: IPv4Address) -> SubnetManager:
+    """The daemon's subnet manager from its flags: flanneld's, on etcd (loaded now, not at import)."""
+    from lease.manager import EtcdSubnetManager
+    from lease.subnetenv import read_previous_subnet
+
+    return EtcdSubnetManager(etcd_options(args), args.etcd_prefix, public_ip=public_ip,
+                             previous_subnet=read_previous_subnet(args.subnet_file),
+                             renew_margin=args.subnet_lease_renew_margin)

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
 from lease.events import PeerEvent
-from tun import TunDevice, configure_tun
-from tun.configure import readdress_tun
+from tun.configure import configure_tun, readdress_tun
+from tun.device import TunDevice
 from tun.errors import TunError
 from tun.layout import ENCAP_OVERHEAD
 from udpflannel.counters import Counters
 from udpflannel.engine import DEFAULT_BUDGET, Engine
 from udpflannel.errors import SetupError
 from udpflannel.iface import ExternalInterface
+from udpflannel.perpacket import PacketMover
 from udpflannel.probe import open_tun_for, probe_features
 from udpflannel.routes import follow
 from udpflannel.sockets import open_icmp_socket, open_udp_socket
@@ -122,9 +123,14 @@ def bring_up(
         if isinstance(exc, TunError):  # the TUN layer's error, as the node's set-up failure
             raise SetupError(str(exc)) from exc
         raise
-    features = probe_features(tun_offloads, udp, disabled_offloads) if tun.vnet_hdr else None  # None: per packet
     engine = Engine(tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
-                    budget=budget, check_source=check_source, trace=trace, features=features)
+                    budget=budget, check_source=check_source, trace=trace)
+    if tun.vnet_hdr:  # the TUN took the offloads: the fast path (numpy and the GSO kernels load only here)
+        from udpflannel.fastpath import BatchMover
+
+        engine.plug(BatchMover(engine, probe_features(tun_offloads, udp, disabled_offloads)))
+    else:
+        engine.plug(PacketMover(engine))
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
     return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=engine, closers=closers)
 

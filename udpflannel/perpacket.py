@@ -33,6 +33,9 @@ RECV_BUFFER = 65536  # any UDP datagram fits, so an oversize one is seen whole a
 class PacketMover:
     """Moves one packet per syscall; see the module docstring."""
 
+    tun_header = 0  # plain packets in and out of the TUN
+    max_segments = 1  # one datagram per send
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._tun_buf = bytearray(RECV_BUFFER)

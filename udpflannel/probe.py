@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from tun import TunDevice, open_tun
+from tun.device import TunDevice, open_tun
 from tun.offload import TunOffloads, enable_offloads
 from udpflannel.features import Features
 from udpflannel.sockets import probe_udp_offloads

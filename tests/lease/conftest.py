@@ -12,7 +12,7 @@ import uuid
 import aetcd
 import pytest
 
-from lease.manager import SubnetManager
+from lease.manager import EtcdSubnetManager
 from lease.options import EtcdOptions
 from tests.conftest import require
 from udpflannel.errors import SetupError
@@ -64,11 +64,11 @@ async def kv(etcd):
 @pytest.fixture
 async def managers(etcd, prefix):
     """A factory of SubnetManagers on ``etcd`` and ``prefix``; all are closed after the test."""
-    made: list[SubnetManager] = []
+    made: list[EtcdSubnetManager] = []
 
-    def make(public_ip: str = "192.168.1.10", **kwargs) -> SubnetManager:
+    def make(public_ip: str = "192.168.1.10", **kwargs) -> EtcdSubnetManager:
         options = EtcdOptions(kwargs.pop("endpoints", etcd.endpoint), timeout=kwargs.pop("request_timeout", 2.0))
-        m = SubnetManager(options, prefix, public_ip=public_ip, **kwargs)
+        m = EtcdSubnetManager(options, prefix, public_ip=public_ip, **kwargs)
         made.append(m)
         return m
 

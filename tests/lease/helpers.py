@@ -9,7 +9,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Network
 
 from lease.events import ControlEvent, Snapshot
-from lease.manager import Lease, SubnetManager
+from lease.manager import EtcdSubnetManager, Lease
 from lease.records import make_subnet_key
 
 NETWORK_CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}'
@@ -40,13 +40,13 @@ async def put_record(kv, prefix, subnet, value, ttl=None):
 class EventTap:
     """Consumes ``manager.events()`` in the background; ``wait_for`` waits (bounded) for a matching event."""
 
-    def __init__(self, manager: SubnetManager) -> None:
+    def __init__(self, manager: EtcdSubnetManager) -> None:
         self.events: list[tuple[float, ControlEvent]] = []
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(manager))
         self.error: BaseException | None = None
 
-    async def _run(self, manager: SubnetManager) -> None:
+    async def _run(self, manager: EtcdSubnetManager) -> None:
         try:
             async for event in manager.events():
                 self.events.append((time.monotonic(), event))
@@ -77,7 +77,7 @@ class EventTap:
         await asyncio.wait([self._task])
 
 
-async def start_node(manager: SubnetManager) -> tuple[Lease, EventTap, Snapshot]:
+async def start_node(manager: EtcdSubnetManager) -> tuple[Lease, EventTap, Snapshot]:
     """Acquire, start following the events, and wait (bounded) for the first Snapshot."""
     lease = await manager.acquire()
     tap = EventTap(manager)

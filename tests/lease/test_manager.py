@@ -56,7 +56,7 @@ async def test_flanneld_and_vxlan_records_are_understood(kv, prefix, managers):
 
 async def test_twenty_concurrent_managers_get_distinct_aligned_subnets(kv, prefix, managers, caplog):
     # 31 candidates for 20 nodes: many create races, each retried with a fresh listing.
-    caplog.set_level(logging.INFO, logger="lease.manager")
+    caplog.set_level(logging.INFO, logger="lease.acquire")
     await put_config(kv, prefix, '{"Network":"10.7.0.0/19"}')
     ms = [managers(f"192.168.2.{i}", rng=random.Random(i)) for i in range(1, 21)]
     t0 = time.monotonic()
@@ -224,10 +224,10 @@ async def test_config_missing_invalid_and_out_of_subnets(kv, prefix, managers):
 
 
 async def test_unreachable_etcd_raises_etcd_unavailable_quickly(prefix):
-    from lease.manager import SubnetManager
+    from lease.manager import EtcdSubnetManager
     from lease.options import EtcdOptions
 
-    m = SubnetManager(EtcdOptions(f"http://127.0.0.1:{free_port()}", timeout=1.0), prefix, public_ip=ME)
+    m = EtcdSubnetManager(EtcdOptions(f"http://127.0.0.1:{free_port()}", timeout=1.0), prefix, public_ip=ME)
     t0 = time.monotonic()
     with pytest.raises(EtcdUnavailable):
         await m.get_config()

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from lease.manager import SubnetManager
+from lease.manager import EtcdSubnetManager
 from lease.options import EtcdOptions
 from tests.conftest import require
 from tests.lease.conftest import need_etcd
@@ -43,7 +43,7 @@ async def test_tls_with_client_certificates(certs):
     with EtcdServer(cert_file=certs["node.pem"], key_file=certs["node.key"], ca_file=certs["ca.pem"]) as etcd:
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         assert etcd.endpoint.startswith("https://")
-        m = SubnetManager(EtcdOptions(etcd.endpoint, keyfile=certs["node.key"], certfile=certs["node.pem"],
+        m = EtcdSubnetManager(EtcdOptions(etcd.endpoint, keyfile=certs["node.key"], certfile=certs["node.pem"],
                                       cafile=certs["ca.pem"], timeout=2.0), public_ip=ME)
         try:
             lease = await m.acquire()
@@ -51,7 +51,7 @@ async def test_tls_with_client_certificates(certs):
         finally:
             await m.close()
         # Without a client certificate the server refuses us: an error, not a hang.
-        anonymous = SubnetManager(EtcdOptions(etcd.endpoint, cafile=certs["ca.pem"], timeout=2.0), public_ip=ME)
+        anonymous = EtcdSubnetManager(EtcdOptions(etcd.endpoint, cafile=certs["ca.pem"], timeout=2.0), public_ip=ME)
         try:
             with pytest.raises(EtcdUnavailable):
                 await anonymous.get_config()
@@ -65,8 +65,8 @@ async def test_username_and_password_and_an_expired_token():
         etcd.ctl("put", "/coreos.com/network/config", NETWORK_CONFIG)
         etcd.ctl("user", "add", "root", "--new-user-password=s3cret")
         etcd.ctl("auth", "enable")
-        good = SubnetManager(EtcdOptions(etcd.endpoint, username="root", password="s3cret", timeout=2.0), public_ip=ME)
-        bad = SubnetManager(EtcdOptions(etcd.endpoint, username="root", password="wrong", timeout=2.0), public_ip=ME)
+        good = EtcdSubnetManager(EtcdOptions(etcd.endpoint, username="root", password="s3cret", timeout=2.0), public_ip=ME)
+        bad = EtcdSubnetManager(EtcdOptions(etcd.endpoint, username="root", password="wrong", timeout=2.0), public_ip=ME)
         try:
             lease = await good.acquire()
             assert lease.subnet.prefixlen == 24

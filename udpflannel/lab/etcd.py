@@ -4,7 +4,7 @@
 
     with EtcdServer() as etcd:                      # 127.0.0.1, free ports, temporary data dir
         etcd.ctl("put", "/coreos.com/network/config", '{"Network": "10.5.0.0/16"}')
-        manager = SubnetManager(EtcdOptions(etcd.endpoint), public_ip=...)
+        manager = EtcdSubnetManager(EtcdOptions(etcd.endpoint), public_ip=...)
         etcd.pause(); ...; etcd.resume()            # "etcd stopped" without losing the process
         etcd.stop(); ...; etcd.start()              # down for real, back on the same data dir
         etcd.compact()                              # compact up to the current revision
