@@ -1,7 +1,8 @@
-"""The etcd connection: flanneld-style endpoints, TLS files and username/password, on top of aetcd.
+"""The etcd connection: which member to use, and every RPC through it, on top of aetcd (the endpoints,
+TLS files and the channel itself are built by :mod:`lease.channel`).
 
-This is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession` runs single RPCs through
-:meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
+With :mod:`lease.channel`, this is the only module of ``lease/`` that talks gRPC. :class:`EtcdSession`
+runs single RPCs through :meth:`~EtcdSession.call`: every failure (refused, timed out, unauthenticated, ...) becomes
 :class:`~lease.errors.EtcdUnavailable`, and the channel is dropped so that the next call starts a fresh
 one (fresh channels also re-authenticate, which renews an expired auth token).
 
@@ -24,10 +25,8 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
@@ -35,6 +34,7 @@ import grpc
 import grpc.aio
 from aetcd import rpc
 
+from lease.channel import CHANNEL_OPTIONS, Client, Endpoint, parse_endpoints, tls_credentials
 from lease.errors import ConfigError, EtcdUnavailable
 from lease.options import EtcdOptions
 
@@ -44,17 +44,6 @@ T = TypeVar("T")
 
 PROBE_TIMEOUT = 2.0  # seconds a member may take to report its status before another one is used
 PREFER_GRACE = 0.2  # seconds a fit member waits for an earlier one in the turn to answer
-
-_CHANNEL_OPTIONS = {
-    # Ping every 10 s (etcd's default --grpc-keepalive-min-time is 5 s) and give up on a silent server.
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.max_pings_without_data": 0,
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 2_000,
-}
-
 
 
 class CancelledByGrpc(Exception):
@@ -78,94 +67,6 @@ class Compacted(EtcdUnavailable):
         self.revision = revision
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    tls: bool
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
-
-
-def parse_endpoints(value: str | Sequence[str]) -> tuple[Endpoint, ...]:
-    """``--etcd-endpoints``: a comma-separated string or a list of ``http(s)://host:port`` URLs."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    endpoints = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        url = urlsplit(item if "://" in item else f"http://{item}")
-        if url.scheme not in ("http", "https"):
-            raise ConfigError("etcd-endpoints", f"{item!r}: only http:// and https:// endpoints are supported")
-        try:
-            port = url.port or 2379
-        except ValueError as e:
-            raise ConfigError("etcd-endpoints", f"{item!r}: {e}") from None
-        if not url.hostname:
-            raise ConfigError("etcd-endpoints", f"{item!r} has no host")
-        endpoints.append(Endpoint(url.hostname, port, url.scheme == "https"))
-    if not endpoints:
-        raise ConfigError("etcd-endpoints", "no endpoint given")
-    return tuple(endpoints)
-
-
-def _read(path: str | None, flag: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ConfigError(flag, f"cannot read {path}: {e.strerror}") from None
-
-
-def tls_credentials(
-    keyfile: str | None, certfile: str | None, cafile: str | None, *, https: bool
-) -> grpc.ChannelCredentials | None:
-    """TLS when an endpoint is https or a client key+cert is given (like flanneld); None for plain http."""
-    if bool(keyfile) != bool(certfile):
-        flag = "etcd-certfile" if keyfile else "etcd-keyfile"
-        raise ConfigError(flag, "--etcd-keyfile and --etcd-certfile must be given together")
-    if not (https or keyfile):
-        if cafile:
-            log.warning("--etcd-cafile is ignored: no https endpoint and no client certificate")
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(cafile, "etcd-cafile"),
-        private_key=_read(keyfile, "etcd-keyfile"),
-        certificate_chain=_read(certfile, "etcd-certfile"),
-    )
-
-
-class _Client(aetcd.Client):
-    """aetcd's client, plus TLS: aetcd 1.0 only opens insecure channels."""
-
-    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._credentials = credentials
-
-    async def connect(self) -> None:
-        if self._credentials is None:
-            return await super().connect()
-        if self._connected.is_set():
-            return
-        # The same steps as aetcd.Client.connect, over a secure channel.
-        self.channel = grpc.aio.secure_channel(
-            f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
-        )
-        if self._username is not None and self._password is not None:
-            self.auth_stub = rpc.AuthStub(self.channel)
-            resp = await self.auth_stub.Authenticate(
-                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout
-            )
-            self.metadata = (("token", resp.token),)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._connected.set()  # no aetcd watcher: EtcdSession.watch speaks the Watch RPC itself
 
 
 class EtcdSession:
@@ -194,7 +95,7 @@ class EtcdSession:
         self.requests: Counter[str] = Counter()
         self._index = random.randrange(len(self.endpoints))  # where the turn starts: nodes spread over members
         self._used: Endpoint | None = None
-        self._client: _Client | None = None
+        self._client: Client | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
 
@@ -202,7 +103,7 @@ class EtcdSession:
     def endpoint(self) -> Endpoint:
         return self.endpoints[self._index]
 
-    async def _current(self) -> _Client:
+    async def _current(self) -> Client:
         async with self._connecting:
             if self._closed:
                 raise EtcdUnavailable("the etcd session is closed")
@@ -210,7 +111,7 @@ class EtcdSession:
                 self._client, self._index = await self._select()
             return self._client
 
-    async def _select(self) -> tuple[_Client, int]:
+    async def _select(self) -> tuple[Client, int]:
         """Probe every endpoint at once; keep the one that answers with a leader, close the others.
 
         Endpoints are preferred in turn from ``_index`` (a random one at first, so nodes spread over the
@@ -261,16 +162,16 @@ class EtcdSession:
         self._used = ep
         return client, index
 
-    async def _probe(self, ep: Endpoint) -> tuple[_Client, rpc.StatusResponse]:
+    async def _probe(self, ep: Endpoint) -> tuple[Client, rpc.StatusResponse]:
         """A connected channel to ``ep`` and its status; closes the channel on any failure or cancellation."""
-        client = _Client(
+        client = Client(
             credentials=self._credentials,
             host=ep.host,
             port=ep.port,
             username=self._username,
             password=self._password,
             timeout=self.timeout,
-            options=_CHANNEL_OPTIONS,
+            options=CHANNEL_OPTIONS,
         )
         try:
             await _bounded(client.connect(), self.timeout)
@@ -284,7 +185,7 @@ class EtcdSession:
             raise
         return client, status
 
-    async def _drop(self, client: _Client) -> None:
+    async def _drop(self, client: Client) -> None:
         """Forget ``client`` (if still current) and move to the next endpoint."""
         if self._client is client:
             self._client = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lease.etcd import Backoff, Endpoint, EtcdSession, parse_endpoints
+from lease.channel import Endpoint, parse_endpoints
+from lease.etcd import Backoff, EtcdSession
 from lease.options import EtcdOptions
 from udpflannel.errors import ConfigError
 
