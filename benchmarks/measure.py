@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -35,9 +36,12 @@ from udpflannel.lab.netns import Netns
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 RR_TOOL = Path(__file__).with_name("rr.py")
+_PING_TIME = re.compile(r"time=([0-9.]+) ms")
 IPERF_PORT = 5201
 RR_PORT = 5300
 RR_SIZE = 64
+UDP_RR_PORT = 5301
+SPARSE_INTERVAL_MS = 5.0  # 200 Hz: every hop sleeps between two packets (issue: a lone packet's wake-ups)
 # TCP congestion control, set on iperf3's sockets (-C) so that no figure depends on the host's default:
 # cubic is the kernel's default and what most nodes run. BBR paces its sends, which leaves a userspace
 # dataplane fewer packets per wake-up, so the 1-stream test is repeated with it (ALT_CONGESTION).
@@ -205,9 +209,12 @@ def start_servers(topo: Topology) -> dict[str, subprocess.Popen]:
         "iperf3": pod.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         "rr": pod.popen([sys.executable, str(RR_TOOL), "server", str(RR_PORT), str(RR_SIZE)],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        "udp_rr": pod.popen([sys.executable, str(RR_TOOL), "udp-server", str(UDP_RR_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     }
     wait_listening(pod, IPERF_PORT)
     wait_listening(pod, RR_PORT)
+    wait_listening(pod, UDP_RR_PORT, proto="u")
     return servers
 
 
@@ -337,3 +344,26 @@ def request_response(client: Netns, target: str, count: int, max_seconds: float,
         per_run.append(round(out["p50_us"], 1))
     return {**rr_tool.summarize(samples, size=RR_SIZE, count=each * runs), "runs": runs, "warmup": warmup,
             "run_p50_us": per_run}
+
+
+# -- sparse round trips: one packet every 5 ms, so every hop wakes up for each -----------------------------
+def sparse_ping(client: Netns, target: str, count: int) -> dict:
+    """``ping -i 0.005``: ICMP echo at 200 Hz; per-reply times parsed from its output (µs)."""
+    interval = SPARSE_INTERVAL_MS / 1e3
+    proc = client.run("ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1", target,
+                      check=False, timeout=count * interval + 15)
+    times = sorted(round(float(m) * 1000) for m in _PING_TIME.findall(proc.stdout))
+    if not times:
+        raise MeasureError(f"ping {target}: no reply ({(proc.stderr or proc.stdout).strip()[-200:]})")
+    return {**rr_tool.summarize([t * 1000 for t in times], size=64, count=count),
+            "lost": count - len(times), "interval_ms": SPARSE_INTERVAL_MS}
+
+
+def sparse_udp_rr(client: Netns, target: str, count: int) -> dict:
+    """A 64-byte UDP request every 5 ms and its echo (benchmarks/rr.py udp-client)."""
+    args = [sys.executable, str(RR_TOOL), "udp-client", target, str(UDP_RR_PORT), str(RR_SIZE), str(count),
+            str(SPARSE_INTERVAL_MS)]
+    proc = client.run(*args, check=False, timeout=count * SPARSE_INTERVAL_MS / 1e3 + 15)
+    if proc.returncode != 0:
+        raise MeasureError(f"sparse UDP client exited {proc.returncode}: {proc.stderr.strip()[-200:]}")
+    return json.loads(proc.stdout)

@@ -187,7 +187,9 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     charts = [
         ("throughput.png", "TCP throughput pod→pod (higher is better)", "Gb/s", ["tcp1_gbps", "tcp1_bbr_gbps", "tcp4_gbps"],
          ["1 stream", "1 stream, BBR", "4 streams"]),
-        ("latency.png", "TCP request/response RTT (lower is better)", "µs", ["rtt_p50_us", "rtt_p99_us"], ["p50", "p99"]),
+        ("latency.png", "Round-trip time: back-to-back TCP and sparse ping at 200 Hz (lower is better)", "µs",
+         ["rtt_p50_us", "rtt_p99_us", "ping200_p50_us", "ping200_p99_us"],
+         ["TCP RR p50", "TCP RR p99", "ping 200 Hz p50", "ping 200 Hz p99"]),
         ("packet_rate.png", "UDP forwarding rate (hatched: generator-limited, a lower bound)", "kpps",
          ["udp64_kpps", "udp1400_kpps"], ["64 B", "1400 B"]),
         ("cpu_per_gb.png", "CPU seconds per GB, TCP 1 stream (lower is better)", "CPU-s/GB",

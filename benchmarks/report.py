@@ -33,6 +33,10 @@ METRICS = (
     Metric("tcp4_gbps", "TCP pod→pod, 4 streams", "Gb/s", "higher", 2),
     Metric("rtt_p50_us", "TCP request/response RTT p50", "µs", "lower", 0),
     Metric("rtt_p99_us", "TCP request/response RTT p99", "µs", "lower", 0),
+    Metric("ping200_p50_us", "Sparse ping RTT p50 (200 Hz)", "µs", "lower", 0),
+    Metric("ping200_p99_us", "Sparse ping RTT p99 (200 Hz)", "µs", "lower", 0),
+    Metric("udprr200_p50_us", "Sparse UDP request/response RTT p50 (200 Hz)", "µs", "lower", 0),
+    Metric("udprr200_p99_us", "Sparse UDP request/response RTT p99 (200 Hz)", "µs", "lower", 0),
     Metric("udp64_kpps", "UDP 64 B forwarding rate", "kpps", "higher", 0),
     Metric("udp1400_kpps", "UDP 1400 B forwarding rate", "kpps", "higher", 0),
     Metric("cpu_s_per_gb", "Dataplane CPU per GB (TCP 1 stream)¹", "CPU-s/GB", "lower", 2, same_measure_for_kernel=False),
@@ -106,6 +110,10 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
     put("tcp4_gbps", lambda: _value(_group(run, "tcp4")["gbps"]))
     put("rtt_p50_us", lambda: _value(_group(run, "rr")["p50_us"], n=_group(run, "rr")["n"]))
     put("rtt_p99_us", lambda: _value(_group(run, "rr")["p99_us"], n=_group(run, "rr")["n"]))
+    for group in ("ping200", "udprr200"):
+        for q in ("p50", "p99"):
+            put(f"{group}_{q}_us", lambda group=group, q=q: _value(_group(run, group)[f"{q}_us"], n=_group(run, group)["n"],
+                                                                  lost=_group(run, group)["lost"]))
     for size in (64, 1400):
         def pps(size=size):
             g = _group(run, f"udp{size}")
@@ -269,7 +277,7 @@ def pairs_text(results: dict) -> str:
 
 
 GROUP_LABELS = {"tcp1": "TCP 1 stream", "tcp1_bbr": "TCP 1 stream, BBR", "tcp4": "TCP 4 streams", "rr": "request/response",
-                "udp64": "UDP 64 B flood", "udp1400": "UDP 1400 B flood"}
+                "ping200": "ping at 200 Hz", "udprr200": "UDP request/response at 200 Hz", "udp64": "UDP 64 B flood", "udp1400": "UDP 1400 B flood"}
 DETAIL_KEYS = ("cpu_s_per_gb", "ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt",
                "pkts_per_tun_wakeup", "pkts_per_udp_wakeup")
 

@@ -26,6 +26,8 @@ from benchmarks.measure import (
     read_now,
     request_response,
     restart_iperf_server,
+    sparse_ping,
+    sparse_udp_rr,
     start_servers,
     tcp_throughput,
     udp_flood,
@@ -41,7 +43,8 @@ OPEN_LABS: set[Lab] = set()
 # Namespaces are named <tag>-<host>. Other labs use "uf" + 6 hex digits, so "ufbench" (not hex) never collides.
 LAB_PREFIX = "ufbench"
 QUIET = 0.15  # fraction of the machine's CPU that other work may use before a lab without a warning
-GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "rr", "udp64", "udp1400")  # tcp1_bbr: the 1-stream test again, with BBR
+# tcp1_bbr: the 1-stream test again, with BBR; ping200/udprr200: sparse round trips, one packet every 5 ms
+GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "rr", "ping200", "udprr200", "udp64", "udp1400")
 
 
 @dataclass(frozen=True)
@@ -53,21 +56,23 @@ class Settings:
     rr_count: int
     rr_max_seconds: float
     strace_seconds: int
+    sparse_count: int  # round trips of each sparse (200 Hz) measure
     rtt_pairs: int = 0  # per repeat: turns of the fast-path and per-packet rows in one lab (benchmarks.pairs)
     rtt_pair_count: int = 2000  # round trips per turn
     wait_idle: float = 0.0  # seconds to wait, before each lab, for the machine to be < QUIET busy
 
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
-                f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s); TCP congestion "
+                f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s); "
+                f"sparse round trips at 200 Hz: {self.sparse_count} pings and {self.sparse_count} UDP requests; TCP congestion "
                 f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)"
                 + (f"; paired RTT: {self.rtt_pairs} pair(s) of turns per repeat, {self.rtt_pair_count} round trips each"
                    if self.rtt_pairs else ""))
 
 
-FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3,
+FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3, sparse_count=600,
                 rtt_pairs=10, rtt_pair_count=2000)
-QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1,
+QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1, sparse_count=100,
                  rtt_pairs=1, rtt_pair_count=400)
 
 
@@ -94,6 +99,10 @@ def run_group(name: str, topo: Topology, s: Settings) -> dict:
         return tcp_throughput(topo, streams=4, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
     if name == "rr":
         return request_response(topo.pods[1], str(topo.pods[2].address), s.rr_count, s.rr_max_seconds)
+    if name == "ping200":
+        return sparse_ping(topo.pods[1], str(topo.pods[2].address), s.sparse_count)
+    if name == "udprr200":
+        return sparse_udp_rr(topo.pods[1], str(topo.pods[2].address), s.sparse_count)
     if name.startswith("udp"):
         return udp_flood(topo, int(name[3:]), s.udp_seconds)
     raise ValueError(name)
@@ -106,6 +115,9 @@ def summary(name: str, result: dict) -> str:
         return f"{result['gbps']:.2f} Gb/s"
     if name == "rr":
         return f"p50 {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs ({result['n']} round trips)"
+    if name in ("ping200", "udprr200"):
+        return (f"p50 {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs ({result['n']} round trips at 200 Hz,"
+                f" {result['lost']} lost)")
     limited = ", generator-limited" if result["generator_limited"] else ""
     return (f"{result['delivered_pps'] / 1e3:.0f} kpps delivered of {result['offered_pps'] / 1e3:.0f} kpps offered"
             f" (generator CPU {result['generator_cpu_pct'] or 0:.0f}%{limited})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -32,7 +33,11 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not leftover_namespaces(LAB_PREFIX), "the benchmark left namespaces behind"
+    # This run's labs (their tags are in its results); other runs on the machine may have labs of their own.
+    tags = set(re.findall(rf"{LAB_PREFIX}[0-9a-f]{{6}}", (tmp_path / "results.json").read_text()))
+    assert len(tags) >= 4, tags  # a lab per row, and the paired-RTT lab
+    left = [ns for ns in leftover_namespaces(LAB_PREFIX) if ns.split("-")[0] in tags]
+    assert not left, f"the benchmark left namespaces behind: {left}"
     for name in OUTPUTS:
         assert (tmp_path / name).stat().st_size > 0, name
 
@@ -51,6 +56,9 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
         assert [groups[g]["congestion"] for g in ("tcp1", "tcp1_bbr", "tcp4")] == ["cubic", "bbr", "cubic"]
         for g in ("udp64", "udp1400"):  # delivered = datagrams that reached the pod's UDP layer
             assert groups[g]["pod_udp"]["InDatagrams"] > 0 and groups[g]["pod_udp"]["InCsumErrors"] == 0
+        for g in ("ping200", "udprr200"):  # sparse round trips: answered, one every 5 ms
+            assert groups[g]["interval_ms"] == 5.0 and groups[g]["n"] + groups[g]["lost"] == 100, groups[g]
+            assert 0 < groups[g]["p50_us"] <= groups[g]["p99_us"] < 1e6, groups[g]
     strace = results["strace_check"]
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
     pairs = results["rtt_pairs"]  # one pair of turns: fast path and per-packet path in one lab
@@ -80,8 +88,10 @@ def fake_run(gbps: float, *, limited: bool = False, counters: bool = False) -> d
                            "udp_packets": 1000, "udp_wakeups": 40}
     udp = {"delivered_pps": 5e4, "offered_pps": 5e4 if limited else 9e4, "generator_limited": limited,
            "generator_cpu_pct": 99.0, "window": window()}
-    return {"groups": {"tcp1": tcp, "tcp1_bbr": dict(tcp), "tcp4": dict(tcp), "rr": {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()},
-                       "udp64": udp, "udp1400": dict(udp)}}
+    rr = {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()}
+    sparse = {**rr, "lost": 0, "interval_ms": 5.0}
+    return {"groups": {"tcp1": tcp, "tcp1_bbr": dict(tcp), "tcp4": dict(tcp), "rr": rr, "ping200": sparse,
+                       "udprr200": dict(sparse), "udp64": udp, "udp1400": dict(udp)}}
 
 
 def fake_raw() -> dict:
