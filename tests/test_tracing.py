@@ -5,11 +5,13 @@ pcapng writer (``udpflannel.pcapng``), read back by tcpdump, a real reader."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import struct
 import subprocess
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -282,7 +284,6 @@ def test_client_stream_reports_its_drops_and_ends_after_count(engine):
     async def read() -> list[bytes]:
         return [line async for line in client.lines()]
 
-    import json
     lines = [json.loads(line) for line in asyncio.run(read())]
     assert "hello" in lines[0] and {"dropped": 3} in lines
     assert [item["dir"] for item in lines if "steps" in item] == ["out", "out"]
@@ -352,3 +353,75 @@ def test_tcpdump_reads_the_pcapng_with_both_interfaces(tmp_path):
     assert len(lines) == 2
     assert "10.5.1.2 > 10.5.2.2: ICMP echo request, id 7, seq 1, length 64" in lines[0]
     assert "198.18.0.1.8285 > 198.18.0.2.8285: UDP, length 84" in lines[1]
+
+
+# -- the control socket's /trace stream (a real unix socket, no namespace needed) ---------------------------
+async def _serve(engine, path: Path):
+    from udpflannel.httpapi import HttpApi, Stream
+
+    hub = TraceHub(engine)
+    api = HttpApi({"/trace": Stream(hub.stream)}, unix_only=frozenset({"/trace"}))
+    await api.serve_unix(str(path))
+    return hub, api
+
+
+async def _request(path: Path, query: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(f"GET /trace?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, head
+
+
+def test_trace_stream_attaches_while_the_client_is_there_and_detaches_when_it_hangs_up(engine, tmp_path):
+    async def scenario() -> None:
+        hub, api = await _serve(engine, tmp_path / "ctl.sock")
+        try:
+            reader, writer, head = await _request(tmp_path / "ctl.sock", "proto=icmp")
+            assert head.startswith(b"HTTP/1.1 200") and b"application/x-ndjson" in head
+            hello = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert hello["filter"] == {"proto": "1"} and engine.tracer is hub
+            pkt = echo()
+            verdict, hop = outbound(pkt, len(pkt), routes())
+            hub.outbound(pkt, len(pkt), verdict, hop)
+            event = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert event["dir"] == "out" and event["steps"][0][0] == "tun read"
+            writer.close()
+            for _ in range(100):  # the daemon notices the hang-up while no event is due
+                if engine.tracer is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.tracer is None and not hub.clients
+        finally:
+            await api.close()
+
+    asyncio.run(scenario())
+
+
+def test_trace_stream_refuses_a_bad_filter_with_400_naming_the_field(engine, tmp_path):
+    async def scenario() -> bytes:
+        _, api = await _serve(engine, tmp_path / "ctl.sock")
+        try:
+            reader, writer, head = await _request(tmp_path / "ctl.sock", "port=99999")
+            body = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return head + body
+        finally:
+            await api.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 400") and b"port" in answer and engine.tracer is None
+
+
+def test_closing_the_server_ends_open_trace_streams(engine, tmp_path):
+    async def scenario() -> None:
+        hub, api = await _serve(engine, tmp_path / "ctl.sock")
+        reader, writer, _ = await _request(tmp_path / "ctl.sock", "")
+        await asyncio.wait_for(reader.readline(), 5)
+        assert engine.tracer is hub
+        await api.close()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the stream ended
+        writer.close()
+        assert engine.tracer is None and not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    asyncio.run(scenario())

@@ -61,20 +61,26 @@ class TraceClient:
             self._wake.set()
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """The stream: a ``hello`` line, then one JSON line per event and a ``dropped`` line whenever the
-        count of lost events grew; ends after ``count`` events."""
+        """The stream: a ``hello`` line, then one JSON line per event and, once the queue is drained, a
+        ``dropped`` line if the count of lost events grew; ends after ``count`` events. (Events are only
+        lost while the queue is full, so a growth is always reported after the next drain.)"""
         yield _line({"hello": "udpflannel trace", **self.about, "filter": self.filter.as_query(),
                      "queue_limit": self.limit, "outer_headers": OUTER_NOTE})
         reported = 0
-        while not self.count or self.sent < self.count:
-            await self._wake.wait()
+
+        def done() -> bool:
+            return bool(self.count) and self.sent >= self.count
+
+        while not done():
             self._wake.clear()
+            while self.queue and not done():
+                self.sent += 1
+                yield _line(event_json(self.queue.popleft(), self.with_bytes))
             if self.dropped != reported:
                 reported = self.dropped
                 yield _line({"dropped": reported})
-            while self.queue and (not self.count or self.sent < self.count):
-                self.sent += 1
-                yield _line(event_json(self.queue.popleft(), self.with_bytes))
+            if not self.queue and not done():
+                await self._wake.wait()
         yield _line({"end": self.sent, "dropped": self.dropped})
 
 
@@ -116,17 +122,18 @@ class TraceHub:
         self._update()
 
     async def stream(self, query: dict[str, str]) -> AsyncIterator[bytes]:
-        """A client for the control socket's ``/trace``: attached now (ValueError for a bad parameter,
-        before anything is sent), detached when the stream ends or the peer goes."""
+        """A client for the control socket's ``/trace`` (ValueError for a bad parameter, before anything
+        is sent): attached when its stream starts, detached when it ends or the peer goes."""
         flt = TraceFilter.from_query(query)
         count = query.get("count", "0")
         if not count.isdigit():
             raise ValueError(f"count: {count!r} is not a whole number")
         about = {"tun": self.tun_name, "local": f"{self.local[0]}:{self.local[1]}", "node": socket.gethostname()}
-        client = self.attach(TraceClient(flt, count=int(count), with_bytes=query.get("bytes", "") == "1", about=about))
+        client = TraceClient(flt, count=int(count), with_bytes=query.get("bytes", "") == "1", about=about)
         return self._lines(client)
 
     async def _lines(self, client: TraceClient) -> AsyncIterator[bytes]:
+        self.attach(client)  # here, not before: a stream never started never attaches (nor detaches)
         try:
             async for line in client.lines():
                 yield line
