@@ -114,7 +114,7 @@ def test_outbound_event_of_a_super_packet_counts_its_segments_and_datagrams():
     event = outbound_event(pkt, len(pkt), verdict, hop, routes=routes(), local=LOCAL, gso=(1, 1432), segments=segments)
     steps = dict(event.steps)
     assert "super-packet" in steps["tun read"] and "GSO_TCPV4 gso_size 1432, cut into 3 segments" in steps["tun read"]
-    assert "3 datagrams of 1500 bytes (last 528), one sendmsg with UDP_SEGMENT" in steps["encap"]
+    assert "3 datagrams of 1500 bytes (last 528), sent in UDP_SEGMENT batches" in steps["encap"]
     assert event.payloads == segments and len(event.outer()) == 3
 
 

@@ -137,6 +137,8 @@ class Outbound:
         c = e.counters
         c.tun_packets += 1
         if flags & vnet.NEEDS_CSUM and not vnet.complete_checksum(pkt, n, csum_start, csum_offset):
+            if tracer is not None:
+                tracer.outbound(pkt, n, BAD_HEADER, None)
             e.drop(BAD_HEADER, pkt, n, c.tun_drops)
             return None
         verdict, hop = outbound(pkt, n, e.routes)

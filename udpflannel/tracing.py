@@ -245,7 +245,8 @@ def outbound_event(buf, n: int, verdict: int, hop: NextHop | None, *, routes: Ro
     payloads = segments or ((bytes(buf[:n]),) if forwarded else ())
     if forwarded and hop is not None:
         sizes = sorted({len(p) for p in payloads})
-        size = f"{len(payloads)} datagrams of {sizes[-1] + 28} bytes (last {len(payloads[-1]) + 28}), one sendmsg with UDP_SEGMENT" \
+        size = (f"{len(payloads)} datagrams of {sizes[-1] + 28} bytes (last {len(payloads[-1]) + 28}), sent in "
+                "UDP_SEGMENT batches (up to 64 a sendmsg, where the socket has GSO)") \
             if len(payloads) > 1 else f"datagram {n + 28} bytes (IPv4 20 + UDP 8 + {n})"
         steps.append(("encap", f"UDP {local[0]}:{local[1]} → {hop[0]}:{hop[1]}, {size}"))
         where = f"sent to {hop[0]}:{hop[1]}"
