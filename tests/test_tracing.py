@@ -425,3 +425,17 @@ def test_closing_the_server_ends_open_trace_streams(engine, tmp_path):
         assert engine.tracer is None and not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
 
     asyncio.run(scenario())
+
+
+def test_trace_flag_logs_every_packets_journey_on_one_line(engine, caplog):
+    import logging
+
+    hub = TraceHub(engine, log_every_packet=True)  # --trace
+    assert engine.tracer is hub
+    pkt = echo()
+    verdict, hop = outbound(pkt, len(pkt), routes())
+    with caplog.at_level(logging.DEBUG, logger="udpflannel.trace"):
+        hub.outbound(pkt, len(pkt), verdict, hop)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "udpflannel.trace"]
+    assert line.startswith("out tun read: flannel0 → daemon: 10.5.1.2 > 10.5.2.2 icmp echo request")
+    assert "; route: 10.5.2.2 in 10.5.2.0/24" in line and line.endswith("verdict: FORWARD: sent to 198.18.0.2:8285")
