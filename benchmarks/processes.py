@@ -181,6 +181,64 @@ class UdpflannelStatic(ProcessRow):
         return {"nodes": per_node, "total": sum_counters(list(per_node.values()))}
 
 
+class UdpflannelTraced(UdpflannelStatic):
+    """The default static row with a ``udpflannel trace`` client attached to each node's daemon, its
+    filter matching nothing (:data:`NOBODY`): what a listener that wants none of the traffic costs the
+    dataplane (issue 19: nothing measurable). The clients' own processes are not charged to the row;
+    they sleep in ``recv``."""
+
+    NOBODY = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no pod, node or peer of the lab has it
+
+    def __init__(self, name: str = "udpflannel +trace", *, code: Path | None = None) -> None:
+        super().__init__(name, code=code, description="udpflannel static mode (fast path), a `udpflannel trace "
+                                                      f"--host {self.NOBODY}` client attached on each node")
+        self.tracers: dict[int, subprocess.Popen] = {}
+
+    def control_socket(self, index: int) -> Path:
+        assert self.topo is not None
+        return self.topo.workdir / f"{self.slug}-n{index}.sock"
+
+    def command(self, index: int) -> list[str]:
+        return [*super().command(index), "--control-socket", str(self.control_socket(index))]
+
+    def start(self) -> None:
+        super().start()
+        assert self.topo is not None
+        for i, node in self.topo.nodes.items():
+            log = self.topo.workdir / f"{self.slug}-n{i}-{self.starts}-trace.log"
+            with open(log, "wb") as out:
+                self.tracers[i] = node.popen([sys.executable, "-m", "udpflannel", "trace", "--control-socket",
+                                              str(self.control_socket(i)), "--host", self.NOBODY],
+                                             stdout=out, stderr=subprocess.STDOUT, env=self.environment(), cwd=self.cwd())
+            deadline = time.monotonic() + 20
+            while "tracing" not in log.read_text(errors="replace"):
+                if self.tracers[i].poll() is not None or time.monotonic() > deadline:
+                    raise DataplaneError(f"{self.name}: udpflannel trace on node {i} did not attach: "
+                                         f"{log.read_text(errors='replace')[-500:]}")
+                time.sleep(0.05)
+
+    def stop(self) -> dict | None:
+        for proc in self.tracers.values():
+            if proc.poll() is None:
+                signal_group(proc, signal.SIGINT)
+        for proc in self.tracers.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.tracers.clear()
+        return super().stop()
+
+    def teardown(self) -> None:
+        for proc in self.tracers.values():
+            if proc.poll() is None:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.tracers.clear()
+        super().teardown()
+
+
 class OnEtcd(ProcessRow):
     """A dataplane whose nodes lease their subnets from a real etcd in the hub namespace (mixed in).
 
@@ -354,6 +412,8 @@ def builtin_rows(variants: dict[str, list[str]] | None = None, externals: dict[s
         }
     else:
         rows = {"udpflannel": UdpflannelStatic(code=code, description="udpflannel static mode, per-packet path")}
+    if ((code or Path(__file__).parent.parent) / "udpflannel" / "tracehub.py").exists():  # `udpflannel trace` exists
+        rows["udpflannel +trace"] = UdpflannelTraced(code=code)
     rows["udpflannel daemon"] = UdpflannelDaemon(code=code)
     for name, args in (variants or {}).items():
         rows[name] = UdpflannelStatic(name, args, code=code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 from benchmarks.report import GENERATOR_LIMITED_MARK, GROUP_LABELS, METRICS, REFERENCES, Metric, pairs_text
@@ -174,6 +175,15 @@ def notes(results: dict) -> list[str]:
 
 
 # -- plots ----------------------------------------------------------------------------------------------------
+TICK_WIDTH = 12  # characters per line of an x label: "udpflannel" fits, flags go on a line of their own
+
+
+def tick_label(name: str) -> str:
+    """A row's name over as many lines as it needs, broken at spaces only (never inside a flag), so
+    neighbouring labels such as "udpflannel --no-fast-path" and "udpflannel daemon" never overlap."""
+    return textwrap.fill(name, TICK_WIDTH, break_long_words=False, break_on_hyphens=False)
+
+
 def plot(results: dict, out_dir: Path) -> list[str]:
     """Throughput, latency, packet rate and CPU/GB bar charts with min–max whiskers; returns file names."""
     import matplotlib
@@ -197,7 +207,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     ]
     files = []
     for filename, title, unit, keys, labels in charts:
-        fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+        fig, ax = plt.subplots(figsize=(max(7.5, 1.1 * len(names) + 1.5), 4.4), dpi=110)  # ~1.1 in per row
         width = 0.8 / len(keys)
         for k, (key, label) in enumerate(zip(keys, labels, strict=True)):
             xs, heights, lo, hi, hatches = [], [], [], [], []
@@ -211,11 +221,11 @@ def plot(results: dict, out_dir: Path) -> list[str]:
                 hi.append(agg["max"] - agg["median"])
                 hatches.append("//" if agg.get("generator_limited") else "")
             bars = ax.bar(xs, heights, width * 0.95, yerr=[lo, hi], capsize=3, label=label, color=f"C{k}")
-            for bar, hatch, h in zip(bars, hatches, heights, strict=True):
-                bar.set_hatch(hatch)
-                ax.annotate(fmt_number(h, 2 if h < 10 else 1), (bar.get_x() + bar.get_width() / 2, h),
+            for bar, hatch, h, up in zip(bars, hatches, heights, hi, strict=True):
+                bar.set_hatch(hatch)  # the value above the whisker, where no line crosses it
+                ax.annotate(fmt_number(h, 2 if h < 10 else 1), (bar.get_x() + bar.get_width() / 2, h + up),
                             ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [tick_label(name) for name in names], fontsize=8)
         ax.set_ylabel(unit)
         ax.set_title(f"{title}\n{subtitle}", fontsize=9)
         ax.legend(fontsize=8)

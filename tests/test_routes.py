@@ -212,3 +212,16 @@ def test_peer_events_become_routes_and_flanneld_log_lines() -> None:
                                        (net("10.5.3.0/24"), ("192.168.0.3", 9000))]
     with pytest.raises(TypeError):
         follow(table, "not an event", 8285)  # type: ignore[arg-type]
+
+
+@given(st.lists(st.tuples(crowded_subnets, next_hops), max_size=12), crowded_addresses)
+def test_subnet_of_is_the_subnet_whose_next_hop_lookup_returns(entries, addr):
+    """The packet trace's ``subnet_of`` names the longest-prefix match, as the slow model does."""
+    table, slow = RouteTable(), SlowTable()
+    for subnet, hop in entries:
+        table.set(subnet, hop)
+        slow.routes[subnet] = hop
+    best = max(slow.covering(addr), key=lambda s: s.prefixlen, default=None)
+    assert table.subnet_of(addr) == best
+    if best is not None:
+        assert table.lookup(addr) == slow.routes[best] and best in table.subnets_of(slow.routes[best])

@@ -3,6 +3,7 @@
     udpflannel static ...   the dataplane with routes from the command line (no etcd)
     udpflannel demo         a local multi-node cluster in network namespaces on an embedded etcd
     udpflannel status       what a running daemon holds: lease, peers, counters
+    udpflannel trace        packets crossing a running daemon, step by step (and a pcap)
 
 Errors map to exit codes by class (``exit_code`` of each family in ``udpflannel.errors.FAMILIES``): 2 for bad configuration, 1 for
 set-up failures, 0 after a clean stop on SIGTERM/SIGINT.
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main(argv[1:])
         if command == "status":
             return status_main(argv[1:])
+        if command == "trace":
+            from udpflannel.traceclient import main as trace_main
+
+            return trace_main(argv[1:])
         return run_daemon(argv)
     except FAMILIES as exc:
         log.error("%s", exc)

@@ -32,7 +32,7 @@ import os
 import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from udpflannel import icmp, sockets
 from udpflannel.counters import Counters
@@ -40,6 +40,9 @@ from udpflannel.fragment import fragment
 from udpflannel.packet import TOO_BIG, Verdict, dont_fragment
 from udpflannel.pmtu import PathMtus, recheck_interval
 from udpflannel.routes import NextHop, RouteTable
+
+if TYPE_CHECKING:
+    from udpflannel.tracehub import TraceHub
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,6 @@ class Engine:
         counters: Counters | None = None,
         budget: int = DEFAULT_BUDGET,
         check_source: bool = True,
-        trace: bool = False,
         path_mtu: Callable[[str], int] | None = None,
         pmtu_recheck: float | None = None,
     ) -> None:
@@ -93,7 +95,7 @@ class Engine:
         self.counters = counters if counters is not None else Counters()
         self.budget = budget
         self.check_source = check_source
-        self.trace = trace
+        self.tracer: TraceHub | None = None  # set by a TraceHub while someone listens (udpflannel/tracehub.py)
         self.icmp_limiter = icmp.RateLimiter()
         self.peer_rx: dict[NextHop, int] = {}  # datagrams accepted per peer; ``status`` derives "last seen"
         self.path_mtus = PathMtus(tun_mtu=tun_mtu)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from tun import gso, vnet
 from udpflannel.batch import inbound_batches
-from udpflannel.forward import describe, inbound
+from udpflannel.forward import inbound
 from udpflannel.pace import Pace
 from udpflannel.packet import FORWARD, OVERSIZE, TOO_SHORT, Verdict
 from udpflannel.routes import NextHop
@@ -23,9 +23,9 @@ from udpflannel.sockets import GRO_CMSG_SPACE, gro_size
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
+    from udpflannel.tracehub import TraceHub
 
 log = logging.getLogger(__name__)
-trace_log = logging.getLogger("udpflannel.trace")
 
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
@@ -67,7 +67,7 @@ class Inbound:
         c.udp_packets += 1
         c.udp_bytes += nbytes
         rx = self._rx  # the bytearray itself, as the per-packet engine does: quicker than a view
-        verdict = self._decide_datagram(rx, nbytes, peer)
+        verdict = self._decide_datagram(rx, nbytes, peer, e.tracer)
         if verdict:
             e.drop(verdict, rx, nbytes, c.udp_drops)
         else:
@@ -80,12 +80,13 @@ class Inbound:
             self._receive_on(None)
         # else: a quiet socket, nothing else is likely to be waiting: back to sleep (latency)
 
-    def _decide_datagram(self, row, nbytes: int, peer: NextHop) -> Verdict:
-        """The per-packet decision about one datagram received alone (and its trace line)."""
+    def _decide_datagram(self, row, nbytes: int, peer: NextHop, tracer: TraceHub | None) -> Verdict:
+        """The per-packet decision about one datagram received alone (and its trace, if ``tracer``: the
+        engine's, as the caller read it for its wake-up or batch)."""
         e = self.engine
         verdict = inbound(row, nbytes, peer, e.routes, tun_mtu=e.tun_mtu, check_source=e.check_source)
-        if e.trace:
-            trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(row, nbytes), verdict.name)
+        if tracer is not None:
+            tracer.inbound(row, nbytes, verdict, peer)
         return verdict
 
     def _receive_on(self, first: tuple | None) -> None:
@@ -139,7 +140,7 @@ class Inbound:
         and reading paused)."""
         e = self.engine
         c, routes, peer_rx, plain = e.counters, e.routes, e.peer_rx, vnet.PLAIN
-        tun_mtu, check_source = e.tun_mtu, e.check_source
+        tun_mtu, check_source, tracer = e.tun_mtu, e.check_source, e.tracer  # the trace: once per batch
         i, count = 0, len(table)
         while i < count:
             at, nbytes, seg, peer = table[i]
@@ -150,20 +151,21 @@ class Inbound:
                 j += 1
             if j == i + 1 and nbytes == seg:  # one datagram: the per-packet decision
                 row = self._rx_mv[at:at + nbytes]
-                verdict = self._decide_datagram(row, nbytes, peer)
+                verdict = self._decide_datagram(row, nbytes, peer, tracer)
                 units = iter([(verdict, peer, 1, [plain, row] if verdict == FORWARD else row)])
+                batched = False
             else:
                 self.pace.batch_moved()
                 units = inbound_batches(self._coalescer, at, seg, [t[1] for t in table[i:j]],
                                         [t[3] for t in table[i:j]], routes, tun_mtu=tun_mtu, check_source=check_source)
+                batched = tracer is not None
             i = j
             for verdict, peer, n, unit in units:
+                if batched:
+                    _trace_unit(tracer, verdict, peer, n, unit)
                 if verdict:
                     e.drop(verdict, unit, len(unit), c.udp_drops)
                     continue
-                if e.trace and n > 1:
-                    trace_log.debug("udp>tun from %s:%d %d datagrams of %d bytes -> FORWARD as one", peer[0],
-                                    peer[1], n, seg)
                 peer_rx[peer] = peer_rx.get(peer, 0) + n
                 if n > 1:
                     c.tun_gso_writes += 1
@@ -185,3 +187,15 @@ class Inbound:
                 e.park_write(b"".join(unit), n)
         if table:
             self._deliver(table)  # parks everything: something is parked already
+
+
+def _trace_unit(tracer: TraceHub, verdict: Verdict, peer: NextHop, n: int, unit) -> None:
+    """A unit of ``batch.inbound_batches`` for the trace: a refused row, a row forwarded alone
+    ([vnet header, row]) or a run merged into one write ([vnet header, pieces...])."""
+    if verdict:
+        tracer.inbound(unit, len(unit), verdict, peer)
+    elif n == 1:
+        tracer.inbound(unit[1], len(unit[1]), verdict, peer)
+    elif tracer.wants(unit[1], len(unit[1]), peer[0], verdict):  # its headers, before a 64 KB copy
+        packet = b"".join(unit[1:])
+        tracer.inbound(packet, len(packet), verdict, peer, merged=n)

@@ -31,17 +31,17 @@ from tun import gso, vnet
 from tun.layout import MAX_IP_PACKET
 from udpflannel import icmp
 from udpflannel.batch import first_segment
-from udpflannel.forward import describe, outbound
+from udpflannel.forward import outbound
 from udpflannel.pace import Pace
-from udpflannel.packet import BAD_HEADER, Verdict, dont_fragment
+from udpflannel.packet import BAD_HEADER, FORWARD, Verdict, dont_fragment
 from udpflannel.routes import NextHop
 from udpflannel.sockets import UDP_MAX_PAYLOAD, gso_cmsg
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
+    from udpflannel.tracehub import TraceHub
 
 log = logging.getLogger(__name__)
-trace_log = logging.getLogger("udpflannel.trace")
 
 TUN_ROOM = 16 + MAX_IP_PACKET + MAX_IP_PACKET  # one read, and the room its cut may pad
 TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one pass
@@ -109,7 +109,7 @@ class Outbound:
             self._read_on(n)
             return
         c.tun_bytes += n
-        hop = self._decide_plain(self._in, n, flags, csum_start, csum_offset)
+        hop = self._decide_plain(self._in, n, flags, csum_start, csum_offset, e.tracer)
         if hop is not None:
             c.udp_sends += 1
             try:
@@ -127,19 +127,23 @@ class Outbound:
             self._send_all()
         # else: a quiet fd, nothing else is likely to be waiting: back to sleep (latency)
 
-    def _decide_plain(self, pkt: bytearray, n: int, flags: int, csum_start: int, csum_offset: int) -> NextHop | None:
+    def _decide_plain(self, pkt: bytearray, n: int, flags: int, csum_start: int, csum_offset: int,
+                      tracer: TraceHub | None) -> NextHop | None:
         """One ordinary packet read from the TUN, at the start of ``pkt``: its checksum completed if
         the kernel left it partial, then the per-packet decision. The peer to send it to, or ``None``
-        when it was dropped (counted, and answered with ICMP where a router would)."""
+        when it was dropped (counted, and answered with ICMP where a router would). ``tracer``: the
+        engine's, as the caller read it for its wake-up or batch."""
         e = self.engine
         c = e.counters
         c.tun_packets += 1
         if flags & vnet.NEEDS_CSUM and not vnet.complete_checksum(pkt, n, csum_start, csum_offset):
+            if tracer is not None:
+                tracer.outbound(pkt, n, BAD_HEADER, None)
             e.drop(BAD_HEADER, pkt, n, c.tun_drops)
             return None
         verdict, hop = outbound(pkt, n, e.routes)
-        if e.trace:
-            trace_log.debug("tun>udp %s -> %s %s", describe(pkt, n), verdict.name, hop)
+        if tracer is not None:
+            tracer.outbound(pkt, n, verdict, hop)
         if verdict:
             e.drop(verdict, pkt, n, c.tun_drops)
             return None
@@ -154,7 +158,7 @@ class Outbound:
         ~1 µs per super-packet (docs/fast-path-profile.md)."""
         e = self.engine
         c = e.counters
-        fd, routes, readv, limits, trace = e.tun_fd, e.routes, os.readv, e.path_mtus.limits, e.trace
+        fd, routes, readv, limits, tracer = e.tun_fd, e.routes, os.readv, e.path_mtus.limits, e.tracer
         buf, mv, start, first_hdr = self._in, self._in_mv, self._in_start, self._in_hdr
         last = len(buf) - 2 * TUN_ROOM - 64
         supers: list[tuple[int, int, int, int, NextHop]] = []  # read, not yet cut: (at, n, type, size, hop)
@@ -185,7 +189,7 @@ class Outbound:
             c.tun_bytes += n
             if gso_type == vnet.GSO_NONE:  # a copy: small, and it waits in a batch while reads go on
                 pkt = bytearray(mv[p:p + n])
-                hop = self._decide_plain(pkt, n, flags, csum_start, csum_offset)
+                hop = self._decide_plain(pkt, n, flags, csum_start, csum_offset, tracer)
                 if hop is None:
                     continue
                 if supers:  # keep the order: what was read before goes first
@@ -196,10 +200,9 @@ class Outbound:
             pkt = mv[p:p + n]
             at = p + n + gso_size + 7 & ~7  # room for the cut to zero-pad the last segment
             verdict, hop = outbound(pkt, n, routes)  # one header for all segments: TTL − 1 once for all
-            if trace:
-                trace_log.debug("tun>udp super-packet %s gso %d/%d -> %s %s", describe(pkt, n), gso_type,
-                                gso_size, verdict.name, hop)
             if verdict:
+                if tracer is not None:
+                    tracer.outbound(pkt, n, verdict, hop, gso=(gso_type, gso_size))
                 self._cut_and_queue(supers)
                 supers = []
                 self._send_all()  # the offender's cut below reuses the segmenter's output they point into
@@ -230,8 +233,12 @@ class Outbound:
         e = self.engine
         c = e.counters
         results = self._segmenter.cut(self._in, [item[:4] for item in supers])
-        out = self._segmenter.out_mv
-        for (p, n, _, _, hop), cut in zip(supers, results, strict=True):
+        out, tracer = self._segmenter.out_mv, e.tracer  # the trace: once per batch
+        for (p, n, gso_type, gso_size, hop), cut in zip(supers, results, strict=True):
+            if tracer is not None:
+                verdict = _VERDICT_OF[cut] if isinstance(cut, gso.Refused) else FORWARD
+                tracer.outbound(self._in_mv[p:p + n], n, verdict, hop, gso=(gso_type, gso_size),
+                                cut=None if verdict else (out, cut.start, cut.count, cut.size, cut.last))
             if isinstance(cut, gso.Refused):
                 c.tun_packets += 1
                 e.drop(_VERDICT_OF[cut], self._in_mv[p:p + n], n, c.tun_drops)

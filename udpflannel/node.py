@@ -31,6 +31,7 @@ from udpflannel.perpacket import PacketMover
 from udpflannel.probe import open_tun_for, probe_features
 from udpflannel.routes import follow
 from udpflannel.sockets import open_icmp_socket, open_udp_socket
+from udpflannel.tracehub import TraceHub
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Node:
     port: int
     tun: TunDevice
     engine: Engine
+    trace: TraceHub  # who listens to the packet trace (``udpflannel trace``, ``--trace``)
     closers: list = field(default_factory=list)
 
     @property
@@ -124,7 +126,8 @@ def bring_up(
             raise SetupError(str(exc)) from exc
         raise
     engine = Engine(tun_fd=tun.fd, udp=udp, icmp_sock=icmp_sock, tun_mtu=tun_mtu, tun_address=subnet.network_address,
-                    budget=budget, check_source=check_source, trace=trace)
+                    budget=budget, check_source=check_source)
+    trace_hub = TraceHub(engine, tun_name=tun.name, log_every_packet=trace)
     if tun.vnet_hdr:  # the TUN took the offloads: the fast path (numpy and the GSO kernels load only here)
         from udpflannel.fastpath import BatchMover
 
@@ -132,7 +135,8 @@ def bring_up(
     else:
         engine.plug(PacketMover(engine))
     log.info("%s up: %s/32, mtu %d, route %s; UDP %s:%d", tun.name, subnet.network_address, tun_mtu, network, iface.iface_addr, port)
-    return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=engine, closers=closers)
+    return Node(iface=iface, subnet=subnet, network=network, port=port, tun=tun, engine=engine, trace=trace_hub,
+                closers=closers)
 
 
 async def wait_for_stop_signal() -> int:

@@ -1,5 +1,6 @@
 """One node's HTTP views — health, readiness, metrics, status — shared by the daemon and static mode.
 
+``/trace`` streams the packet trace to ``udpflannel trace`` (control socket only).
 ``/status`` is what ``udpflannel status`` prints: the lease, the peer table (subnet → public IP,
 packets received, last seen, path MTU where narrower than the interface) and the counters. "Last seen" is derived from per-peer packet counts
 once a second, so the hot path only ever bumps an integer.
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from udpflannel.counters import Counters
-from udpflannel.httpapi import HttpApi, Response, json_response
+from udpflannel.httpapi import HttpApi, Response, Stream, json_response
 from udpflannel.metrics import CONTENT_TYPE, make_registry, render
 
 if TYPE_CHECKING:
@@ -66,7 +68,15 @@ class NodeApi:
             "/readyz": lambda: Response(200, b"flanneld is ready") if state.ready else Response(503, b"flanneld is not ready yet"),
             "/metrics": lambda: Response(200, render(self._registry), CONTENT_TYPE),
             "/status": lambda: json_response(self.status()),
-        })
+            "/trace": Stream(self._trace),
+        }, unix_only=frozenset({"/trace"}))  # packets' contents: for root on the node, not the health port
+
+    async def _trace(self, query: dict[str, str]) -> AsyncIterator[bytes]:
+        """``udpflannel trace``'s stream (``udpflannel/tracehub.py``)."""
+        node = self._state.node
+        if node is None:
+            raise ValueError("the dataplane is not up yet (no lease): try again once the daemon is ready")
+        return await node.trace.stream(query)
 
     def _counters(self) -> Counters:
         node = self._state.node

@@ -18,14 +18,13 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from udpflannel.forward import describe, inbound, outbound
+from udpflannel.forward import inbound, outbound
 from udpflannel.routes import NextHop
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
 
 log = logging.getLogger(__name__)
-trace_log = logging.getLogger("udpflannel.trace")
 
 RECV_BUFFER = 65536  # any UDP datagram fits, so an oversize one is seen whole and dropped, not truncated
 
@@ -46,7 +45,7 @@ class PacketMover:
         e = self.engine
         c = e.counters
         c.tun_wakeups += 1
-        buf, fd, routes, trace = self._tun_buf, e.tun_fd, e.routes, e.trace
+        buf, fd, routes, tracer = self._tun_buf, e.tun_fd, e.routes, e.tracer  # the trace: once per wake-up
         view = memoryview(buf)
         bufs = [buf]
         readv, sendto = os.readv, e.udp.sendto
@@ -64,8 +63,8 @@ class PacketMover:
             c.tun_packets += 1
             c.tun_bytes += n
             verdict, hop = outbound(buf, n, routes)
-            if trace:
-                trace_log.debug("tun>udp %s -> %s %s", describe(buf, n), verdict.name, hop)
+            if tracer is not None:
+                tracer.outbound(buf, n, verdict, hop)
             if verdict:
                 e.drop(verdict, buf, n, c.tun_drops)
                 continue
@@ -97,7 +96,7 @@ class PacketMover:
         e = self.engine
         c = e.counters
         c.udp_wakeups += 1
-        buf, fd, routes, trace = self._udp_buf, e.tun_fd, e.routes, e.trace
+        buf, fd, routes, tracer = self._udp_buf, e.tun_fd, e.routes, e.tracer
         view = memoryview(buf)
         recv, write = e.udp.recvfrom_into, os.write
         tun_mtu, check_source, peer_rx = e.tun_mtu, e.check_source, e.peer_rx
@@ -115,8 +114,8 @@ class PacketMover:
             c.udp_packets += 1
             c.udp_bytes += n
             verdict = inbound(buf, n, peer, routes, tun_mtu=tun_mtu, check_source=check_source)
-            if trace:
-                trace_log.debug("udp>tun from %s:%d %s -> %s", peer[0], peer[1], describe(buf, n), verdict.name)
+            if tracer is not None:
+                tracer.inbound(buf, n, verdict, peer)
             if verdict:
                 e.drop(verdict, buf, n, c.udp_drops)
                 continue

@@ -145,6 +145,18 @@ class RouteTable:
 
     # -- inspection --------------------------------------------------------------------------
 
+    def subnet_of(self, dst: int) -> IPv4Network | None:
+        """The leased subnet :meth:`lookup` matches for ``dst`` (for the packet trace, not the hot path)."""
+        for shift, _ in self._levels:
+            net = IPv4Network((dst >> shift << shift, 32 - shift))
+            if net in self._routes:
+                return net
+        return None
+
+    def subnets_of(self, peer_addr: tuple[str, int]) -> list[IPv4Network]:
+        """The subnets routed to ``peer_addr`` (for the packet trace)."""
+        return sorted(subnet for subnet, hop in self._routes.items() if hop == peer_addr)
+
     def prefix_lengths(self) -> list[int]:
         """Distinct prefix lengths, longest first: lookup probes at most one dict per length."""
         return [32 - shift for shift, _ in self._levels]
