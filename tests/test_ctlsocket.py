@@ -3,6 +3,7 @@ and release removes only our own socket (issue 17 item 7). Paths under pytest's 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -106,3 +107,42 @@ def test_of_eight_simultaneous_claims_exactly_one_gets_the_path_and_the_others_a
     finally:
         for s in won:
             s.close()
+
+
+def deep_directory(tmp_path: Path) -> Path:
+    """A directory whose socket paths are longer than a unix socket address holds (107 bytes), as a
+    deep CI working directory makes them."""
+    path = tmp_path / ("d" * 60) / ("e" * 60)
+    path.mkdir(parents=True)
+    return path
+
+
+def test_a_socket_path_longer_than_a_socket_address_is_claimed_answered_and_refused_to_a_second_daemon(tmp_path):
+    path = deep_directory(tmp_path) / "udpflannel.sock"
+    assert len(os.fsencode(str(path))) > ctlsocket.SUN_PATH_MAX
+    first, identity = ctlsocket.claim(str(path))
+    try:
+        assert (path.stat().st_dev, path.stat().st_ino) == identity
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client, ctlsocket.reachable(path) as address:
+            client.connect(address)
+            conn, _ = first.accept()
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            conn.close()
+        with pytest.raises(SetupError, match="running daemon"):
+            ctlsocket.claim(str(path))
+        assert sorted(os.listdir(path.parent)) == ["udpflannel.sock"]
+    finally:
+        first.close()
+    assert ctlsocket.release(str(path), identity) and not path.exists()
+
+
+def test_a_short_path_is_used_as_it_is():
+    with ctlsocket.reachable("/run/flannel/udpflannel.sock") as address:
+        assert address == "/run/flannel/udpflannel.sock"
+
+
+def test_a_file_name_too_long_for_any_socket_address_is_refused_with_enametoolong(tmp_path):
+    with pytest.raises(OSError) as refused, ctlsocket.reachable(tmp_path / ("n" * 100)):
+        pass
+    assert refused.value.errno == errno.ENAMETOOLONG and "too long" in str(refused.value)

@@ -71,3 +71,8 @@ def test_ip_blackhole_route_flag_spellings_and_environment():
     assert parse_daemon_args([], environ={"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is True
     assert parse_daemon_args(["--ip-blackhole-route=false"],
                              environ={"FLANNELD_IP_BLACKHOLE_ROUTE": "true"}).ip_blackhole_route is False
+
+
+def test_a_long_control_socket_path_with_a_short_file_name_is_accepted():
+    path = "/" + "d" * 150 + "/udpflannel.sock"
+    assert parse_daemon_args([f"--control-socket={path}"], environ={}).control_socket == path

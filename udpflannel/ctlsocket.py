@@ -9,23 +9,52 @@ The socket is bound under a temporary name in the same directory and then hard-l
 one gets the path, and the other finds it live (it already listens) and is refused; neither sees
 EADDRINUSE. On exit, :func:`release` removes the path only if it is still our socket (same inode):
 a path another daemon took over after ours was moved away is left alone.
+
+A unix socket address holds at most 107 bytes of path. A longer path (a deep working directory) is
+reached through an ``O_PATH`` handle on its directory, as ``/proc/self/fd/N/name``: the kernel resolves
+that name like any other, so bind and connect work on the real file (:func:`reachable`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
 import socket
 import stat
+from collections.abc import Iterator
 
 from udpflannel.errors import SetupError
 
 log = logging.getLogger(__name__)
 
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+NAME_MAX = SUN_PATH_MAX - len("/proc/self/fd/2147483647/")  # the file name, for a path of any length
 PROBE_TIMEOUT = 1.0
 ATTEMPTS = 3  # a stale file removed meanwhile by someone else, or re-created: look again
+
+
+@contextlib.contextmanager
+def reachable(path: str | os.PathLike) -> Iterator[str]:
+    """An address for ``bind``/``connect`` that names ``path``: the path itself when it fits in a
+    socket address, else ``/proc/self/fd/N/<name>`` through a handle on its directory, open only while
+    the caller binds or connects. OSError ENAMETOOLONG if even the file name alone does not fit."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    directory, name = os.path.split(path)
+    fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        address = f"/proc/self/fd/{fd}/{name}"
+        if len(os.fsencode(address)) > SUN_PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, f"the socket's file name {name!r} is too long for a unix socket "
+                                              f"address even through its directory")
+        yield address
+    finally:
+        os.close(fd)
 
 
 def claim(path: str, *, flag: str = "--control-socket", backlog: int = 16) -> tuple[socket.socket, tuple[int, int]]:
@@ -36,7 +65,8 @@ def claim(path: str, *, flag: str = "--control-socket", backlog: int = 16) -> tu
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            sock.bind(temporary)
+            with reachable(temporary) as address:
+                sock.bind(address)
             os.chmod(temporary, 0o600)
             sock.listen(backlog)
             st = os.stat(temporary)
@@ -102,7 +132,8 @@ def _answers(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(PROBE_TIMEOUT)
     try:
-        probe.connect(path)
+        with reachable(path) as address:
+            probe.connect(address)
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     except (BlockingIOError, TimeoutError):

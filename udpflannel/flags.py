@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lease.options import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, EtcdOptions
 from lease.subnetenv import DEFAULT_SUBNET_FILE
-from udpflannel import __version__
+from udpflannel import __version__, ctlsocket
 from udpflannel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -113,8 +113,9 @@ def parse_daemon_args(argv: list[str], environ: dict[str, str] | None = None,
     args = parser.parse_args(env_defaults(argv, parser, environ))
     if not 1 <= args.subnet_lease_renew_margin <= 1439:
         raise ConfigError("--subnet-lease-renew-margin", f"{args.subnet_lease_renew_margin} is outside 1-1439 minutes")
-    if len(os.fsencode(args.control_socket)) > 107:
-        raise ConfigError("--control-socket", f"{args.control_socket!r} is longer than a unix socket path may be (107 bytes)")
+    if len(os.fsencode(os.path.basename(args.control_socket))) > ctlsocket.NAME_MAX:
+        raise ConfigError("--control-socket", f"the file name of {args.control_socket!r} is longer than "
+                                              f"{ctlsocket.NAME_MAX} bytes (a unix socket address is short)")
     if args.iptables_resync < 1:
         raise ConfigError("--iptables-resync", f"{args.iptables_resync} must be at least 1 second")
     if not 0 <= args.healthz_port <= 65535:

@@ -163,7 +163,8 @@ async def get(path: str, *, unix_socket: str | None = None, host: str = "127.0.0
               timeout: float = 5.0) -> tuple[int, bytes]:
     """A minimal client for ``udpflannel status`` and the tests: (status code, body)."""
     if unix_socket:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(unix_socket), timeout)
+        with ctlsocket.reachable(unix_socket) as address:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(address), timeout)
     else:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import BinaryIO
 from urllib.parse import urlencode
 
+from udpflannel.ctlsocket import reachable
 from udpflannel.pcapng import PcapngWriter
 from udpflannel.tracing import OUTER_NOTE, TraceFilter
 
@@ -93,7 +94,8 @@ def main(argv: list[str]) -> int:
         return 2
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(args.control_socket)
+        with reachable(args.control_socket) as address:
+            sock.connect(address)
     except OSError as exc:
         print(f"udpflannel trace: no daemon answers on {args.control_socket}: {exc}", file=sys.stderr)
         return 1
