@@ -146,6 +146,7 @@ class Reading:
     cpu: dict[str, float]
     pids: list[int]
     proc_cpu: float
+    run_ns: int  # the dataplane's threads' run time, exact (schedstat)
     own_cpu: float
     ctx: tuple[int, int]
     nodes: dict[int, dict[str, int]]
@@ -158,7 +159,7 @@ def read_now(dp: Row, topo: Topology, pids: list[int] | None = None, servers: li
     ctx = [proc_ctxsw(p) for p in pids]
     return Reading(
         time=time.monotonic(), cpu=read_cpu_stat(), pids=pids,
-        proc_cpu=sum(proc_cpu_seconds(p) for p in pids), own_cpu=own_cpu_seconds([*pids, *servers]),
+        proc_cpu=sum(proc_cpu_seconds(p) for p in pids), run_ns=runtime_ns(pids), own_cpu=own_cpu_seconds([*pids, *servers]),
         ctx=(sum(c[0] for c in ctx), sum(c[1] for c in ctx)),
         nodes={i: link_stats(n) for i, n in topo.nodes.items()},
         pods={i: link_stats(p) for i, p in topo.pods.items()},
@@ -179,6 +180,7 @@ def window(a: Reading, b: Reading) -> dict:
         "machine_busy_s": round(busy_seconds(b.cpu) - busy_seconds(a.cpu), 4),
         "kernel_cpu_s": round(cpu["system"] + cpu["softirq"] + cpu["irq"], 4),
         "dataplane_cpu_s": round(b.proc_cpu - a.proc_cpu, 4) if a.pids else None,
+        "dataplane_run_us": round((b.run_ns - a.run_ns) / 1e3) if a.pids else None,
         "ctx_voluntary": b.ctx[0] - a.ctx[0] if a.pids else None,
         "ctx_involuntary": b.ctx[1] - a.ctx[1] if a.pids else None,
         "underlay_packets": sum(b.nodes[i][k] - a.nodes[i][k] for i in a.nodes for k in ("rx_packets", "tx_packets")),

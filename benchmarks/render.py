@@ -165,6 +165,10 @@ def notes(results: dict) -> list[str]:
         "time from /proc/stat, which also holds iperf3's own kernel work — not comparable across kinds.",
         "- ² Whole-machine CPU: all non-idle CPU time (/proc/stat) during the transfer, generators included: "
         "the like-for-like comparison between kernel and userspace rows.",
+        "- Sparse round trips: the dataplane's CPU per ping round trip at 200 Hz is the run time of its "
+        "threads on both nodes (/proc/<pid>/task/*/schedstat, exact) over the replies; a round trip crosses "
+        "each node's daemon twice, so it holds four passes. Wake-ups per round trip: the same threads' "
+        "voluntary context switches (each pass that finds the daemon asleep costs one). See docs/latency.md.",
         "- Context switches: /proc/<pid>/task/*/status of the dataplane processes, per 1000 packets they "
         "handled (the daemons' counters, both nodes, both directions: a pod-to-pod packet is handled once by "
         "each node, so it counts twice). Syscalls per packet: the daemons' counters (TUN reads/writes + UDP "

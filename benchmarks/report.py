@@ -37,6 +37,10 @@ METRICS = (
     Metric("ping200_p99_us", "Sparse ping RTT p99 (200 Hz)", "µs", "lower", 0),
     Metric("udprr200_p50_us", "Sparse UDP request/response RTT p50 (200 Hz)", "µs", "lower", 0),
     Metric("udprr200_p99_us", "Sparse UDP request/response RTT p99 (200 Hz)", "µs", "lower", 0),
+    Metric("ping200_cpu_us", "Dataplane CPU per sparse ping round trip (both nodes)", "µs", "lower", 0,
+           same_measure_for_kernel=False),
+    Metric("ping200_wakeups", "Daemon wake-ups per sparse ping round trip (voluntary switches)", "", "lower", 1,
+           same_measure_for_kernel=False),
     Metric("udp64_kpps", "UDP 64 B forwarding rate", "kpps", "higher", 0),
     Metric("udp1400_kpps", "UDP 1400 B forwarding rate", "kpps", "higher", 0),
     Metric("cpu_s_per_gb", "Dataplane CPU per GB (TCP 1 stream)¹", "CPU-s/GB", "lower", 2, same_measure_for_kernel=False),
@@ -114,6 +118,19 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
         for q in ("p50", "p99"):
             put(f"{group}_{q}_us", lambda group=group, q=q: _value(_group(run, group)[f"{q}_us"], n=_group(run, group)["n"],
                                                                   lost=_group(run, group)["lost"]))
+    def per_round_trip(key: str):
+        def fn():
+            g = _group(run, "ping200")
+            if kind == "kernel":
+                return {"unsupported": NO_PROCESS}
+            total = g["window"]["dataplane_run_us" if key == "cpu" else "ctx_voluntary"]
+            if total is None or not g["n"]:
+                raise LookupError(f"ping200_{key}: no dataplane process or no reply to account for")
+            return _value(total / g["n"], n=g["n"])
+        return fn
+
+    put("ping200_cpu_us", per_round_trip("cpu"))
+    put("ping200_wakeups", per_round_trip("wakeups"))
     for size in (64, 1400):
         def pps(size=size):
             g = _group(run, f"udp{size}")

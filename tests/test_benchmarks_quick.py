@@ -59,6 +59,9 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
         for g in ("ping200", "udprr200"):  # sparse round trips: answered, one every 5 ms
             assert groups[g]["interval_ms"] == 5.0 and groups[g]["n"] + groups[g]["lost"] == 100, groups[g]
             assert 0 < groups[g]["p50_us"] <= groups[g]["p99_us"] < 1e6, groups[g]
+    for row in ("udpflannel", "flanneld"):  # a daemon's CPU and wake-ups per sparse round trip
+        per_rt = results["rows"][row]["metrics"]
+        assert per_rt["ping200_cpu_us"]["median"] > 0 and per_rt["ping200_wakeups"]["median"] > 0, row
     strace = results["strace_check"]
     assert strace is not None and ("strace_vs_counters" in strace or strace.get("error"))
     pairs = results["rtt_pairs"]  # one pair of turns: fast path and per-packet path in one lab
@@ -76,6 +79,7 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
 # -- report rules on fake data (no root) -------------------------------------------------------------------
 def window(**kw) -> dict:
     base = {"seconds": 1.0, "machine_busy_s": 2.0, "kernel_cpu_s": 1.0, "dataplane_cpu_s": 1.5,
+            "dataplane_run_us": 1_500_000,
             "ctx_voluntary": 10, "ctx_involuntary": 20, "underlay_packets": 4000, "underlay_bytes": 10**9,
             "pod_tx_packets": 1000, "pod_rx_packets": 1000, "pod_rx_bytes": 10**9}
     return {**base, **kw}
@@ -119,7 +123,7 @@ def test_median_spread_and_failed_repeats() -> None:
 
 def test_kernel_rows_mark_per_process_metrics_unsupported_with_a_reason() -> None:
     metrics = report.build_results(fake_raw(), META)["rows"]["vxlan"]["metrics"]
-    for key in ("ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt"):
+    for key in ("ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt", "ping200_cpu_us", "ping200_wakeups"):
         assert metrics[key]["unsupported"] and not metrics[key].get("failed")
     assert "median" in metrics["cpu_s_per_gb"] and "median" in metrics["machine_cpu_s_per_gb"]
 
