@@ -6,7 +6,8 @@ Prints ``listening`` once capturing; stops on a line ``stop N`` on stdin: it rea
 packets from PEER_SUBNET (or DRAIN_LIMIT seconds pass), and then until nothing more comes for QUIET
 seconds, and prints JSON: how many packets came from PEER_SUBNET, which of them are malformed (hostile.problem),
 their digests (hostile.digest, to compare with what the attacker's model says must arrive), the
-packets from any other source but IGNORED_SUBNET (legitimate traffic), and the socket's drop count.
+packets from any other source but IGNORED_SUBNET (legitimate traffic) and link-local multicast (the node's
+own IGMP reports), and the socket's drop count.
 
 An AF_PACKET socket with PACKET_VNET_HDR: a super-packet a node wrote as one GSO unit arrives as one
 frame, and its virtio_net_hdr says how it would be cut (``hostile.resegment``), so each packet it
@@ -38,6 +39,9 @@ VNET = struct.Struct("=BBHHHH")  # virtio_net_hdr, host byte order
 ETH_HLEN = 14
 QUIET = 0.5  # seconds without a packet that end the drain after "stop"
 DRAIN_LIMIT = 20.0
+# The node's own bridge (cni0) sends IGMP reports to 224.0.0.22 now and then; link-local multicast is
+# never routed, so no daemon can have delivered it: counted apart, not as a foreign packet.
+LINK_LOCAL_MULTICAST = IPv4Network("224.0.0.0/24")
 
 
 def attach_filter(sock: socket.socket, ignored: IPv4Network) -> ctypes.Array:
@@ -72,6 +76,7 @@ def main() -> None:
     delivered: Counter = Counter()
     malformed: Counter = Counter()
     examples, foreign = [], []
+    link_local = 0
     stopping_at, expected = None, 0
     while True:
         if stopping_at is None:
@@ -94,6 +99,9 @@ def main() -> None:
         frames += 1
         vflags, gso_type, _, gso_size, _, _ = VNET.unpack_from(buf)
         packet = bytes(buf[VNET.size + ETH_HLEN:n])
+        if len(packet) >= 20 and IPv4Address(packet[16:20]) in LINK_LOCAL_MULTICAST:
+            link_local += 1
+            continue
         if len(packet) < 20 or IPv4Address(packet[12:16]) not in peer:
             foreign.append(packet[:64].hex())
             continue
@@ -110,7 +118,7 @@ def main() -> None:
     del code
     print(json.dumps({
         "frames": frames, "packets": packets, "units": dict(units), "malformed": dict(malformed),
-        "malformed_examples": examples, "foreign": len(foreign), "foreign_examples": foreign[:20],
+        "malformed_examples": examples, "foreign": len(foreign), "foreign_examples": foreign[:20], "link_local_multicast": link_local,
         "truncated": truncated, "socket_received": received, "socket_drops": drops, "delivered": dict(delivered),
     }))
 
