@@ -30,6 +30,14 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.05, what: str = "
         time.sleep(interval)
 
 
+def unused_subnet(etcd, prefix: str) -> str:
+    """A /24 of 10.5.0.0/16 that no lease in ``etcd`` holds now, from the top down: a test that writes a
+    lease of its own must not overwrite a node's (nodes draw their subnets at random)."""
+    keys = etcd.ctl("get", "--prefix", f"{prefix}/subnets/", "--keys-only").split()
+    held = {key.rsplit("/", 1)[-1].replace("-", "/") for key in keys}
+    return next(s for s in (f"10.5.{i}.0/24" for i in range(250, 0, -1)) if s not in held)
+
+
 def logged_at(cluster, index: int, message: str, *, timeout: float = 10, since: float = 0.0) -> float:
     """The wall-clock time node ``index``'s daemon logged ``message`` (its own timestamp, not when a
     test poll noticed), at or after ``since``, waiting for the line up to ``timeout`` seconds."""

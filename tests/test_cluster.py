@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Pinger, logged_at, ping, tcp_transfer, wait_for
+from tests.cluster import Pinger, logged_at, ping, tcp_transfer, unused_subnet, wait_for
 from udpflannel.lab.cluster import PREFIX, Cluster
 from udpflannel.lab.netns import Lab
 
@@ -216,5 +216,7 @@ def test_not_ready_until_config_then_etcd_down_15s_forwarding_continues(cluster:
     out, _ = pinger.communicate(timeout=60)
     assert " 0% packet loss" in out, out
     # reconnected: a lease change made after the restart reaches node 1
-    cluster.etcd.ctl("put", f"{PREFIX}/subnets/10.5.250.0-24", '{"PublicIP":"198.18.0.77","PublicIPv6":null}')
-    wait_for(lambda: not _route_gone(cluster, 1, "10.5.250.1/24"), timeout=15, what="node 1 seeing a new lease after etcd returned")
+    fresh = unused_subnet(cluster.etcd, PREFIX)
+    cluster.etcd.ctl("put", f"{PREFIX}/subnets/{fresh.replace('/', '-')}", '{"PublicIP":"198.18.0.77","PublicIPv6":null}')
+    wait_for(lambda: not _route_gone(cluster, 1, fresh.replace(".0/", ".1/")), timeout=15,
+             what="node 1 seeing a new lease after etcd returned")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.cluster import Pinger, log_lines, logged_at, sigterm_cleanly, wait_for
+from tests.cluster import Pinger, log_lines, logged_at, sigterm_cleanly, unused_subnet, wait_for
 from tests.conftest import check_lab_tools
 from tests.lease.conftest import need_etcd
 from udpflannel.lab.cluster import PREFIX, Cluster
@@ -191,8 +191,9 @@ def test_quorum_lost_then_back(world: World):
     back = time.time()
     w.report.append(f"quorum lost, back after {back - at:.1f} s (a member with a leader exists only then): "
                     f"{failover_times(w, down, at)}")
-    w.etcd.ctl("put", f"{PREFIX}/subnets/10.5.250.0-24", '{"PublicIP":"198.18.0.200","PublicIPv6":null}')
-    lags = [logged_at(w.cluster, i, "Subnet added: 10.5.250.0/24", since=back, timeout=20) - back for i in STEADY]
+    fresh = unused_subnet(w.etcd, PREFIX)
+    w.etcd.ctl("put", f"{PREFIX}/subnets/{fresh.replace('/', '-')}", '{"PublicIP":"198.18.0.200","PublicIPv6":null}')
+    lags = [logged_at(w.cluster, i, f"Subnet added: {fresh}", since=back, timeout=20) - back for i in STEADY]
     w.report.append(f"quorum back: a lease written at once is routed by nodes 1-3 after "
                     f"{', '.join(f'{x:.2f}' for x in lags)} s (reconnect backoff included)")
     routed_everywhere(w)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import TOOLS, Pinger, ping, tcp_transfer, wait_for
+from tests.cluster import TOOLS, Pinger, ping, tcp_transfer, unused_subnet, wait_for
 from tests.conftest import check_lab_tools
 from udpflannel.lab.cluster import PREFIX, Cluster
 from udpflannel.lab.netns import Lab, leftover_namespaces
@@ -126,8 +126,9 @@ def test_net_unreachable_from_a_udpflannel_node_reaches_a_pod_behind_flanneld(mi
     """A stale lease that names a udpflannel node's PublicIP (say, a subnet it held before): flanneld
     routes it there; the udpflannel node does not route it to itself (flanneld would, in a loop), so
     the packet meets no route and the sender hears net-unreachable, across flanneld's wire."""
-    stale = "10.5.250.0/24"
-    key = f"{PREFIX}/subnets/10.5.250.0-24"
+    stale = unused_subnet(mixed.etcd, PREFIX)  # nobody's lease: a node's would be taken from it
+    key = f"{PREFIX}/subnets/{stale.replace('/', '-')}"
+    inside = stale.replace(".0/24", ".5")
     mixed.etcd.ctl("put", key, json.dumps({"PublicIP": str(mixed.nodes[FAST].node.address), "PublicIPv6": None},
                                            separators=(",", ":")))
     try:
@@ -135,7 +136,7 @@ def test_net_unreachable_from_a_udpflannel_node_reaches_a_pod_behind_flanneld(mi
                  what="flanneld and the per-packet node routing the stale lease")
         assert stale not in mixed.routed_subnets(FAST)
         for sender in (GO, SLOW):
-            result = ping(mixed.nodes[sender].pod, "10.5.250.5")
+            result = ping(mixed.nodes[sender].pod, inside)
             assert f"From {tun_address(mixed, FAST)} icmp_seq=1 Destination Net Unreachable" in result.stdout, \
                 f"pod {sender}: {result.stdout}"
     finally:

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import TOOLS, BackgroundTransfer, Pinger, wait_for
+from tests.cluster import TOOLS, BackgroundTransfer, Pinger, unused_subnet, wait_for
 from tests.test_cluster import cluster  # noqa: F401  (the fixture: etcd, and the daemons checked at the end)
 from udpflannel.httpapi import get
-from udpflannel.lab.cluster import Cluster
+from udpflannel.lab.cluster import PREFIX, Cluster
 
 COUNT = 100_000
 SEED = 15
@@ -83,9 +83,9 @@ def test_forged_datagrams_are_all_counted_and_nothing_malformed_reaches_the_pod(
     spoofed = str(nodes[2].node.address)
     attacker = cluster.lab.add_node(9)  # on the underlay, no lease
 
-    outside = [pod3.address, pod1.address, subnets[1].network_address + 77, IPv4Address("10.5.250.1"),
-               IPv4Address("127.0.0.1"), IPv4Address("0.0.0.0"), IPv4Address("224.0.0.1"),
-               IPv4Address("255.255.255.255"), IPv4Address(spoofed), IPv4Address("8.8.8.8")]
+    unleased = IPv4Network(unused_subnet(cluster.etcd, PREFIX)).network_address + 1  # in no node's subnet
+    outside = [pod3.address, pod1.address, subnets[1].network_address + 77, unleased, IPv4Address("127.0.0.1"),
+               IPv4Address("0.0.0.0"), IPv4Address("224.0.0.1"), IPv4Address("255.255.255.255"), IPv4Address(spoofed), IPv4Address("8.8.8.8")]
     config = {"target": str(nodes[1].node.address), "port": 8285, "spoof": spoofed, "subnet": str(subnets[2]),
               "peer_pod": str(nodes[2].pod.address), "pod": str(pod1.address), "outside": [str(a) for a in outside],
               "seed": SEED, "count": COUNT, "mtu": int(nodes[1].env()["FLANNEL_MTU"]), "window": WINDOW,
