@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.cluster import TOOLS
 from tests.conftest import require
 from tests.gso_helpers import by_flow, coalesce, split
-from tests.strategies import slow_checksum, slow_header_checksum, super_packets
+from tests.strategies import hurt, slow_checksum, slow_header_checksum, super_packets
 from tun import gso, kernels, vnet
 from tun.layout import ACK, CWR, FIN, PSH, UDP_MAX_SEGMENTS
 from tun.segment import Refused
@@ -286,17 +286,7 @@ def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, da
     segments = split(packet, gso_hdr(packet, mss))
     assume(len(segments) > 2)
     batch = list(segments)
-    for _ in range(data.draw(st.integers(1, 6))):
-        i = data.draw(st.integers(0, len(batch) - 1))
-        action = data.draw(st.sampled_from(["lose", "swap", "hold back", "duplicate"]))
-        if action == "lose" and len(batch) > 2:
-            del batch[i]
-        elif action == "swap" and i + 1 < len(batch):
-            batch[i], batch[i + 1] = batch[i + 1], batch[i]
-        elif action == "hold back":
-            batch.append(batch.pop(i))
-        elif action == "duplicate":
-            batch.insert(i + 1, batch[i])
+    hurt(data, batch)
     units = coalesce(batch)
     assert resplit(units) == batch
     at = 0
