@@ -191,7 +191,7 @@ def test_cleanly_interleaved_flows_merge_as_if_each_came_alone() -> None:
     arrivals = [(0, segments[i][k]) for k in range(20) for i in range(4)]
     units, [plan] = coalesce_tables(receive(arrivals))
     assert [len(resplit([u])) for u in units] == [20] * 4
-    assert (plan.flows, plan.breaks, plan.damaged) == (4, 0, 0)
+    assert (plan.flows, plan.breaks, plan.refused) == (4, 0, 0)
     assert by_flow(resplit(units)) == by_flow([r for _, r in arrivals])
 
 
@@ -208,7 +208,7 @@ def test_plan_counts_what_broke_a_flow() -> None:
     one = flow[1][:3] + [flow[1][2]] + flow[1][3:7] + [bytes(damaged)] + flow[1][8:]  # a duplicate, a damaged row
     arrivals = [(0, r) for pair in zip(zero, one[:9], strict=True) for r in pair] + [(0, r) for r in one[9:]]
     units, [plan] = coalesce_tables(receive(arrivals))
-    assert (plan.flows, plan.breaks, plan.damaged) == (2, 2, 1)
+    assert (plan.flows, plan.breaks, plan.refused) == (2, 2, 1)
     assert sorted(len(resplit([u])) for u in units) == sorted([4, 5] + [3, 5, 1, 2])
 
 

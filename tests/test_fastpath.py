@@ -678,5 +678,5 @@ async def test_interleaved_flows_in_one_gro_batch_are_one_tun_write_each(rig: Ri
     assert got == {f[0][16:20]: [after_one_hop(s) for s in f] for f in flows}
     c = rig.dp.counters
     assert (c.udp_gro_recvs, c.tun_writes, c.tun_gso_writes, c.tun_gso_segments) == (1, 4, 4, 40)
-    assert (c.gro_flows, c.gro_breaks, c.gro_damaged) == (4, 0, 0)
+    assert (c.gro_flows, c.gro_breaks, c.gro_refused) == (4, 0, 0)
     assert c.batches()["tun_write"] == 10.0

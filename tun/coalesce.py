@@ -80,16 +80,17 @@ class Plan:
     valid checksums, safe to merge. Logical row i is physical row :attr:`order` ``[i]`` (rows grouped
     by flow, each flow's in arrival order); ``order`` is None when the table is one flow (i is i).
     Counts for the engine: :attr:`flows` (groups), :attr:`breaks` (neighbours within a flow that may
-    not merge: a gap, a reordering, a duplicate, a header change), :attr:`damaged` (rows that fail
-    their checks). Valid until its coalescer's buffer is received into again."""
+    not merge: a gap, a reordering, a duplicate, a header change), :attr:`refused` (rows that
+    fail the table's checks: a damaged row, or one of another kind than the table's first row — another
+    protocol or TCP header length, say, or a short last row without payload — never merged). Valid until its coalescer's buffer is received into again."""
 
-    __slots__ = ("runs", "order", "flows", "breaks", "damaged", "_coalescer", "_base", "_seg", "_hl", "_proto",
+    __slots__ = ("runs", "order", "flows", "breaks", "refused", "_coalescer", "_base", "_seg", "_hl", "_proto",
                  "_short")
 
     def __init__(self, coalescer: Coalescer, base: int, seg: int, hl: int, proto: int, short: dict[int, int]) -> None:
         self.runs: list[tuple[int, int]] = []
         self.order: list[int] | None = None
-        self.flows, self.breaks, self.damaged = 1, 0, 0
+        self.flows, self.breaks, self.refused = 1, 0, 0
         self._coalescer, self._base, self._seg, self._hl, self._proto, self._short = coalescer, base, seg, hl, proto, short
 
     def physical(self, i: int) -> int:
@@ -291,7 +292,7 @@ class Coalescer:
         bad_row = _any_per_row(bad, axis=1)
         if short_bad:
             bad_row[short_bad if order is None else [order.index(r) for r in short_bad]] = True
-        plan.breaks, plan.damaged = _count(cut & ~(bad_row[:-1] | bad_row[1:])), _count(bad_row)
+        plan.breaks, plan.refused = int(_count(cut & ~(bad_row[:-1] | bad_row[1:]))), int(_count(bad_row))
         if psh is not None:
             cut |= psh != 0
         cut |= bad_row[:-1]

@@ -52,7 +52,7 @@ def inbound_batches(coalescer: Coalescer, base: int, seg: int, sizes: list[int],
         counters.gro_tables += 1
         counters.gro_flows += plan.flows
         counters.gro_breaks += plan.breaks
-        counters.gro_damaged += plan.damaged
+        counters.gro_refused += plan.refused
     one_peer = peers[0] if len(index) == 1 else None
     for a, b in plan.runs:
         peer = one_peer or peers[bisect_right(bounds, plan.physical(a))]

@@ -24,9 +24,9 @@ class Counters:
         "tun_gso_writes", "tun_gso_segments", "udp_gso_fallbacks",
         # the receive side's per-flow coalescing (tun/coalesce.py): tables checked, flows found in them
         # (a table of one flow counts 1), neighbours within a flow that were not merged because the
-        # merge rule broke (a gap, a reordering, a duplicate, a changed header), rows that failed their
-        # checksums or lengths (never merged)
-        "gro_tables", "gro_flows", "gro_breaks", "gro_damaged",
+        # merge rule broke (a gap, a reordering, a duplicate, a changed header), rows that failed the
+        # table's checks (damaged, or of another kind than its first row: never merged)
+        "gro_tables", "gro_flows", "gro_breaks", "gro_refused",
         # a peer behind a narrower path (udpflannel/pmtu.py): TCP packets and super-packets cut smaller
         # to fit it, sends the kernel refused (EMSGSIZE) and that were redone at its path MTU, and
         # inner packets without DF fragmented to fit (those with DF: tun_drops[TOO_BIG])
