@@ -108,8 +108,8 @@ FLOW_BYTES = 16 * 1024 * 1024  # per transfer: 8 at once move 128 MB, seconds on
 @pytest.mark.parametrize("peer", ["fast", "slow"], ids=["fast-peer", "per-packet-peer"])
 def test_four_parallel_tcp_transfers_each_way_keep_their_sha256(lab: Lab, tmp_path: Path, peer: str):
     """4 TCP transfers pod 1 -> pod 2 and 4 back, all at once (16 MB each, each its own bytes): every
-    one arrives with its SHA-256. From a fast peer, the flows share one UDP flow between the daemons,
-    so GRO batches interleave them, and the receive side found several flows in its tables."""
+    one arrives with its SHA-256 (the flows share one UDP flow between the daemons, so a fast peer's
+    GRO batches may interleave them), and no daemon dropped anything or failed a write or a send."""
     pair = Pair(lab, tmp_path, {1: "fast", 2: peer})
     pods = pair.pods
     parallel_transfers([(pods[1], pods[2], str(pods[2].address))] * 4 + [(pods[2], pods[1], str(pods[1].address))] * 4,
@@ -120,8 +120,6 @@ def test_four_parallel_tcp_transfers_each_way_keep_their_sha256(lab: Lab, tmp_pa
         assert c["tun_write_errors"] == 0 and c["send_errors"] == 0
         for direction in ("tun_to_udp", "udp_to_tun"):
             assert not any(v for k, v in c["drops"][direction].items() if k != "not_ipv4"), c["drops"]
-    if peer == "fast":
-        assert all(c["gro_flows"] > c["gro_tables"] for c in fast), [(c["gro_flows"], c["gro_tables"]) for c in fast]
 
 
 @pytest.mark.parametrize("size", [1400, 64])

@@ -204,14 +204,28 @@ class Coalescer:
         if senders is None and split_after:
             after = set(split_after)
             senders = list(accumulate(int(j - 1 in after) for j in range(len(counts))))
-        fixed = self._group(plan, rows, counts, senders)  # flow boundaries (logical rows), sorted
+        checks = None
+        if senders is None or len(set(senders)) == 1:
+            # One sender: check the rows as they lie first. Where nothing breaks a run but the fixed ends
+            # (the common case: one flow, or flows one after the other), grouping could merge no more,
+            # so it is skipped; else the rows are grouped by flow and, if there are several, checked
+            # again in that order.
+            checks = self._checks(plan, rows, sorted(r for r in short if r < rows - 1))
+            ends = set() if _clean(checks) else self._group(plan, rows, counts, None)
+            if plan.order is not None:
+                checks = None
+        else:
+            ends = self._group(plan, rows, counts, senders)
         if plan.order is None:
-            fixed.update(short)
+            ends.update(short)
         else:
             position = np.empty(rows, np.intp)
             position[plan.order] = np.arange(rows)
-            fixed.update(position[list(short)].tolist())
-        cuts = self._cut_points(plan, rows, [r for r in sorted(fixed) if r < rows - 1])
+            ends.update(position[list(short)].tolist())
+        inner = [r for r in sorted(ends) if r < rows - 1]  # fixed ends: flow boundaries, short rows
+        if checks is None:
+            checks = self._checks(plan, rows, inner)
+        cuts = self._cut_points(plan, inner, checks)
         most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
         if proto == PROTO_UDP:
             most = min(most, UDP_MAX_SEGMENTS)  # the kernel refuses more from a virtio_net_hdr
@@ -228,9 +242,8 @@ class Coalescer:
         return plan
 
     def _group(self, plan: Plan, rows: int, counts: list[int], senders) -> set[int]:
-        """Group the rows by flow: set ``plan.order`` (None if the table is one flow from one sender,
-        the common case, which costs a comparison) and ``plan.flows``; return the logical rows after
-        which a flow ends. The key: the sender (exact), and a 48-bit hash of the addresses, the
+        """Group the rows by flow: set ``plan.order`` (left None if the table is one flow from one
+        sender) and ``plan.flows``; return the logical rows after which a flow ends. The key: the sender (exact), and a 48-bit hash of the addresses, the
         protocol and the ports (rows of flows whose hashes collide are still compared in full by the
         checks, so a collision only costs merges, never makes a wrong one)."""
         base, seg = plan._base, plan._seg
@@ -269,9 +282,9 @@ class Coalescer:
             return 0, 0
         return (hl, proto) if hl < seg else (0, 0)
 
-    def _cut_points(self, plan: Plan, rows: int, inner: list[int]) -> list[int]:
-        """The rows after which a run must end: a pair breaks the merge rule, a row fails its checks
-        (then it ends the run before it too), TCP PSH, or ``inner`` (fixed ends before the last row)."""
+    def _checks(self, plan: Plan, rows: int, inner: list[int]) -> tuple:
+        """The kernel's checks of the table in ``plan.order``: (differ, bad, psh, short rows that are
+        wrong), with the pairs across ``inner`` (fixed ends: cut anyway) not counted as differing."""
         base, seg, hl, proto, short = plan._base, plan._seg, plan._hl, plan._proto, plan._short
         buf, udp = self.buf, proto == PROTO_UDP
         short_bad = [r for r, length in short.items() if _short_row_wrong(buf, base + r * seg, length, hl, udp)]
@@ -279,15 +292,23 @@ class Coalescer:
         order = plan.order
         differ, bad, psh = self._check(buf, self._u8, self._u32, base, rows, seg, hl, proto, short, mask, step,
                                        None if order is None else np.asarray(order, np.intp))
-        if inner:  # pairs across a fixed end are cut anyway: their differences don't matter
+        if inner:
             differ[inner] = False
+        return differ, bad, psh, short_bad
+
+    def _cut_points(self, plan: Plan, inner: list[int], checks: tuple) -> list[int]:
+        """The logical rows after which a run must end: a pair breaks the merge rule, a row fails its
+        checks (then it ends the run before it too), TCP PSH, or ``inner`` (fixed ends before the last
+        row). Sets ``plan.breaks`` and ``plan.refused``."""
+        differ, bad, psh, short_bad = checks
         # The common case — consecutive segments of one flow, cut only after PSH — costs one count per
         # condition (count_nonzero is C; .all()/.any() go through Python wrappers); only other
         # failures pay for per-row links.
-        if not short_bad and not (_count(differ) or _count(bad)):
+        if _clean(checks):
             if psh is not None and _count(psh):
                 return sorted(set(inner).union(np.flatnonzero(psh).tolist()))
             return inner
+        order = plan.order
         cut = _any_per_row(differ, axis=1)
         bad_row = _any_per_row(bad, axis=1)
         if short_bad:
@@ -313,6 +334,12 @@ class Coalescer:
         if proto == PROTO_UDP:
             return _udp_length(buf, at + IPV4_MIN_HEADER + UDP_LENGTH)[0] == seg - IPV4_MIN_HEADER
         return buf[at + IPV4_MIN_HEADER + TCP_FLAGS] == ACK and IPV4_MIN_HEADER + (buf[at + 32] >> 4 << 2) == hl
+
+
+def _clean(checks: tuple) -> bool:
+    """Nothing but PSH breaks a run: no differing pair, no row failing its checks."""
+    differ, bad, _, short_bad = checks
+    return not short_bad and not (_count(differ) or _count(bad))
 
 
 def _short_row_wrong(buf: bytearray, at: int, length: int, hl: int, udp: bool) -> bool:
