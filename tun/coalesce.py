@@ -6,8 +6,8 @@ Consecutive segments of one TCP flow (and, where the TUN has USO, datagrams of o
 or hands it on whole. *Consecutive within the flow*: a table's rows are grouped by flow first (sender,
 addresses, protocol, ports; a stable sort, so each flow's rows keep their order), as Linux GRO and
 wireguard-go's ``tcpGROTable`` do, so flows interleaved in one receive batch still merge; the order
-across flows may change, never within one. A merge is only made where the kernel's own GRO would make it, and only of rows
-whose IP and L4 checksums verify: the write's checksum is the kernel's to complete, so a bad one
+across flows may change, never within one. A merge is only made where the kernel's own GRO would make
+it, and only of rows whose IP and L4 checksums verify: the write's checksum is the kernel's to complete, so a bad one
 would otherwise be laundered.
 """
 
@@ -80,9 +80,10 @@ class Plan:
     valid checksums, safe to merge. Logical row i is physical row :attr:`order` ``[i]`` (rows grouped
     by flow, each flow's in arrival order); ``order`` is None when the table is one flow (i is i).
     Counts for the engine: :attr:`flows` (groups), :attr:`breaks` (neighbours within a flow that may
-    not merge: a gap, a reordering, a duplicate, a header change), :attr:`refused` (rows that
-    fail the table's checks: a damaged row, or one of another kind than the table's first row — another
-    protocol or TCP header length, say, or a short last row without payload — never merged). Valid until its coalescer's buffer is received into again."""
+    not merge: a gap, a reordering, a duplicate, a header change), :attr:`refused` (rows that fail the
+    table's checks: a damaged row, or one of another kind than the table's first row — another
+    protocol or TCP header length, say, or a short last row without payload — never merged).
+    Valid until its coalescer's buffer is received into again."""
 
     __slots__ = ("runs", "order", "flows", "breaks", "refused", "_coalescer", "_base", "_seg", "_hl", "_proto",
                  "_short")
