@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rtt-pairs", type=int, metavar="N",
                    help=f"per repeat, N turns each of the fast-path and per-packet rows in one lab, for a paired RTT "
                         f"comparison (default {FULL.rtt_pairs}; --quick: {QUICK.rtt_pairs}; 0: off)")
+    p.add_argument("--many-peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure TCP with 4 streams to each of 3 peers on a 4-node lab per row that can "
+                        "(default: on; --quick: off)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each lab, wait up to SECONDS for other work on the machine to drop below 15%% CPU")
     p.add_argument("--code", metavar="REV", help="run udpflannel from this git revision (default: a copy of the "
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         udp_seconds=args.seconds or base.udp_seconds, rr_count=base.rr_count, rr_max_seconds=base.rr_max_seconds,
         strace_seconds=base.strace_seconds, sparse_count=base.sparse_count, wait_idle=args.wait_idle,
         rtt_pairs=base.rtt_pairs if args.rtt_pairs is None else args.rtt_pairs, rtt_pair_count=base.rtt_pair_count,
+        peers_lab=base.peers_lab if args.many_peers is None else args.many_peers,
     )
     out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()
     workdir = out / "tmp" / "logs"

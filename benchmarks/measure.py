@@ -186,8 +186,9 @@ def window(a: Reading, b: Reading) -> dict:
         "underlay_packets": sum(b.nodes[i][k] - a.nodes[i][k] for i in a.nodes for k in ("rx_packets", "tx_packets")),
         "underlay_bytes": sum(b.nodes[i][k] - a.nodes[i][k] for i in a.nodes for k in ("rx_bytes", "tx_bytes")),
         "pod_tx_packets": b.pods[1]["tx_packets"] - a.pods[1]["tx_packets"],
-        "pod_rx_packets": b.pods[2]["rx_packets"] - a.pods[2]["rx_packets"],
-        "pod_rx_bytes": b.pods[2]["rx_bytes"] - a.pods[2]["rx_bytes"],
+        # what the receiving pods got: pod 2, or every pod but pod 1 in the many-peers lab
+        "pod_rx_packets": sum(b.pods[i]["rx_packets"] - a.pods[i]["rx_packets"] for i in a.pods if i != 1),
+        "pod_rx_bytes": sum(b.pods[i]["rx_bytes"] - a.pods[i]["rx_bytes"] for i in a.pods if i != 1),
     }
 
 
@@ -217,6 +218,15 @@ def start_servers(topo: Topology) -> dict[str, subprocess.Popen]:
     wait_listening(pod, IPERF_PORT)
     wait_listening(pod, RR_PORT)
     wait_listening(pod, UDP_RR_PORT, proto="u")
+    return servers
+
+
+def start_iperf_servers(topo: Topology) -> dict[str, subprocess.Popen]:
+    """An iperf3 server in every pod but pod 1 (the many-peers lab), for the lab's lifetime."""
+    servers = {f"iperf3-{i}": pod.popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL) for i, pod in topo.pods.items() if i != 1}
+    for i in topo.peers(1):
+        wait_listening(topo.pods[i], IPERF_PORT)
     return servers
 
 
@@ -262,6 +272,41 @@ def tcp_throughput(topo: Topology, streams: int, duration: float, omit: int, con
         "sender_cpu_pct": cpu.get("host_total"),
         "receiver_cpu_pct": cpu.get("remote_total"),
         "congestion": end.get("sender_tcp_congestion", congestion),
+    }
+
+
+def tcp_to_peers(topo: Topology, streams: int, duration: float, omit: int, congestion: str = CONGESTION) -> dict:
+    """``streams`` TCP streams from pod 1 to each other pod at once (one iperf3 client per peer, started
+    together): the sum of what the receivers got, and each peer's share."""
+    cmd = ["iperf3", "-p", str(IPERF_PORT), "-J", "--connect-timeout", "3000", "-t", str(duration), "-P", str(streams),
+           "-O", str(omit), "-C", congestion]
+    clients = {i: topo.pods[1].popen([*cmd, "-c", str(topo.pods[i].address)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for i in topo.peers(1)}
+    outputs = {}
+    try:
+        for i, proc in clients.items():
+            outputs[i] = proc.communicate(timeout=duration + omit + 20)
+    except subprocess.TimeoutExpired as exc:
+        raise MeasureError(f"iperf3 to the peers did not finish within {duration + omit + 20:.0f}s") from exc
+    finally:
+        for proc in clients.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+    per_peer = {}
+    for i, (out, err) in outputs.items():
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError as exc:
+            raise MeasureError(f"iperf3 to pod {i} printed no JSON: {(err or out).strip()[:200]}") from exc
+        if data.get("error"):
+            raise MeasureError(f"iperf3 to pod {i}: {data['error']}")
+        per_peer[i] = data["end"]["sum_received"]
+    return {
+        "gbps": sum(r["bits_per_second"] for r in per_peer.values()) / 1e9,
+        "bytes": sum(r["bytes"] for r in per_peer.values()),
+        "peer_gbps": {str(i): r["bits_per_second"] / 1e9 for i, r in per_peer.items()},
+        "peers": len(per_peer), "streams_per_peer": streams, "congestion": congestion,
     }
 
 

@@ -142,6 +142,7 @@ class UdpflannelStatic(ProcessRow):
     """
 
     has_counters = True
+    many_peers = True
 
     def __init__(self, name: str = "udpflannel", extra_args: list[str] | None = None, *,
                  code: Path | None = None, description: str = "") -> None:
@@ -166,10 +167,9 @@ class UdpflannelStatic(ProcessRow):
 
     def command(self, index: int) -> list[str]:
         assert self.topo is not None
-        peer = self.topo.peer(index)
+        routes = [a for j in self.topo.peers(index) for a in ("--route", f"{SUBNETS[j]}={self.topo.nodes[j].address}")]
         return [sys.executable, "-m", "udpflannel", "static", "--iface", "eth0", "--subnet", str(SUBNETS[index]),
-                "--network", str(NETWORK), "--route", f"{SUBNETS[peer]}={self.topo.nodes[peer].address}",
-                "--port", str(FLANNEL_UDP_PORT), "--subnet-file", str(self.subnet_file(index)), *self.extra_args]
+                "--network", str(NETWORK), *routes, "--port", str(FLANNEL_UDP_PORT), "--subnet-file", str(self.subnet_file(index)), *self.extra_args]
 
     def stop(self) -> dict | None:
         indices = list(self.procs)

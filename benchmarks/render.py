@@ -110,7 +110,10 @@ def ratio_table(results: dict, ref: str) -> str:
 def detail_table(results: dict) -> str:
     labels = {"cpu_s_per_gb": "CPU-s/GB", "ctx_vol_per_kpkt": "vol. cs/1k pkt", "ctx_invol_per_kpkt": "invol. cs/1k pkt",
               "syscalls_per_pkt": "syscalls/pkt", "pkts_per_tun_wakeup": "pkts/TUN wake-up",
-              "pkts_per_udp_wakeup": "pkts/UDP wake-up"}
+              "pkts_per_udp_wakeup": "pkts/UDP wake-up", "tx_seg_per_tun_read": "data: segs/TUN read",
+              "tx_seg_per_sendmsg": "data: segs/sendmsg", "rx_seg_per_recvmsg": "data: segs/recvmsg",
+              "rx_seg_per_tun_write": "data: segs/TUN write", "ack_seg_per_sendmsg": "ACKs: segs/sendmsg",
+              "ack_seg_per_tun_write": "ACKs: segs/TUN write"}
     lines = []
     for name, row in results["rows"].items():
         if row["kind"] == "kernel" or not row["details"]:
@@ -169,6 +172,11 @@ def notes(results: dict) -> list[str]:
         "threads on both nodes (/proc/<pid>/task/*/schedstat, exact) over the replies; a round trip crosses "
         "each node's daemon twice, so it holds four passes. Wake-ups per round trip: the same threads' "
         "voluntary context switches (each pass that finds the daemon asleep costs one). See docs/latency.md.",
+        "- ⁴ Segments per syscall, from each node's daemon counters, on the data's way: per sendmsg on the "
+        "sending node (UDP_SEGMENT batches), per TUN write on the receiving node(s) (merged super-packets); the "
+        "table of per-packet costs has both directions (data, and the ACKs coming back) and the reads too. "
+        "TCP 4 streams × 3 peers runs on a lab of its own: 4 nodes on one underlay, pod 1 sending 4 streams to "
+        "the pod on each other node at once (one iperf3 client per peer).",
         "- Context switches: /proc/<pid>/task/*/status of the dataplane processes, per 1000 packets they "
         "handled (the daemons' counters, both nodes, both directions: a pod-to-pod packet is handled once by "
         "each node, so it counts twice). Syscalls per packet: the daemons' counters (TUN reads/writes + UDP "
@@ -199,8 +207,9 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     names = list(rows)
     subtitle = f"{results['meta']['machine_short']} · {results['meta']['date']}"
     charts = [
-        ("throughput.png", "TCP throughput pod→pod (higher is better)", "Gb/s", ["tcp1_gbps", "tcp1_bbr_gbps", "tcp4_gbps"],
-         ["1 stream", "1 stream, BBR", "4 streams"]),
+        ("throughput.png", "TCP throughput pod→pod (higher is better)", "Gb/s",
+         ["tcp1_gbps", "tcp1_bbr_gbps", "tcp4_gbps", "tcp8_gbps", "tcp4x3_gbps"],
+         ["1 stream", "1 stream, BBR", "4 streams", "8 streams", "4 streams × 3 peers"]),
         ("latency.png", "Round-trip time: back-to-back TCP and sparse ping at 200 Hz (lower is better)", "µs",
          ["rtt_p50_us", "rtt_p99_us", "ping200_p50_us", "ping200_p99_us"],
          ["TCP RR p50", "TCP RR p99", "ping 200 Hz p50", "ping 200 Hz p99"]),
@@ -272,7 +281,9 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
                   "to lab, more than the two paths differ):", "", pairs_text(results), ""]
     parts += ["¹ kernel rows: the whole machine's system + softirq + irq time (no process of their own), so not "
               "compared across kinds; ² all non-idle CPU, generators included; ³ not applicable, reasons in the "
-              "full report; ≥ generator-limited (a lower bound). Medians (min–max) over the repeats.", "",
+              "full report; ⁴ segments per syscall on the data's way (daemon counters: sendmsg on the sending "
+              "node, TUN write on the receiving ones); ≥ generator-limited (a lower bound). Medians (min–max) "
+              "over the repeats.", "",
               f"![throughput]({image_prefix}throughput.png) ![latency]({image_prefix}latency.png)", "",
               f"Full report with notes: [{image_prefix}results.md]({image_prefix}results.md).", "", README_END]
     head, rest = text.split(README_BEGIN, 1)

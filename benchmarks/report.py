@@ -31,6 +31,8 @@ METRICS = (
     Metric("tcp1_gbps", "TCP pod→pod, 1 stream", "Gb/s", "higher", 2),
     Metric("tcp1_bbr_gbps", "TCP pod→pod, 1 stream, BBR", "Gb/s", "higher", 2),
     Metric("tcp4_gbps", "TCP pod→pod, 4 streams", "Gb/s", "higher", 2),
+    Metric("tcp8_gbps", "TCP pod→pod, 8 streams", "Gb/s", "higher", 2),
+    Metric("tcp4x3_gbps", "TCP pod→3 pods on 3 nodes, 4 streams each (4-node lab)", "Gb/s", "higher", 2),
     Metric("rtt_p50_us", "TCP request/response RTT p50", "µs", "lower", 0),
     Metric("rtt_p99_us", "TCP request/response RTT p99", "µs", "lower", 0),
     Metric("ping200_p50_us", "Sparse ping RTT p50 (200 Hz)", "µs", "lower", 0),
@@ -45,10 +47,19 @@ METRICS = (
     Metric("udp1400_kpps", "UDP 1400 B forwarding rate", "kpps", "higher", 0),
     Metric("cpu_s_per_gb", "Dataplane CPU per GB (TCP 1 stream)¹", "CPU-s/GB", "lower", 2, same_measure_for_kernel=False),
     Metric("machine_cpu_s_per_gb", "Whole-machine CPU per GB (TCP 1 stream)²", "CPU-s/GB", "lower", 2),
+    Metric("machine_cpu_s_per_gb_tcp4", "Whole-machine CPU per GB (TCP 4 streams)²", "CPU-s/GB", "lower", 2),
     Metric("ctx_vol_per_kpkt", "Voluntary context switches / 1000 packets (TCP 1 stream)", "", "lower", 1),
     Metric("ctx_invol_per_kpkt", "Involuntary context switches / 1000 packets (TCP 1 stream)", "", "lower", 1),
     Metric("syscalls_per_pkt", "Syscalls / packet (TCP 1 stream, daemon counters)", "", "lower", 2),
+    # the data's direction: segments per sendmsg on the sending node, per TUN write on the receiving one(s)
+    *(Metric(f"{what}_{group}", f"Segments / {call} (TCP {label}, {side})⁴", "", "higher", 1)
+      for group, label in (("tcp1", "1 stream"), ("tcp4", "4 streams"), ("tcp8", "8 streams"), ("tcp4x3", "4 × 3 peers"))
+      for what, call, side in (("seg_per_sendmsg", "sendmsg", "sending node"), ("seg_per_tun_write", "TUN write",
+                                                                                 "receiving node"))),
 )
+# Metrics only on the many-peers lab (benchmarks.runner.PEERS_GROUPS), which a quick run leaves out
+PEERS_METRICS = ("tcp4x3_gbps", "seg_per_sendmsg_tcp4x3", "seg_per_tun_write_tcp4x3")
+NO_TUN = "kernel dataplane: no TUN and no sendmsg per segment (the kernel's own GRO/GSO)"
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
 NO_PROCESS = "kernel dataplane: no process of its own, forwarding runs in softirq context"
@@ -60,8 +71,14 @@ def _value(x: float, **extra) -> dict:
     return {"value": float(x), **extra}
 
 
+class NotMeasured(LookupError):
+    """The run left the group out on purpose (the reason is the argument): unsupported, not failed."""
+
+
 def _group(run: dict, name: str) -> dict:
     """The group's result, or raise KeyError/LookupError with the reason it is missing."""
+    if name in run.get("not_measured", {}):
+        raise NotMeasured(run["not_measured"][name])
     if "setup_error" in run:
         raise LookupError(run["setup_error"])
     group = run.get("groups", {}).get(name)
@@ -90,6 +107,7 @@ def group_cost(kind: str, group: dict) -> dict:
     if kind != "kernel" and packets:
         out["ctx_vol_per_kpkt"] = w["ctx_voluntary"] * 1000 / packets
         out["ctx_invol_per_kpkt"] = w["ctx_involuntary"] * 1000 / packets
+    out.update(segments_per_call(group.get("node_counters")))
     if counters and counters.get("packets"):
         out["syscalls_per_pkt"] = counters["syscalls"] / counters["packets"]
         if counters.get("tun_wakeups"):
@@ -99,6 +117,33 @@ def group_cost(kind: str, group: dict) -> dict:
     return out
 
 
+def segments_per_call(nodes: dict | None) -> dict:
+    """Segments (wire packets) per syscall in each direction, from each node's counters: the data goes
+    from node 1 to the others, their ACKs come back. ``tx_``: node 1 (TUN reads of super-packets,
+    sendmsg with UDP_SEGMENT); ``rx_``: the receiving nodes (recvmsg with UDP_GRO, TUN writes of merged
+    super-packets); ``ack_``: the same calls for the ACKs (sendmsg on the receivers, TUN writes on node 1)."""
+    if not nodes:
+        return {}
+    sender = nodes.get("1") or nodes.get(1)
+    receivers = [c for i, c in nodes.items() if str(i) != "1"]
+    if not sender or not receivers:
+        return {}
+
+    def per(counters: list[dict], packets: str, calls: str) -> float | None:
+        n = sum(c.get(calls, 0) for c in counters)
+        return sum(c.get(packets, 0) for c in counters) / n if n else None
+
+    out = {
+        "tx_seg_per_tun_read": per([sender], "tun_packets", "tun_reads"),
+        "tx_seg_per_sendmsg": per([sender], "sent_packets", "udp_sends"),
+        "rx_seg_per_recvmsg": per(receivers, "udp_packets", "udp_recvs"),
+        "rx_seg_per_tun_write": per(receivers, "delivered_packets", "tun_writes"),
+        "ack_seg_per_sendmsg": per(receivers, "sent_packets", "udp_sends"),
+        "ack_seg_per_tun_write": per([sender], "delivered_packets", "tun_writes"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict]:
     """Every metric of one repeat of one dataplane: a value, or why not."""
     out: dict[str, dict] = {}
@@ -106,12 +151,13 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
     def put(key: str, fn) -> None:
         try:
             out[key] = fn()
+        except NotMeasured as exc:
+            out[key] = {"unsupported": str(exc.args[0])}
         except LookupError as exc:
             out[key] = {"error": str(exc.args[0]) if exc.args else "missing"}
 
-    put("tcp1_gbps", lambda: _value(_group(run, "tcp1")["gbps"]))
-    put("tcp1_bbr_gbps", lambda: _value(_group(run, "tcp1_bbr")["gbps"]))
-    put("tcp4_gbps", lambda: _value(_group(run, "tcp4")["gbps"]))
+    for group in ("tcp1", "tcp1_bbr", "tcp4", "tcp8", "tcp4x3"):
+        put(f"{group}_gbps", lambda group=group: _value(_group(run, group)["gbps"]))
     put("rtt_p50_us", lambda: _value(_group(run, "rr")["p50_us"], n=_group(run, "rr")["n"]))
     put("rtt_p99_us", lambda: _value(_group(run, "rr")["p99_us"], n=_group(run, "rr")["n"]))
     for group in ("ping200", "udprr200"):
@@ -153,7 +199,28 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
 
     for key in ("cpu_s_per_gb", "machine_cpu_s_per_gb", "ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt"):
         put(key, cost(key))
+    put("machine_cpu_s_per_gb_tcp4", lambda: _value(_need(group_cost(kind, _group(run, "tcp4")).get("machine_cpu_s_per_gb"))))
+
+    def segments(key: str, group: str):
+        def fn():
+            g = _group(run, group)
+            if kind == "kernel":
+                return {"unsupported": NO_TUN}
+            if not has_counters:
+                return {"unsupported": NO_COUNTERS}
+            return _value(_need(segments_per_call(g.get("node_counters")).get(f"{'tx' if 'sendmsg' in key else 'rx'}_{key}")))
+        return fn
+
+    for group in ("tcp1", "tcp4", "tcp8", "tcp4x3"):
+        for key in ("seg_per_sendmsg", "seg_per_tun_write"):
+            put(f"{key}_{group}", segments(key, group))
     return out
+
+
+def _need(value: float | None) -> float:
+    if value is None:
+        raise LookupError("too little traffic to compute")
+    return value
 
 
 # -- repeats -> aggregate --------------------------------------------------------------------------------------
@@ -293,10 +360,12 @@ def pairs_text(results: dict) -> str:
     return "\n".join(lines)
 
 
-GROUP_LABELS = {"tcp1": "TCP 1 stream", "tcp1_bbr": "TCP 1 stream, BBR", "tcp4": "TCP 4 streams", "rr": "request/response",
+GROUP_LABELS = {"tcp1": "TCP 1 stream", "tcp1_bbr": "TCP 1 stream, BBR", "tcp4": "TCP 4 streams", "tcp8": "TCP 8 streams",
+                "tcp4x3": "TCP 4 streams × 3 peers", "rr": "request/response",
                 "ping200": "ping at 200 Hz", "udprr200": "UDP request/response at 200 Hz", "udp64": "UDP 64 B flood", "udp1400": "UDP 1400 B flood"}
 DETAIL_KEYS = ("cpu_s_per_gb", "ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt",
-               "pkts_per_tun_wakeup", "pkts_per_udp_wakeup")
+               "pkts_per_tun_wakeup", "pkts_per_udp_wakeup", "tx_seg_per_tun_read", "tx_seg_per_sendmsg",
+               "rx_seg_per_recvmsg", "rx_seg_per_tun_write", "ack_seg_per_sendmsg", "ack_seg_per_tun_write")
 
 
 def detail_costs(row: dict) -> dict:

@@ -45,6 +45,7 @@ class Row:
 
     kind = "kernel"  # "kernel" (softirq, no process) or "userspace" (processes we can account for)
     has_counters = False  # stop() returns per-group counters (so the harness restarts it per group)
+    many_peers = False  # it can run on the many-peers lab (more than two nodes): routes to every peer
 
     def __init__(self, name: str, description: str) -> None:
         self.name = name
@@ -80,6 +81,8 @@ class Row:
 class HostGw(Row):
     """flannel's host-gw backend: a plain route to each peer's subnet via its underlay address."""
 
+    many_peers = True
+
     def __init__(self, name: str = "host-gw") -> None:
         super().__init__(name, "kernel routing, no encapsulation (flannel host-gw)")
 
@@ -87,8 +90,8 @@ class HostGw(Row):
         super().setup(topo)
         self.pod_mtu = UNDERLAY_MTU
         for i, node in topo.nodes.items():
-            peer = topo.nodes[topo.peer(i)]
-            node.ip("route", "replace", str(SUBNETS[topo.peer(i)]), "via", str(peer.address), "dev", "eth0")
+            for j in topo.peers(i):
+                node.ip("route", "replace", str(SUBNETS[j]), "via", str(topo.nodes[j].address), "dev", "eth0")
 
 
 def vtep_mac(index: int) -> str:
@@ -105,6 +108,8 @@ class KernelVxlan(Row):
     (VTEP MAC → peer's underlay address) and ``<peer subnet> via <peer subnet address> dev flannel.1 onlink``.
     """
 
+    many_peers = True
+
     def __init__(self, name: str = "vxlan") -> None:
         super().__init__(name, "kernel VXLAN exactly as flannel's vxlan backend")
 
@@ -119,9 +124,9 @@ class KernelVxlan(Row):
             node.ip("addr", "add", f"{SUBNETS[i].network_address}/32", "dev", "flannel.1")
             node.ip("link", "set", "flannel.1", "up")
         for i, node in topo.nodes.items():
-            j = topo.peer(i)
-            peer_vtep = str(SUBNETS[j].network_address)
-            node.ip("neigh", "replace", peer_vtep, "lladdr", vtep_mac(j), "dev", "flannel.1", "nud", "permanent")
-            node.run("bridge", "fdb", "replace", vtep_mac(j), "dev", "flannel.1", "dst", str(topo.nodes[j].address),
-                     "self", "permanent")
-            node.ip("route", "replace", str(SUBNETS[j]), "via", peer_vtep, "dev", "flannel.1", "onlink")
+            for j in topo.peers(i):
+                peer_vtep = str(SUBNETS[j].network_address)
+                node.ip("neigh", "replace", peer_vtep, "lladdr", vtep_mac(j), "dev", "flannel.1", "nud", "permanent")
+                node.run("bridge", "fdb", "replace", vtep_mac(j), "dev", "flannel.1", "dst", str(topo.nodes[j].address),
+                         "self", "permanent")
+                node.ip("route", "replace", str(SUBNETS[j]), "via", peer_vtep, "dev", "flannel.1", "onlink")

@@ -28,15 +28,24 @@ from benchmarks.measure import (
     restart_iperf_server,
     sparse_ping,
     sparse_udp_rr,
+    start_iperf_servers,
     start_servers,
     tcp_throughput,
+    tcp_to_peers,
     udp_flood,
     window,
 )
 from benchmarks.pairs import pair_rows, paired_rtt
 from benchmarks.rows import Row
 from benchmarks.strace import strace_check
-from benchmarks.topology import DataplaneError, Topology, add_pods, build_nodes, wait_reachable
+from benchmarks.topology import (
+    PEERS_LAB_NODES,
+    DataplaneError,
+    Topology,
+    add_pods,
+    build_nodes,
+    wait_reachable,
+)
 from udpflannel.lab.netns import Lab
 
 OPEN_LABS: set[Lab] = set()
@@ -44,7 +53,9 @@ OPEN_LABS: set[Lab] = set()
 LAB_PREFIX = "ufbench"
 QUIET = 0.15  # fraction of the machine's CPU that other work may use before a lab without a warning
 # tcp1_bbr: the 1-stream test again, with BBR; ping200/udprr200: sparse round trips, one packet every 5 ms
-GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "rr", "ping200", "udprr200", "udp64", "udp1400")
+GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "tcp8", "rr", "ping200", "udprr200", "udp64", "udp1400")
+# On the many-peers lab (a lab of its own, PEERS_LAB_NODES nodes): 4 TCP streams from pod 1 to each other pod
+PEERS_GROUPS = ("tcp4x3",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Settings:
     rtt_pairs: int = 0  # per repeat: turns of the fast-path and per-packet rows in one lab (benchmarks.pairs)
     rtt_pair_count: int = 2000  # round trips per turn
     wait_idle: float = 0.0  # seconds to wait, before each lab, for the machine to be < QUIET busy
+    peers_lab: bool = True  # also run PEERS_GROUPS, on a many-peers lab per row that can (Row.many_peers)
 
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
@@ -67,13 +79,17 @@ class Settings:
                 f"sparse round trips at 200 Hz: {self.sparse_count} pings and {self.sparse_count} UDP requests; TCP congestion "
                 f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)"
                 + (f"; paired RTT: {self.rtt_pairs} pair(s) of turns per repeat, {self.rtt_pair_count} round trips each"
-                   if self.rtt_pairs else ""))
+                   if self.rtt_pairs else "")
+                + (f"; many peers: TCP 4 streams to each of {PEERS_LAB_NODES - 1} peers on a {PEERS_LAB_NODES}-node lab"
+                   if self.peers_lab else "; no many-peers lab"))
 
 
 FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3, sparse_count=600,
                 rtt_pairs=10, rtt_pair_count=2000)
 QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1, sparse_count=100,
-                 rtt_pairs=1, rtt_pair_count=400)
+                 rtt_pairs=1, rtt_pair_count=400, peers_lab=False)
+NOT_IN_THIS_RUN = "not measured in this run (the many-peers lab is off: --quick without --many-peers)"
+NOT_FOR_THIS_ROW = f"this dataplane runs on the two-node lab only (no routes to {PEERS_LAB_NODES - 1} peers)"
 
 
 class Progress:
@@ -95,8 +111,10 @@ def run_group(name: str, topo: Topology, s: Settings) -> dict:
         return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
     if name == "tcp1_bbr":
         return tcp_throughput(topo, streams=1, duration=s.tcp_seconds, omit=s.omit, congestion=ALT_CONGESTION)
-    if name == "tcp4":
-        return tcp_throughput(topo, streams=4, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
+    if name in ("tcp4", "tcp8"):
+        return tcp_throughput(topo, streams=int(name[3:]), duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
+    if name == "tcp4x3":
+        return tcp_to_peers(topo, streams=4, duration=s.tcp_seconds, omit=s.omit, congestion=CONGESTION)
     if name == "rr":
         return request_response(topo.pods[1], str(topo.pods[2].address), s.rr_count, s.rr_max_seconds)
     if name == "ping200":
@@ -152,7 +170,34 @@ def run_dataplane(dp: Row, s: Settings, workdir: Path, progress: Progress, *, la
             calibration = _calibrate(topo, s, progress)
         if strace and dp.has_counters:
             strace_result = _strace(dp, topo, s, progress)
+    for name in PEERS_GROUPS:
+        if not s.peers_lab or not dp.many_peers:
+            run.setdefault("not_measured", {})[name] = NOT_IN_THIS_RUN if not s.peers_lab else NOT_FOR_THIS_ROW
+    if s.peers_lab and dp.many_peers:
+        run["groups"].update(_many_peers(dp, s, workdir, progress, label=label))
     return run, strace_result, calibration
+
+
+def _many_peers(dp: Row, s: Settings, workdir: Path, progress: Progress, *, label: str) -> dict:
+    """PEERS_GROUPS on a lab of their own: PEERS_LAB_NODES nodes, a pod on each, pod 1 sending to all."""
+    wait_for_quiet(s.wait_idle)
+    out: dict = {}
+    with fresh_lab([dp], progress) as lab:
+        try:
+            topo = build_nodes(lab, workdir / f"{dp.slug}-{label}-peers", count=PEERS_LAB_NODES)
+            dp.setup(topo)
+            dp.start()
+            add_pods(topo, dp.pod_mtu)
+            wait_reachable(topo)
+            servers = start_iperf_servers(topo)
+        except (DataplaneError, MeasureError, RuntimeError, OSError) as exc:
+            progress(f"{dp.name} {label}: many-peers set-up failed: {exc}")
+            return {name: {"error": f"many-peers lab set-up: {type(exc).__name__}: {exc}"} for name in PEERS_GROUPS}
+        for name in PEERS_GROUPS:
+            out[name] = _measure_group(name, dp, topo, s, servers)
+            out[name]["lab_tag"] = lab.tag
+            progress(f"{dp.name} {label} {name}: {summary(name, out[name])}")
+    return out
 
 
 def wait_for_quiet(max_seconds: float, threshold: float = QUIET) -> tuple[float, float]:
@@ -239,6 +284,7 @@ def _measure_group(name: str, dp: Row, topo: Topology, s: Settings, servers: dic
         try:
             counters = dp.stop()
             result["counters"] = counters["total"] if counters else None
+            result["node_counters"] = {str(i): c for i, c in counters["nodes"].items()} if counters else None
         except DataplaneError as exc:
             result.setdefault("error", str(exc))
     if dp.kind != "kernel" and not pids:

@@ -2,6 +2,9 @@
 
     pod n1p2 10.5.1.2 ── cni0 ── node n1 198.18.0.1 ══ underlay br0 ══ node n2 198.18.0.2 ── cni0 ── pod n2p2 10.5.2.2
 
+and the many-peers lab (:data:`PEERS_LAB_NODES` nodes on the same underlay, pod n{i}p2 10.5.{i}.2 on
+node i), where pod 1 sends to the pods of all the others at once.
+
 Its addresses and constants, the nodes and pods, and the reachability check after a row's set-up.
 """
 
@@ -15,7 +18,8 @@ from pathlib import Path
 from udpflannel.lab.netns import Lab, Netns, Node, Pod
 
 NETWORK = IPv4Network("10.5.0.0/16")
-SUBNETS = {1: IPv4Network("10.5.1.0/24"), 2: IPv4Network("10.5.2.0/24")}
+PEERS_LAB_NODES = 4  # the many-peers lab: node 1 and three peers
+SUBNETS = {i: IPv4Network(f"10.5.{i}.0/24") for i in range(1, PEERS_LAB_NODES + 1)}
 UNDERLAY_MTU = 1500
 FLANNEL_UDP_PORT = 8285
 VXLAN_PORT = 8472
@@ -30,7 +34,8 @@ class DataplaneError(RuntimeError):
 
 @dataclass
 class Topology:
-    """Two nodes (and, once the MTU is known, two pods) in one lab; ``workdir`` holds logs."""
+    """Two nodes, or more in the many-peers lab (and, once the MTU is known, a pod on each) in one lab;
+    ``workdir`` holds logs."""
 
     lab: Lab
     nodes: dict[int, Node]
@@ -44,12 +49,17 @@ class Topology:
 
     @staticmethod
     def peer(index: int) -> int:
+        """The other node of the two-node lab."""
         return 3 - index
 
+    def peers(self, index: int) -> list[int]:
+        """Every other node (one in the two-node lab)."""
+        return [j for j in self.nodes if j != index]
 
-def build_nodes(lab: Lab, workdir: Path) -> Topology:
+
+def build_nodes(lab: Lab, workdir: Path, count: int = 2) -> Topology:
     lab.add_hub()
-    nodes = {i: lab.add_node(i, mtu=UNDERLAY_MTU) for i in (1, 2)}
+    nodes = {i: lab.add_node(i, mtu=UNDERLAY_MTU) for i in range(1, count + 1)}
     workdir.mkdir(parents=True, exist_ok=True)
     return Topology(lab=lab, nodes=nodes, workdir=workdir)
 
@@ -62,9 +72,13 @@ def add_pods(topo: Topology, mtu: int) -> None:
 
 
 def wait_reachable(topo: Topology, *, timeout: float = 15.0) -> None:
-    """Pod 1 pings pod 2 until one reply comes back (bounded by ``timeout``)."""
-    target = str(topo.pods[2].address)
+    """Pod 1 pings every other pod until one reply comes back from each (bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout
+    for j in topo.peers(1):
+        _wait_reply(topo, str(topo.pods[j].address), deadline, timeout)
+
+
+def _wait_reply(topo: Topology, target: str, deadline: float, timeout: float) -> None:
     last = ""
     for _ in range(int(timeout / 0.2) + 1):
         proc = topo.pods[1].run("ping", "-n", "-c", "1", "-W", "1", target, check=False, timeout=5)

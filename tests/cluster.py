@@ -162,13 +162,14 @@ class BackgroundTransfer:
     returns the SHA-256 each end saw (a reset ends either side with an error, which fails here)."""
 
     def __init__(self, sender: Netns, receiver: Netns, receiver_ip: str, nbytes: int, *, rate: float,
-                 port: int = 5202) -> None:
+                 port: int = 5202, seed: int = 2026) -> None:
         self.nbytes = nbytes
         self.recv = receiver.popen([sys.executable, str(TOOLS / "tcpxfer.py"), "recv", str(port)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.recv.stdout is not None and self.recv.stdout.readline().strip() == "listening"
         self.send = sender.popen([sys.executable, str(TOOLS / "tcpxfer.py"), "send", receiver_ip, str(port),
-                                  str(nbytes), str(rate)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  str(nbytes), str(rate), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
 
     def finish(self, timeout: float = 120) -> tuple[str, str]:
         sent, _ = self.send.communicate(timeout=timeout)
@@ -178,3 +179,13 @@ class BackgroundTransfer:
         (sent_hash, sent_len), (recv_hash, recv_len) = sent.split(), received.split()
         assert int(sent_len) == int(recv_len) == self.nbytes, (sent_len, recv_len)
         return sent_hash, recv_hash
+
+
+def parallel_transfers(moves: list[tuple[Netns, Netns, str]], nbytes: int, *, port: int = 5300) -> None:
+    """TCP transfers all at once, one per (sender, receiver, receiver IP), each ``nbytes`` of its own
+    bytes (its own seed) on its own port, unpaced; fails unless every one arrives with its SHA-256."""
+    transfers = [BackgroundTransfer(s, r, ip, nbytes, rate=0.0, port=port + k, seed=k) for k, (s, r, ip) in enumerate(moves)]
+    results = [t.finish() for t in transfers]
+    bad = [k for k, (sent, received) in enumerate(results) if sent != received]
+    assert not bad, f"SHA-256 differs for transfers {bad} of {len(moves)}"
+    assert len({sent for sent, _ in results}) == len(moves)  # each its own bytes

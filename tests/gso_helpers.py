@@ -29,6 +29,16 @@ def split(packet, hdr: vnet.VnetHdr) -> list[bytes] | Refused:
                       + (result.size if j < result.count - 1 else result.last)]) for j in range(result.count)]
 
 
+def by_flow(packets) -> dict[bytes, list[bytes]]:
+    """Packets per flow (protocol, addresses, ports: the bytes the coalescer groups by, read at IHL 5
+    offsets whatever the packet), each flow's in order: what the coalescer must keep. The order
+    across flows may change, as Linux GRO's does."""
+    out: dict[bytes, list[bytes]] = {}
+    for p in packets:
+        out.setdefault(bytes(p[9:10]) + bytes(p[12:24]), []).append(bytes(p))
+    return out
+
+
 def coalesce(packets, *, udp: bool = True) -> list[bytes]:
     """IPv4 packets in arrival order → TUN write units (vnet header + packet), merged where GRO may
     (UDP flows too if ``udp``: the TUN takes GSO_UDP_L4 writes).
@@ -53,6 +63,6 @@ def coalesce(packets, *, udp: bool = True) -> list[bytes]:
             if b - a > 1:
                 out.append(b"".join(bytes(part) for part in plan.merge(a, b)))
             else:
-                out.append(vnet.PLAIN + bytes(packets[i + a]))
+                out.append(vnet.PLAIN + bytes(plan.row(a)))  # logical row a: the plan groups rows by flow
         i = j
     return out

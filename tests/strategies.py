@@ -172,3 +172,23 @@ def super_packets(
     else:
         l4 = struct.pack("!HHHH", draw(u16), draw(u16), min(0xFFFF, l4_len + size), draw(u16))
     return bytes(ip) + l4 + payload, mss
+
+
+def hurt(data, batch: list, *, times: tuple[int, int] = (1, 6), damage=None) -> None:
+    """What a bad wire does to packets before GRO batches them, in place: some lost, swapped with the
+    next, held back to the end, sent twice, and (with ``damage``, a function of data and an item that
+    returns it damaged) damaged. At least 2 items are kept."""
+    actions = ["lose", "swap", "hold back", "duplicate"] + (["damage"] if damage else [])
+    for _ in range(data.draw(st.integers(*times))):
+        i = data.draw(st.integers(0, len(batch) - 1))
+        action = data.draw(st.sampled_from(actions))
+        if action == "lose" and len(batch) > 2:
+            del batch[i]
+        elif action == "swap" and i + 1 < len(batch):
+            batch[i], batch[i + 1] = batch[i + 1], batch[i]
+        elif action == "hold back":
+            batch.append(batch.pop(i))
+        elif action == "duplicate":
+            batch.insert(i + 1, batch[i])
+        elif action == "damage":
+            batch[i] = damage(data, batch[i])

@@ -6,7 +6,8 @@ then damaged as a forger would: flipped bytes, truncated rows and wrong lengths,
 checksums, TTL 0 and 1, fragments, sources outside the sender's subnet, strangers, random rows,
 duplicated and swapped rows, breaks in IDs and sequence numbers. Whatever comes in:
 
-- nothing raises, and every row gets exactly one verdict, in order, from the peer that sent it;
+- nothing raises, and every row gets exactly one verdict, in its flow's order (rows are grouped by
+  flow: the order across flows may change), from the peer that sent it;
 - a refused row gets the verdict ``forward.inbound`` gives it alone, and is left as it came;
 - a forwarded unit, cut again as the kernel would (``hostile.resegment``), is exactly the rows it
   carries one hop older, each of which ``forward.inbound`` forwards alone, is well-formed by the slow
@@ -157,25 +158,42 @@ def test_mutated_gro_batches_get_per_packet_verdicts_and_forward_only_well_forme
         at += seg
     coalescer = gso.Coalescer(buf, udp=udp)
     sizes = [sum(map(len, batch)) for _, batch in batches]
-    i = 0
+    waiting = flows(rows, senders)  # each flow's rows (indices) in arrival order: units must take them so
+    done = 0
     for verdict, sender, n, unit in inbound_batches(coalescer, base, seg, sizes, [s for s, _ in batches], ROUTES,
                                                     tun_mtu=TUN_MTU, check_source=check_source):
-        assert n >= 1 and i + n <= len(rows)
-        assert all(s == sender for s in senders[i:i + n]), "a unit mixes senders, or names the wrong one"
+        written = bytes(unit) if verdict != Verdict.FORWARD else b"".join(bytes(part) for part in unit)[vnet.VNET_HDR_LEN:]
+        queue = waiting[flow_key(sender, written)]  # a unit names the sender of its rows, or this fails
+        assert n >= 1 and n <= len(queue), "a unit carries rows its flow does not have (next)"
+        taken, waiting[flow_key(sender, written)] = queue[:n], queue[n:]
         event(f"{verdict.name.lower()}, {'merged' if n > 1 else 'alone'}")
         if verdict != Verdict.FORWARD:
-            assert n == 1 and (verdict, bytes(unit)) == (alone[i], rows[i]), (verdict, alone[i])
+            assert n == 1 and (verdict, bytes(unit)) == (alone[taken[0]], rows[taken[0]]), (verdict, alone[taken[0]])
         else:
             written = b"".join(bytes(part) for part in unit)
             flags, gso_type, _, gso_size, _, _ = vnet.unpack_from(written)
             packets = hostile.resegment(flags, gso_type, gso_size, written[vnet.VNET_HDR_LEN:])
-            assert alone[i:i + n] == [Verdict.FORWARD] * n, "forwarded what inbound refuses alone"
-            assert packets == [hostile.after_hops(row, 1) for row in rows[i:i + n]]
+            assert [alone[i] for i in taken] == [Verdict.FORWARD] * n, "forwarded what inbound refuses alone"
+            assert packets == [hostile.after_hops(rows[i], 1) for i in taken]
             event(f"gso type {gso_type}")
-            assert n == 1 or (gso_type == (hostile.GSO_UDP_L4 if udp and rows[i][9] == hostile.UDP else hostile.GSO_TCPV4)
-                              and flags == vnet.NEEDS_CSUM)
+            assert n == 1 or (gso_type == (hostile.GSO_UDP_L4 if udp and rows[taken[0]][9] == hostile.UDP
+                                           else hostile.GSO_TCPV4) and flags == vnet.NEEDS_CSUM)
             for packet in packets:
                 assert not hostile.problem(packet), hostile.problem(packet)
                 assert not check_source or IPv4Address(packet[12:16]) in SUBNETS[sender]
-        i += n
-    assert i == len(rows), "a row got no verdict"
+        done += n
+    assert done == len(rows) and not any(waiting.values()), "a row got no verdict"
+
+
+def flow_key(sender, row: bytes) -> tuple:
+    """A row's flow as the coalescer groups rows (sender; protocol, addresses, ports at IHL 5 offsets,
+    a short row's missing bytes zero, as the coalescer pads it): rows of one key keep their order."""
+    row = row[:24].ljust(24, b"\0")
+    return sender, row[9], row[12:24]
+
+
+def flows(rows: list[bytes], senders: list) -> dict[tuple, list[int]]:
+    out: dict[tuple, list[int]] = {}
+    for i, (row, sender) in enumerate(zip(rows, senders, strict=True)):
+        out.setdefault(flow_key(sender, row), []).append(i)
+    return out

@@ -608,3 +608,75 @@ async def test_an_empty_datagram_is_too_short_however_it_is_received():
         assert r.dp.counters.udp_recvs >= 3 and nothing_more_on(r.tun_app)
     finally:
         r.close()
+
+
+# -- many flows, many peers (issue 18) ------------------------------------------------------------------
+
+
+async def test_super_packets_of_four_flows_to_one_peer_share_sends():
+    """4 flows' TSO packets of 11 full segments each, read in one wake-up: their datagrams are all
+    1472 bytes, so they chain into one UDP_SEGMENT batch of 44 (as many as 64 KB holds): 1 send."""
+    r = Rig()
+    flows = [tcp_flow(11 * 1420, src=f"10.5.1.{2 + i}", flags=0x10) for i in range(4)]
+    for packet in flows:
+        r.tun_app.send(tso_hdr() + packet)
+    r.dp.attach()
+    try:
+        await until(lambda: r.dp.counters.sent_packets == 44)
+        assert r.recv_datagrams(44) == [after_one_hop(s) for packet in flows for s in slow_split(packet, 1420)]
+        c = r.dp.counters
+        assert (c.udp_sends, c.udp_gso_sends, c.udp_gso_datagrams) == (1, 1, 44)
+        assert c.batches()["udp_send"] == 44.0
+    finally:
+        r.close()
+
+
+async def test_super_packets_interleaved_to_three_peers_take_one_send_per_peer():
+    """Two rounds of super-packets to 3 peers, interleaved (1, 2, 3, 1, 2, 3): each peer's batch
+    gathers its datagrams across the others' (one destination per sendmsg): 3 sends, each peer's
+    datagrams in the order read."""
+    r = Rig()
+    peers = [r.peer] + [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for i, peer in enumerate(peers[1:], start=3):
+            peer.bind(("127.0.0.1", 0))
+            peer.settimeout(2)
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            follow(r.dp.routes, PeerAdded(IPv4Network(f"10.5.{i}.0/24"), IPv4Address("127.0.0.1")),
+                   peer.getsockname()[1])
+        sent = {i: [] for i in range(3)}
+        for round_ in range(2):
+            for i in range(3):
+                packet = tcp_flow(10 * 1420, dst=f"10.5.{2 + i}.2", flags=0x10, seq=1000 + round_ * 10 * 1420)
+                r.tun_app.send(tso_hdr() + packet)
+                sent[i] += slow_split(packet, 1420)
+        r.dp.attach()
+        await until(lambda: r.dp.counters.sent_packets == 60)
+        for i, peer in enumerate(peers):
+            assert [peer.recv(70000) for _ in range(20)] == [after_one_hop(s) for s in sent[i]]
+        assert (r.dp.counters.udp_sends, r.dp.counters.udp_gso_datagrams) == (3, 60)
+    finally:
+        for peer in peers[1:]:
+            peer.close()
+        r.close()
+
+
+async def test_interleaved_flows_in_one_gro_batch_are_one_tun_write_each(rig: Rig):
+    """The peer sends 4 flows' segments interleaved (a1 b1 c1 d1 a2 ...) in one UDP_SEGMENT send; the
+    engine receives them as one GRO batch and writes each flow as one GSO_TCPV4 super-packet."""
+    flows = [slow_split(tcp_flow(10 * 1420, src="10.5.2.2", dst=f"10.5.1.{2 + i}", flags=0x10), 1420)
+             for i in range(4)]
+    rig.peer.sendmsg([b"".join(f[k] for k in range(10) for f in flows)], gso_cmsg(1472), 0, rig.udp.getsockname())
+    await until(lambda: rig.dp.counters.delivered_packets == 40)
+    writes = [rig.tun_app.recv(70000) for _ in range(4)]
+    got = {}
+    for data in writes:
+        hdr = vnet.parse(data)
+        assert hdr.gso_type == vnet.GSO_TCPV4
+        segments = split(data[10:], hdr)
+        got[segments[0][16:20]] = segments
+    assert got == {f[0][16:20]: [after_one_hop(s) for s in f] for f in flows}
+    c = rig.dp.counters
+    assert (c.udp_gro_recvs, c.tun_writes, c.tun_gso_writes, c.tun_gso_segments) == (1, 4, 4, 40)
+    assert (c.gro_flows, c.gro_breaks, c.gro_refused) == (4, 0, 0)
+    assert c.batches()["tun_write"] == 10.0

@@ -2,7 +2,8 @@
 
 A fast-path node and a per-packet node interoperate both ways (the per-packet node sees only ordinary
 datagrams, as a flanneld peer would), 200 MB keep their SHA-256 over every pairing, TTL and ICMP
-behave as on the per-packet path, and each fallback (no GSO/GRO and no TUN offloads, forced with
+behave as on the per-packet path, parallel TCP flows (several in one GRO batch) each keep their bytes,
+and each fallback (no GSO/GRO and no TUN offloads, forced with
 ``--disable-offloads``; a device without checksum offload) still moves the bytes, on the path it says.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import TOOLS, ping, start_udpflannel, tcp_transfer, wait_for
+from tests.cluster import TOOLS, parallel_transfers, ping, start_udpflannel, tcp_transfer, wait_for
 from tests.conftest import require
 from udpflannel.lab.netns import Lab
 
@@ -99,6 +100,26 @@ def test_fast_to_fast_200mb_both_ways_in_batches(lab: Lab, tmp_path: Path):
         # each direction's data moved many packets per syscall (ACKs, one by one, pull the mean down)
         assert c["udp_gso_datagrams"] / c["udp_gso_sends"] > 4
         assert c["tun_gso_segments"] / c["tun_gso_writes"] > 4
+
+
+FLOW_BYTES = 16 * 1024 * 1024  # per transfer: 8 at once move 128 MB, seconds on the fast path
+
+
+@pytest.mark.parametrize("peer", ["fast", "slow"], ids=["fast-peer", "per-packet-peer"])
+def test_four_parallel_tcp_transfers_each_way_keep_their_sha256(lab: Lab, tmp_path: Path, peer: str):
+    """4 TCP transfers pod 1 -> pod 2 and 4 back, all at once (16 MB each, each its own bytes): every
+    one arrives with its SHA-256 (the flows share one UDP flow between the daemons, so a fast peer's
+    GRO batches may interleave them), and no daemon dropped anything or failed a write or a send."""
+    pair = Pair(lab, tmp_path, {1: "fast", 2: peer})
+    pods = pair.pods
+    parallel_transfers([(pods[1], pods[2], str(pods[2].address))] * 4 + [(pods[2], pods[1], str(pods[1].address))] * 4,
+                       FLOW_BYTES)
+    counters = pair.stop()
+    fast = [counters[i] for i in (1, 2) if i == 1 or peer == "fast"]
+    for c in fast:
+        assert c["tun_write_errors"] == 0 and c["send_errors"] == 0
+        for direction in ("tun_to_udp", "udp_to_tun"):
+            assert not any(v for k, v in c["drops"][direction].items() if k != "not_ipv4"), c["drops"]
 
 
 @pytest.mark.parametrize("size", [1400, 64])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import TOOLS, Pinger, ping, tcp_transfer, unused_subnet, wait_for
+from tests.cluster import TOOLS, Pinger, parallel_transfers, ping, tcp_transfer, unused_subnet, wait_for
 from tests.conftest import check_lab_tools
 from udpflannel.lab.cluster import PREFIX, Cluster
 from udpflannel.lab.netns import Lab, leftover_namespaces
@@ -96,6 +96,25 @@ def test_tcp_50mb_keeps_its_sha256_between_a_flanneld_pod_and_a_fast_path_pod(mi
     sent, received = tcp_transfer(mixed.nodes[sender].pod, mixed.nodes[receiver].pod, pod_ip(mixed, receiver),
                                   50 * 1024 * 1024)
     assert sent == received
+
+
+@pytest.mark.parametrize("peer", [FAST2, SLOW, GO], ids=["fast-peer", "per-packet-peer", "flanneld-peer"])
+def test_four_parallel_tcp_transfers_each_way_keep_their_sha256_beside_any_peer(mixed: Cluster, peer: int):
+    """Many flows between two nodes: 4 TCP transfers from the fast-path pod to the peer's pod and 4 back,
+    all at once, 8 MB each (each its own bytes): every one arrives with its SHA-256."""
+    fast, other = mixed.nodes[FAST].pod, mixed.nodes[peer].pod
+    parallel_transfers([(fast, other, pod_ip(mixed, peer))] * 4 + [(other, fast, pod_ip(mixed, FAST))] * 4,
+                       8 * 1024 * 1024, port=5400)
+
+
+def test_three_transfers_at_once_from_one_pod_to_three_nodes_and_back(mixed: Cluster):
+    """Many peers: the fast-path pod sends to pods on a fast-path, a per-packet and a flanneld node at
+    once, and all three send to it at once (its receive batches then mix senders), 8 MB each: every
+    transfer arrives with its SHA-256."""
+    fast = mixed.nodes[FAST].pod
+    peers = (FAST2, SLOW, GO)
+    parallel_transfers([(fast, mixed.nodes[p].pod, pod_ip(mixed, p)) for p in peers]
+                       + [(mixed.nodes[p].pod, fast, pod_ip(mixed, FAST)) for p in peers], 8 * 1024 * 1024, port=5500)
 
 
 @pytest.mark.parametrize("sender, receiver", [(GO, FAST), (FAST, GO), (GO, SLOW), (SLOW, GO)],

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tests.cluster import TOOLS
 from tests.conftest import require
-from tests.gso_helpers import coalesce, split
-from tests.strategies import slow_checksum, slow_header_checksum, super_packets
+from tests.gso_helpers import by_flow, coalesce, split
+from tests.strategies import hurt, slow_checksum, slow_header_checksum, super_packets
 from tun import gso, kernels, vnet
 from tun.layout import ACK, CWR, FIN, PSH, UDP_MAX_SEGMENTS
 from tun.segment import Refused
@@ -238,14 +238,16 @@ def test_split_then_coalesce_gives_back_the_stream(case, data) -> None:
     assert resplit(units) == segments
     hl = header_len(packet)
     flags = packet[(packet[0] & 0x0F) * 4 + 13]
-    if flags & ~PSH == ACK and packet[0] == 0x45 and len(segments) > 1 and hl + mss <= 0xFFFF // 2 and mss > 1:
+    if (flags & ~PSH == ACK and packet[0] == 0x45 and len(segments) > 1 and hl + mss <= 0xFFFF // 2 and mss > 1
+            and (hl + mss) % 2 == 0):  # odd rows are never merged (the sums work in 16-bit words)
         assert len(units) < len(segments)
 
 
 @given(super_packets(protocol=6, max_segments=48) | super_packets(protocol=17, max_segments=48), st.data())
 def test_coalesce_merges_nothing_damaged(case, data) -> None:
     """Flip one byte of one segment (TCP or UDP) anywhere: that segment is never merged (its IP or L4
-    checksum no longer verifies, or a field no longer matches), so the kernel still sees it as it came."""
+    checksum no longer verifies, or a field no longer matches), so the kernel still sees it as it came,
+    in its flow's order."""
     packet, mss = case
     packet = _with_ihl5(packet)
     segments = split(packet, gso_hdr(packet, mss))
@@ -255,7 +257,7 @@ def test_coalesce_merges_nothing_damaged(case, data) -> None:
     damaged = bytearray(segments[victim])
     damaged[spot] ^= data.draw(st.integers(1, 255))
     segments[victim] = bytes(damaged)
-    assert resplit(coalesce(segments)) == segments
+    assert by_flow(resplit(coalesce(segments))) == by_flow(segments)  # (a damaged address: another flow)
 
 
 @given(super_packets(protocol=17, max_segments=100), st.data())
@@ -284,17 +286,7 @@ def test_coalesce_never_merges_across_a_gap_a_reordering_or_a_duplicate(case, da
     segments = split(packet, gso_hdr(packet, mss))
     assume(len(segments) > 2)
     batch = list(segments)
-    for _ in range(data.draw(st.integers(1, 6))):
-        i = data.draw(st.integers(0, len(batch) - 1))
-        action = data.draw(st.sampled_from(["lose", "swap", "hold back", "duplicate"]))
-        if action == "lose" and len(batch) > 2:
-            del batch[i]
-        elif action == "swap" and i + 1 < len(batch):
-            batch[i], batch[i + 1] = batch[i + 1], batch[i]
-        elif action == "hold back":
-            batch.append(batch.pop(i))
-        elif action == "duplicate":
-            batch.insert(i + 1, batch[i])
+    hurt(data, batch)
     units = coalesce(batch)
     assert resplit(units) == batch
     at = 0
@@ -319,7 +311,8 @@ def test_udp_coalesce_rules_by_example() -> None:
     assert resplit([unit]) == segments and vnet.parse(unit).gso_size == 1400
 
     assert merged_groups(edited(segments, 4, 8, 62)) == [4, 1, 5]  # TTL differs
-    assert merged_groups(edited(segments, 4, 21, 1)) == [4, 1, 5]  # source port differs
+    # source port differs: another flow (grouped apart); no merge over the ID gap it leaves
+    assert sorted(merged_groups(edited(segments, 4, 21, 1))) == [1, 4, 5]
     assert merged_groups(edited(segments, 4, 6, 0)) == [4, 1, 5]  # DF differs
     assert merged_groups(segments[:4] + segments[5:]) == [4, 5]  # ID gap
     # "No checksum" (0) is valid, but the kernel's re-split would add one: not merged. The last payload
@@ -433,7 +426,7 @@ def plan_table(batches: list[list[bytes]], split_after: list[int]) -> tuple[list
     coalescer = gso.Coalescer(buf)
     plan = coalescer.plan(seg, [sum(map(len, batch)) for batch in batches], split_after=split_after)
     runs = plan.runs
-    units = [b"".join(bytes(p) for p in plan.merge(a, b)) if b - a > 1 else vnet.PLAIN + rows[a]
+    units = [b"".join(bytes(p) for p in plan.merge(a, b)) if b - a > 1 else vnet.PLAIN + bytes(plan.row(a))
              for a, b in runs]
     return runs, units
 

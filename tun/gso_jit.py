@@ -50,15 +50,18 @@ def cut(src: bytearray, src8: np.ndarray, src32: np.ndarray, out: bytearray, out
 
 
 def check(buf: bytearray, u8: np.ndarray, u32: np.ndarray, base: int, rows: int, seg: int, hl: int, proto: int,
-          short: dict[int, int], mask: np.ndarray, step: np.ndarray) -> tuple:
-    """:class:`tun.gso_numpy.Checker`'s work as one compiled loop over the rows (:func:`_check`)."""
+          short: dict[int, int], mask: np.ndarray, step: np.ndarray, order: np.ndarray | None = None) -> tuple:
+    """:class:`tun.gso_numpy.Checker`'s work as one compiled loop over the rows (:func:`_check`), in
+    ``order`` (logical row i = physical row ``order[i]``) if given."""
     lengths = np.full(rows, seg, np.int64)
     for r, length in short.items():
         lengths[r] = length
     differ = np.zeros((rows - 1, 1), np.bool_)
     bad = np.zeros((rows, 1), np.bool_)
     psh = np.zeros(rows - 1, np.bool_)
-    _check(u8, u32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh)
+    if order is None:
+        order = np.arange(rows, dtype=np.intp)
+    _check(u8, u32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh, order)
     return differ, bad, None if proto == PROTO_UDP else psh
 
 
@@ -160,19 +163,21 @@ def _cut(src8, src32, out8, at, proto, ihl, hl, mss, templates, packets):
 
 
 @_loop
-def _check(b8, b32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh):
+def _check(b8, b32, base, rows, seg, hl, proto, lengths, mask, step, differ, bad, psh, order):
     """GRO checks of a table of ``rows`` rows of ``seg`` bytes at ``base`` (IHL 5 headers), rows
     ``lengths[i]`` bytes long (= seg but for short last rows, which the caller vets apart):
 
     - ``bad[i]``: row i's IP header or L4 checksum does not verify (or, UDP, is 0: "none");
     - ``differ[i]``: rows i and i+1 break a merge rule: their header words masked with ``mask`` must
       differ by exactly ``step`` (32-bit wrap), a short row compared as if it were full;
-    - ``psh[i]``: row i has TCP PSH (a run ends after it)."""
+    - ``psh[i]``: row i has TCP PSH (a run ends after it).
+
+    Row i here is logical: physical row ``order[i]`` (``lengths`` is per physical row)."""
     words = hl >> 2
     prev = np.zeros(words, np.int64)
     for i in range(rows):
-        at = base + i * seg
-        n = lengths[i]
+        at = base + order[i] * seg
+        n = lengths[order[i]]
         ip = _be_words(b8, at, 20)
         l4 = _be_words(b8, at + 12, 8) + proto + n - 20 + _be_sum(b8, b32, at + 20, n - 20)
         ok = ip % 0xFFFF == 0 and l4 % 0xFFFF == 0

@@ -278,14 +278,18 @@ class Checker:
     """The GRO checks of a table (:class:`tun.coalesce.Coalescer`) as array operations: ``differ`` (a
     row per pair of rows, true where the pair breaks the merge rule ``mask``/``step``), ``bad`` (a row
     per row, true where a checksum fails), ``psh`` (per pair: the first has PSH; None for UDP).
-    Short rows (``short``: row -> length, already vetted) are compared as if they were full.
+    Short rows (``short``: physical row -> length, already vetted) are compared as if they were full.
+    ``order`` (optional, intp, ``rows`` long): logical row i is physical row ``order[i]``; ``differ``,
+    ``bad`` and ``psh`` are then per logical row (pair), so one flow's rows scattered over a table are
+    checked as if they were consecutive.
     Keeps the views of each table shape, as :class:`Cutter` does."""
 
     def __init__(self) -> None:
         self._views: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, buf: bytearray, u8: np.ndarray, u32: np.ndarray, base: int, rows: int, seg: int, hl: int,
-                 proto: int, short: dict[int, int], mask: np.ndarray, step: np.ndarray) -> tuple:
+                 proto: int, short: dict[int, int], mask: np.ndarray, step: np.ndarray,
+                 order: np.ndarray | None = None) -> tuple:
         udp = proto == PROTO_UDP
         dtype = _SUM_DTYPE[seg & 3]
         size = dtype.itemsize
@@ -298,6 +302,8 @@ class Checker:
                 np.ndarray((rows, hl >> 2), ">u4", buf, base, (seg, 4)))  # every row's headers
         flat, header_words = views
         headers = _headers_with_full_lengths(buf, header_words, base, seg, short, udp)
+        if order is not None:  # logical row i is physical row order[i]: compare rows in that order
+            headers = headers[order]
         # 1. Pairs of rows that break the merge rule: one array comparison checks the fields that must
         # match and the IDs and sequence numbers that must count on; PSH apart
         psh = None if udp else headers[:-1, 8] & (PSH << 16)  # TCP flags: word 8, second byte
@@ -313,6 +319,8 @@ class Checker:
         bad = sums % 0xFFFF
         if udp:  # a UDP checksum of 0 means "none": such a datagram is passed on as it came
             bad[:, 1] += np.ndarray((rows,), ">u2", buf, base + UDP_HEADERS - 2, (seg,)) == 0
+        if order is not None:
+            bad = bad[order]
         return differ, bad, psh
 
 

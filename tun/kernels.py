@@ -3,8 +3,10 @@ else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
 
 - a *cutter* ``cutter(src, src8, src32, out, out8, at, group)`` writes a group of like super-packets'
   segments as rows from ``out[at]`` (headers, payload, checksums);
-- a *checker* ``checker(buf, u8, u32, base, rows, seg, hl, proto, short, mask, step) -> (differ, bad,
-  psh)`` runs the GRO checks of a table of received rows.
+- a *checker* ``checker(buf, u8, u32, base, rows, seg, hl, proto, short, mask, step, order=None) ->
+  (differ, bad, psh)`` runs the GRO checks of a table of received rows; with ``order`` (intp, ``rows``
+  long) logical row i is physical row ``order[i]`` (``short`` keys stay physical): one flow's rows,
+  scattered over the table among other flows', are checked as consecutive.
 
 Chosen once per :class:`~tun.segment.Segmenter` or :class:`~tun.coalesce.Coalescer`. Lazy: nothing
 imports numba before a fast-path engine asks (a ``--no-fast-path`` daemon never loads its ~100 MB).

@@ -8,7 +8,8 @@ syscall moves, never what happens to a packet.
   header among its segments, so ``forward.outbound`` on that header decides for all of them (and
   decrements the TTL that every segment then copies). When it says no, the ICMP error quotes the
   first *segment*, as it would have had the kernel segmented (:func:`first_segment`).
-- Inbound, received datagrams are cut into runs by :class:`tun.gso.Coalescer`: rows of a run match the
+- Inbound, received datagrams are grouped by flow and cut into runs by :class:`tun.gso.Coalescer`
+  (each flow's rows in the order they came): rows of a run match the
   first row in every header byte ``forward.inbound`` looks at, and each row's own length and
   checksums (IP and TCP/UDP) were checked, so the first row's verdict is every row's, and its
   transport checksum is not summed again. Anything else — singles, and runs
@@ -17,8 +18,10 @@ syscall moves, never what happens to a packet.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 from tun import vnet
 from tun.coalesce import Coalescer
@@ -27,23 +30,32 @@ from udpflannel.forward import inbound
 from udpflannel.packet import FORWARD, Verdict
 from udpflannel.routes import NextHop, RouteTable
 
+if TYPE_CHECKING:
+    from udpflannel.counters import Counters
+
 
 def inbound_batches(coalescer: Coalescer, base: int, seg: int, sizes: list[int], peers: list[NextHop],
-                    routes: RouteTable, *, tun_mtu: int,
-                    check_source: bool) -> Iterator[tuple[Verdict, NextHop, int, list | memoryview]]:
+                    routes: RouteTable, *, tun_mtu: int, check_source: bool,
+                    counters: Counters | None = None) -> Iterator[tuple[Verdict, NextHop, int, list | memoryview]]:
     """Verdicts for consecutive GRO batches laid out as one table in ``coalescer.buf`` from ``base``
-    (datagrams of ``seg`` bytes; ``sizes[j]`` bytes from ``peers[j]``), in order: ``(FORWARD, peer,
-    count, iov)`` — one TUN write carrying ``count`` datagrams — or ``(verdict, peer, 1, row)`` for
-    a refused datagram (for the caller to count and answer). Runs never mix peers."""
-    split_after = [j for j in range(len(peers) - 1) if peers[j + 1] != peers[j]]
+    (datagrams of ``seg`` bytes; ``sizes[j]`` bytes from ``peers[j]``), flow by flow (each flow's
+    rows in the order they came; across flows the order may change, as with Linux GRO):
+    ``(FORWARD, peer, count, iov)`` — one TUN write carrying ``count`` datagrams — or ``(verdict,
+    peer, 1, row)`` for a refused datagram (for the caller to count and answer). Runs never mix
+    peers. ``counters``: the engine's, for the coalescer's flow figures (``gro_*``)."""
+    index: dict[NextHop, int] = {}
+    senders = [index.setdefault(peer, len(index)) for peer in peers]
     bounds = list(accumulate(-(-n // seg) for n in sizes))  # rows before the end of each batch
     plain = vnet.PLAIN
-    batch = 0
-    plan = coalescer.plan(seg, sizes, base=base, split_after=split_after)
+    plan = coalescer.plan(seg, sizes, base=base, senders=senders if len(index) > 1 else None)
+    if counters is not None:
+        counters.gro_tables += 1
+        counters.gro_flows += plan.flows
+        counters.gro_breaks += plan.breaks
+        counters.gro_refused += plan.refused
+    one_peer = peers[0] if len(index) == 1 else None
     for a, b in plan.runs:
-        while a >= bounds[batch]:
-            batch += 1
-        peer = peers[batch]
+        peer = one_peer or peers[bisect_right(bounds, plan.physical(a))]
         if b - a > 1:
             head = plan.row(a)
             if inbound(head, seg, peer, routes, tun_mtu=tun_mtu, check_source=check_source,

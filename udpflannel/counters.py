@@ -22,6 +22,12 @@ class Counters:
         # tun_superpackets the TSO/USO reads they came from.
         "tun_superpackets", "udp_gso_sends", "udp_gso_datagrams", "udp_gro_recvs", "udp_gro_datagrams",
         "tun_gso_writes", "tun_gso_segments", "udp_gso_fallbacks",
+        # the receive side's per-flow coalescing (tun/coalesce.py): tables checked, flows found in them
+        # (a table that needed no grouping — one flow, or flows one after another — counts 1),
+        # neighbours within a flow that were not merged because the merge rule broke (a gap, a
+        # reordering, a duplicate, a changed header), rows that failed the table's checks (damaged,
+        # or of another kind than its first row: never merged)
+        "gro_tables", "gro_flows", "gro_breaks", "gro_refused",
         # a peer behind a narrower path (udpflannel/pmtu.py): TCP packets and super-packets cut smaller
         # to fit it, sends the kernel refused (EMSGSIZE) and that were redone at its path MTU, and
         # inner packets without DF fragmented to fit (those with DF: tun_drops[TOO_BIG])

@@ -1,7 +1,8 @@
 """The fast path's way in, UDP → TUN: GRO batches received in bulk, checked in one pass, merged.
 
-    UDP_GRO recvmsg_into (up to 64 datagrams each, back to back) → per-row checks and verdicts
-    (``udpflannel.batch`` over ``tun.coalesce``) → one writev per TCP run (or UDP run, where the TUN has USO)
+    UDP_GRO recvmsg_into (up to 64 datagrams each, back to back) → rows grouped by flow, per-row checks
+    and verdicts (``udpflannel.batch`` over ``tun.coalesce``) → one writev per TCP run (or UDP run, where
+    the TUN has USO): a flow's segments merge across the whole table, however flows interleave
 
 Every datagram gets exactly the verdict ``udpflannel.forward.inbound`` would give it alone; batching
 only changes how many of them one syscall moves.
@@ -157,7 +158,8 @@ class Inbound:
             else:
                 self.pace.batch_moved()
                 units = inbound_batches(self._coalescer, at, seg, [t[1] for t in table[i:j]],
-                                        [t[3] for t in table[i:j]], routes, tun_mtu=tun_mtu, check_source=check_source)
+                                        [t[3] for t in table[i:j]], routes, tun_mtu=tun_mtu, check_source=check_source,
+                                        counters=c)
                 batched = tracer is not None
             i = j
             for verdict, peer, n, unit in units:

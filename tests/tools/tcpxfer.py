@@ -1,9 +1,10 @@
 """Move N pseudo-random bytes over one TCP connection and print the SHA-256 each end saw.
 
     python tcpxfer.py recv PORT          # prints "<sha256> <bytes>" after the sender closes
-    python tcpxfer.py send HOST PORT N [RATE]   # prints "<sha256> <bytes>" of what it sent
+    python tcpxfer.py send HOST PORT N [RATE [SEED]]   # prints "<sha256> <bytes>" of what it sent
 
-The payload is generated from a fixed seed in 64 KiB chunks, so neither end holds it all in memory.
+The payload is generated from a fixed seed (2026, or SEED: parallel transfers each send other bytes, so
+a mix-up between them shows in the SHA-256) in 64 KiB chunks, so neither end holds it all in memory.
 RATE (bytes per second) paces the sender, so a transfer can span a slow event (a rolling restart).
 A connection reset ends either side with a traceback and a non-zero exit.
 """
@@ -36,8 +37,8 @@ def recv(port: int) -> None:
     print(digest.hexdigest(), total, flush=True)
 
 
-def send(host: str, port: int, size: int, rate: float = 0.0) -> None:
-    rng = random.Random(2026)
+def send(host: str, port: int, size: int, rate: float = 0.0, seed: int = 2026) -> None:
+    rng = random.Random(seed)
     sock = socket.create_connection((host, port), timeout=60)
     digest, left = hashlib.sha256(), size
     start = time.monotonic()
@@ -60,4 +61,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "recv":
         recv(int(sys.argv[2]))
     else:
-        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)
+        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else 0.0,
+             int(sys.argv[6]) if len(sys.argv) > 6 else 2026)
