@@ -463,8 +463,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "tun._gso_c",
-    "The GSO cut and the GRO checks as C loops (see tun/_gso_c.c; tun.gso_c wraps the checks).", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tun._gso_c",
+    .m_doc = "The GSO cut and the GRO checks as C loops (see tun/_gso_c.c; tun.gso_c wraps the checks).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__gso_c(void) { return PyModule_Create(&module); }
