@@ -44,6 +44,9 @@ METRICS = (
     Metric("ctx_vol_per_kpkt", "Voluntary context switches / 1000 packets (TCP 1 stream)", "", "lower", 1),
     Metric("ctx_invol_per_kpkt", "Involuntary context switches / 1000 packets (TCP 1 stream)", "", "lower", 1),
     Metric("syscalls_per_pkt", "Syscalls / packet (TCP 1 stream, daemon counters)", "", "lower", 2),
+    Metric("rss_rest_mib", "Peak RSS per daemon, at rest after start-up⁴", "MiB", "lower", 0),
+    Metric("rss_bulk_mib", "Peak RSS per daemon, after bulk TCP (1 stream)⁴", "MiB", "lower", 0),
+    Metric("startup_s", "Start-up to ready⁵", "s", "lower", 2),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 
@@ -136,6 +139,30 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
 
     for key in ("cpu_s_per_gb", "machine_cpu_s_per_gb", "ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt"):
         put(key, cost(key))
+
+    def rss(when: str):
+        def fn():
+            if kind == "kernel":
+                return {"unsupported": NO_PROCESS}
+            peaks = _group(run, "tcp1").get("peak_rss_kb")
+            if not peaks or not peaks.get(when):
+                raise LookupError("no process to read VmHWM from")
+            return _value(max(peaks[when].values()) / 1024, nodes_kib=peaks[when])
+        return fn
+
+    def startup():
+        if kind == "kernel":
+            return {"unsupported": NO_PROCESS}
+        if "setup_error" in run:
+            raise LookupError(run["setup_error"])
+        starts = run.get("startup_s")
+        if not starts:
+            return {"unsupported": "no readiness file to time (readiness is a ping through the dataplane)"}
+        return _value(statistics.median(starts), starts=starts)
+
+    put("rss_rest_mib", rss("before"))
+    put("rss_bulk_mib", rss("after"))
+    put("startup_s", startup)
     return out
 
 

@@ -22,7 +22,7 @@ from tests.strategies import super_packets
 from tests.test_gso import _with_ihl5, gso_hdr
 from tun import gso, gso_numpy, kernels
 from tun.coalesce import merge_rule
-from tun.layout import MAX_IP_PACKET, PROTO_TCP, PROTO_UDP
+from tun.layout import PROTO_TCP, PROTO_UDP
 from tun.segment import Refused, parse
 from tun.superpacket import Packet
 
