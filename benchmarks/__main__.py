@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     try:
         busy = machine_busy_fraction(1.0)
-        progress(f"udpflannel code: {code['source']} (sha256 {code['sha256']} of its .py files)")
+        progress(f"udpflannel code: {code['source']} (sha256 {code['sha256']} of its .py and .c files; GSO/GRO kernels: {code['kernels']})")
         progress(f"rows: {', '.join(dataplanes)}; {settings.describe()}; machine {busy * 100:.0f}% busy before start")
         if busy > QUIET:
             progress("warning: the machine is busy with other work; every figure below is skewed by it")
