@@ -391,3 +391,39 @@ def test_compiled_checks_refuse_rule_arrays_of_the_wrong_kind() -> None:
     for wrong in (np.zeros(4, np.float64), np.zeros(3, np.intp), np.zeros((2, 2), np.intp)):
         with pytest.raises(ValueError):
             gso_c.check(buf, None, None, 0, 4, 60, 40, PROTO_TCP, {}, mask, step, wrong)
+
+
+class Meddler:
+    """An integer (by ``__index__``) that changes the other arguments while the kernel converts it."""
+
+    def __init__(self, value: int, act) -> None:
+        self.value, self.act = value, act
+
+    def __index__(self) -> int:
+        self.act()
+        return self.value
+
+
+def test_compiled_kernels_hold_their_arguments_while_python_code_runs_inside_them() -> None:
+    """Converting an argument may run Python code that empties the group, the short rows or moves the
+    order out of the buffer: the kernels keep what they read (the cut is still right) or raise
+    ValueError, and never use what was freed or not checked."""
+    packet = bytes.fromhex("4500003c0001400040060000") + bytes(8) + bytes(12) + b"\x50\x10" + bytes(6) + bytes(range(20))
+    src = bytearray(packet) + bytes(64)
+    first = parse(src, 0, len(packet), 1, 10)
+    assert not isinstance(first, Refused)
+    group = [first]
+    group[0] = first._replace(ident=Meddler(first.ident, group.clear))  # frees the packet, but for the kernel's hold
+    out, want = bytearray(256), _numpy_cut(src, bytearray(256), 0, [first])
+    gso_c.cut(src, None, None, out, None, 0, group)
+    assert group == [] and out[:2 * 50] == want[:2 * 50]
+
+    buf = bytearray(4 * 60)
+    order = np.arange(4, dtype=np.intp)
+    mask, step = merge_rule(40, 60, PROTO_TCP)
+    short = {3: Meddler(30, lambda: order.__setitem__(1, 10**6))}
+    with pytest.raises(ValueError):
+        gso_c.check(buf, None, None, 0, 4, 60, 40, PROTO_TCP, short, mask, step, order)
+    short = {}
+    short[Meddler(3, short.clear)] = Meddler(30, short.clear)
+    gso_c.check(buf, None, None, 0, 4, 60, 40, PROTO_TCP, short, mask, step)

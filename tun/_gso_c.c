@@ -213,10 +213,12 @@ static PyObject *cut(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (PyObject_GetBuffer(args[3], &out, PyBUF_WRITABLE) < 0)
         goto done;
-    seq = PySequence_Fast(args[6], "a group is a list of packets");
+    /* A tuple of the group's own: converting a field may run Python code (__index__), which could empty
+     * the caller's list and free a packet (and its template) still in use here. */
+    seq = PySequence_Tuple(args[6]);
     if (seq == NULL)
         goto done;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     if (n == 0) {
         bad("an empty group");
         goto done;
@@ -229,7 +231,7 @@ static PyObject *cut(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long long rows = 0; /* rows the group takes in out, checked as it grows */
     for (Py_ssize_t i = 0; i < n; i++) {
         packet *p = &packets[i];
-        if (read_packet(PySequence_Fast_GET_ITEM(seq, i), p, i ? shape : first) < 0)
+        if (read_packet(PyTuple_GET_ITEM(seq, i), p, i ? shape : first) < 0)
             goto done;
         if (i == 0) {
             const char *why = shape_wrong(first);
@@ -389,7 +391,12 @@ static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *key, *value;
         while (PyDict_Next(short_rows, &pos, &key, &value)) {
             long long r, length;
-            if (as_int(key, &r, "a short row") < 0 || as_int(value, &length, "a short row's length") < 0)
+            Py_INCREF(key); /* (borrowed: converting one may run code that drops the other from the dict) */
+            Py_INCREF(value);
+            int failed = as_int(key, &r, "a short row") < 0 || as_int(value, &length, "a short row's length") < 0;
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (failed)
                 goto done;
             if (r < 0 || r >= (ordered ? in_buf : rows) || length < 0 || length >= seg) {
                 bad("a short row outside the table, or not shorter than a row");
@@ -412,6 +419,11 @@ static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         uint8_t padded[MAX_HEADERS];
         for (Py_ssize_t i = 0; i < rows; i++) {
             Py_ssize_t p = ordered ? (Py_ssize_t)int_at(&order, i) : i;
+            if (p < 0 || p >= physical) { /* checked above, but code run since (an __index__) may change it */
+                Py_CLEAR(result);
+                bad("order names a row outside the buffer");
+                goto done;
+            }
             const uint8_t *row = data + base + p * seg;
             Py_ssize_t n = lengths[p];
             const uint8_t *h = row; /* the headers; a row shorter than them reads as zero-padded */
