@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _interrupt)
     try:
         busy = machine_busy_fraction(1.0)
-        progress(f"udpflannel code: {code['source']} (sha256 {code['sha256']} of its .py files)")
+        progress(f"udpflannel code: {code['source']} (sha256 {code['sha256']} of its .py and .c files; GSO/GRO kernels: {code['kernels']})")
         progress(f"rows: {', '.join(dataplanes)}; {settings.describe()}; machine {busy * 100:.0f}% busy before start")
         if busy > QUIET:
             progress("warning: the machine is busy with other work; every figure below is skewed by it")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
             "quick": args.quick, "settings": settings.__dict__, "settings_text": settings.describe(),
             "background_busy_pct": busy * 100, "background_busy_pct_max": max(busy_runs, default=0.0),
-            "rr_size": RR_SIZE, "rr_runs": RR_RUNS, "udpflannel_code": f"{code['source']}, sha256 {code['sha256']} of its .py files",
+            "rr_size": RR_SIZE, "rr_runs": RR_RUNS, "udpflannel_code": f"{code['source']}, sha256 {code['sha256']} of its .py and .c files, GSO/GRO kernels: {code['kernels']}",
             "elapsed_s": round(progress.elapsed(), 1),
         }
         results = report.build_results(raw, meta)

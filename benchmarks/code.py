@@ -39,9 +39,27 @@ def snapshot_code(repo: Path, dest: Path, rev: str | None = None) -> dict:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         source = f"working tree at {head.stdout.strip() or '?'}" + (" with uncommitted changes" if dirty else "")
     digest = hashlib.sha256()
-    for path in sorted(dest.rglob("*.py")):
+    for path in sorted([*dest.rglob("*.py"), *dest.rglob("*.c")]):
         digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
-    return {"source": source, "sha256": digest.hexdigest()[:12], "path": str(dest)}
+    return {"source": source, "sha256": digest.hexdigest()[:12], "path": str(dest), "kernels": build_kernels(dest)}
+
+
+def build_kernels(dest: Path) -> str:
+    """Build the snapshot's C kernels (``tun/_gso_c.c``) next to its sources, as an install would: the
+    rows then run the C of that revision, not a stale build copied with the working tree. Returns what
+    the rows will run: "C" or "numpy (why)"."""
+    source = dest / "tun" / "_gso_c.c"
+    for old in (dest / "tun").glob("_gso_c*.so"):
+        old.unlink()
+    if not source.exists():
+        return "no C kernels in this revision"
+    build = ("from setuptools import Extension, setup; setup(script_args=['-q', 'build_ext', '--inplace', "
+             "'--build-temp', 'build'], ext_modules=[Extension('tun._gso_c', ['tun/_gso_c.c'], extra_compile_args=['-O3'])])")
+    proc = subprocess.run([sys.executable, "-c", build], cwd=dest, capture_output=True, text=True, timeout=120)
+    shutil.rmtree(dest / "build", ignore_errors=True)
+    if proc.returncode != 0 or not list((dest / "tun").glob("_gso_c*.so")):
+        return f"numpy (the C kernels did not build: {(proc.stderr or proc.stdout).strip()[-300:]})"
+    return "C"
 
 
 def static_flags(code: Path | None) -> frozenset[str]:

@@ -113,6 +113,24 @@ def proc_ctxsw(pid: int) -> tuple[int, int]:
     return vol, invol
 
 
+def peak_rss_kb(pid: int) -> int:
+    """``VmHWM`` of ``/proc/<pid>/status``: the most resident memory the process has had (KiB); 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def daemon_peak_rss_kb(dp: Row, topo: Topology) -> dict[int, int] | None:
+    """Per node, the peak RSS of the dataplane's processes there (summed over the node's process tree:
+    one daemon); None for a dataplane without processes."""
+    per_node = {i: sum(peak_rss_kb(pid) for pid in dp.node_pids(i)) for i in topo.nodes}
+    return per_node if any(per_node.values()) else None
+
+
 def link_stats(ns: Netns, dev: str = "eth0") -> dict[str, int]:
     out = ns.ip("-s", "-j", "link", "show", "dev", dev).stdout
     stats = json.loads(out)[0]["stats64"]

@@ -42,6 +42,7 @@ class ProcessRow(Row):
         self.procs: dict[int, subprocess.Popen] = {}
         self.logs: dict[int, Path] = {}
         self.starts = 0
+        self.startups: list[float] = []
 
     @property
     def running(self) -> bool:
@@ -64,19 +65,33 @@ class ProcessRow(Row):
         """A file the process writes when it is ready (``None``: readiness is a ping through it)."""
         return None
 
+    def ready_marker(self, index: int) -> Path | None:
+        """The file whose last write is the moment the process was ready (for its start-up time)."""
+        return self.ready_file(index)
+
     def start(self) -> None:
         assert self.topo is not None
         self.starts += 1
+        started: dict[int, float] = {}
         for i, node in self.topo.nodes.items():
             ready = self.ready_file(i)
             if ready is not None:
                 ready.unlink(missing_ok=True)
             self.logs[i] = self.topo.workdir / f"{self.slug}-n{i}-{self.starts}.log"
             with open(self.logs[i], "wb") as log:
+                started[i] = time.time()  # (wall clock: compared with the marker's mtime)
                 self.procs[i] = node.popen(self.command(i), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
                                            cwd=self.cwd())
         for i in self.topo.nodes:
             self._wait_ready(i)
+        # Start-up to ready from the marker's mtime, not from when we polled it: nodes are waited for in turn
+        markers = {i: self.ready_marker(i) for i in self.topo.nodes}
+        if all(m is not None for m in markers.values()):
+            self.startups.append(round(max(markers[i].stat().st_mtime - started[i] for i in markers), 3))
+
+    def take_startups(self) -> list[float]:
+        out, self.startups = self.startups, []
+        return out
 
     def _wait_ready(self, index: int, timeout: float = 20.0) -> None:
         ready = self.ready_file(index)
@@ -279,6 +294,9 @@ class OnEtcd(ProcessRow):
 
     def ready_file(self, index: int) -> Path | None:
         return self.subnet_file(index).with_suffix(".ready")
+
+    def ready_marker(self, index: int) -> Path | None:
+        return self.subnet_file(index)  # seeded before the start, written again with FLANNEL_MTU when ready
 
     def _wait_ready(self, index: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -181,6 +181,13 @@ def notes(results: dict) -> list[str]:
         "handled (the daemons' counters, both nodes, both directions: a pod-to-pod packet is handled once by "
         "each node, so it counts twice). Syscalls per packet: the daemons' counters (TUN reads/writes + UDP "
         "recvs/sends, EAGAIN attempts included) over the same packets: 2.0 is one read and one write each.",
+        "- ⁵ Peak RSS: VmHWM of /proc/<pid>/status, the larger of the two nodes' daemons (a node's process tree "
+        "summed): at rest = before the first traffic, once the daemons were ready and the pods had pinged each "
+        "other; after bulk TCP = after the 1-stream transfer, whose peak it includes (the daemons restart for "
+        "each traffic type, so the two readings belong to one start). Kernel rows have no process.",
+        "- ⁶ Start-up to ready: from starting each node's process to the last write of its subnet.env (the "
+        "daemons write it when ready; its mtime, not when the harness noticed), the slower node; median over "
+        "every start in a repeat (the rows with counters restart for each traffic type).",
         f"- {meta['cpus']} CPUs shared by the generators, both nodes' dataplanes and the kernel: userspace "
         "rows compete with iperf3 for the same cores, which a real two-host deployment would not.",
     ]
@@ -282,8 +289,8 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
     parts += ["¹ kernel rows: the whole machine's system + softirq + irq time (no process of their own), so not "
               "compared across kinds; ² all non-idle CPU, generators included; ³ not applicable, reasons in the "
               "full report; ⁴ segments per syscall on the data's way (daemon counters: sendmsg on the sending "
-              "node, TUN write on the receiving ones); ≥ generator-limited (a lower bound). Medians (min–max) "
-              "over the repeats.", "",
+              "node, TUN write on the receiving ones); ⁵ VmHWM, the larger node's daemon; ⁶ process start to "
+              "subnet.env written; ≥ generator-limited (a lower bound). Medians (min–max) over the repeats.", "",
               f"![throughput]({image_prefix}throughput.png) ![latency]({image_prefix}latency.png)", "",
               f"Full report with notes: [{image_prefix}results.md]({image_prefix}results.md).", "", README_END]
     head, rest = text.split(README_BEGIN, 1)

@@ -56,6 +56,9 @@ METRICS = (
       for group, label in (("tcp1", "1 stream"), ("tcp4", "4 streams"), ("tcp8", "8 streams"), ("tcp4x3", "4 × 3 peers"))
       for what, call, side in (("seg_per_sendmsg", "sendmsg", "sending node"), ("seg_per_tun_write", "TUN write",
                                                                                  "receiving node"))),
+    Metric("rss_rest_mib", "Peak RSS per daemon, at rest after start-up⁵", "MiB", "lower", 0),
+    Metric("rss_bulk_mib", "Peak RSS per daemon, after bulk TCP (1 stream)⁵", "MiB", "lower", 0),
+    Metric("startup_s", "Start-up to ready⁶", "s", "lower", 2),
 )
 # Metrics only on the many-peers lab (benchmarks.runner.PEERS_GROUPS), which a quick run leaves out
 PEERS_METRICS = ("tcp4x3_gbps", "seg_per_sendmsg_tcp4x3", "seg_per_tun_write_tcp4x3")
@@ -214,6 +217,30 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
     for group in ("tcp1", "tcp4", "tcp8", "tcp4x3"):
         for key in ("seg_per_sendmsg", "seg_per_tun_write"):
             put(f"{key}_{group}", segments(key, group))
+
+    def rss(when: str):
+        def fn():
+            if kind == "kernel":
+                return {"unsupported": NO_PROCESS}
+            peaks = _group(run, "tcp1").get("peak_rss_kb")
+            if not peaks or not peaks.get(when):
+                raise LookupError("no process to read VmHWM from")
+            return _value(max(peaks[when].values()) / 1024, nodes_kib=peaks[when])
+        return fn
+
+    def startup():
+        if kind == "kernel":
+            return {"unsupported": NO_PROCESS}
+        if "setup_error" in run:
+            raise LookupError(run["setup_error"])
+        starts = run.get("startup_s")
+        if not starts:
+            return {"unsupported": "no readiness file to time (readiness is a ping through the dataplane)"}
+        return _value(statistics.median(starts), starts=starts)
+
+    put("rss_rest_mib", rss("before"))
+    put("rss_bulk_mib", rss("after"))
+    put("startup_s", startup)
     return out
 
 

@@ -74,6 +74,10 @@ class Row:
     def node_pids(self, index: int) -> list[int]:
         return []
 
+    def take_startups(self) -> list[float]:
+        """Seconds from start to ready of each start since the last call (slowest node); none for the kernel."""
+        return []
+
     def teardown(self) -> None:
         """Stop everything; the lab deletes the namespaces (and with them every device and route)."""
 

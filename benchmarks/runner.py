@@ -21,6 +21,7 @@ from benchmarks.measure import (
     ALT_CONGESTION,
     CONGESTION,
     MeasureError,
+    daemon_peak_rss_kb,
     generator_ceiling,
     machine_busy_fraction,
     read_now,
@@ -154,6 +155,7 @@ def run_dataplane(dp: Row, s: Settings, workdir: Path, progress: Progress, *, la
         try:
             topo = build_nodes(lab, workdir / f"{dp.slug}-{label}")
             dp.setup(topo)
+            dp.take_startups()  # (drop any from another lab: the paired-RTT one starts these rows too)
             dp.start()
             add_pods(topo, dp.pod_mtu)
             wait_reachable(topo)
@@ -166,6 +168,7 @@ def run_dataplane(dp: Row, s: Settings, workdir: Path, progress: Progress, *, la
         for name in GROUPS:
             run["groups"][name] = _measure_group(name, dp, topo, s, servers)
             progress(f"{dp.name} {label} {name}: {summary(name, run['groups'][name])}")
+        run["startup_s"] = dp.take_startups()  # each start's start-to-ready, slowest node
         if calibrate:
             calibration = _calibrate(topo, s, progress)
         if strace and dp.has_counters:
@@ -273,6 +276,7 @@ def _measure_group(name: str, dp: Row, topo: Topology, s: Settings, servers: dic
     except DataplaneError as exc:
         return {"error": f"restart failed: {exc}"}
     pids = dp.pids()
+    rss_before = daemon_peak_rss_kb(dp, topo)  # at rest: the daemons have started and the pods pinged
     before = read_now(dp, topo, pids, _server_pids(servers))
     try:
         result = run_group(name, topo, s)
@@ -280,6 +284,8 @@ def _measure_group(name: str, dp: Row, topo: Topology, s: Settings, servers: dic
         result = {"error": f"{type(exc).__name__}: {exc}"}
         restart_iperf_server(topo, servers)
     result["window"] = window(before, read_now(dp, topo, pids, _server_pids(servers)))
+    if rss_before is not None:  # peaks (VmHWM) per node, KiB: before this traffic, and after it (its peak included)
+        result["peak_rss_kb"] = {"before": rss_before, "after": daemon_peak_rss_kb(dp, topo)}
     if dp.has_counters:
         try:
             counters = dp.stop()

@@ -22,9 +22,18 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_compiled_kernels() -> None:
+    """The compiled (C) GSO/GRO kernels, loaded: required in CI, skipped elsewhere where they were not
+    built, and skipped where ``UDPFLANNEL_JIT=0`` asks for the numpy kernels (the suite's second run)."""
+    from tun import kernels
+
+    if os.environ.get(kernels.ENV) == "0":
+        pytest.skip(f"{kernels.ENV}=0: this run is for the numpy kernels")
+    require(kernels.load() is not None, f"the compiled GSO/GRO kernels: {kernels.why_not}")
+
+
 def pytest_sessionstart(session) -> None:
-    """Compile tun's GSO/GRO kernels (numba) once, before any test or daemon needs them: a fresh clone would
-    otherwise compile them in every daemon the first tests start, seconds each."""
+    """Run tun's GSO/GRO kernels once (gso.warm_up) before any test: a broken build fails here, first."""
     from tun import gso
 
     gso.warm_up()

@@ -13,7 +13,7 @@ duplicated and swapped rows, breaks in IDs and sequence numbers. Whatever comes 
   carries one hop older, each of which ``forward.inbound`` forwards alone, is well-formed by the slow
   reference (``hostile.problem``), and comes from the sending peer's subnet.
 
-Runs for both GRO-check backends (numba-compiled and numpy: the fixture from test_gso).
+Runs for both GRO-check backends (compiled C and numpy: the fixture from test_gso).
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     assert all("median" in agg for key, agg in results["rows"]["udpflannel"]["metrics"].items()
                if key not in report.PEERS_METRICS)
     assert all("--many-peers" in results["rows"]["udpflannel"]["metrics"][key]["unsupported"] for key in report.PEERS_METRICS)
+    for row in ("udpflannel", "flanneld"):  # a daemon's memory and start-up, flannel's own beside ours
+        assert all(results["rows"][row]["metrics"][k]["median"] > 0 for k in ("rss_rest_mib", "rss_bulk_mib", "startup_s"))
     for ref in report.REFERENCES:
         assert "ratio" in results["ratios"]["udpflannel"][ref]["tcp1_gbps"]
     for row in results["raw"].values():  # the congestion control iperf3 reports, not the host's default
@@ -90,6 +92,8 @@ def window(**kw) -> dict:
 
 def fake_run(gbps: float, *, limited: bool = False, counters: bool = False) -> dict:
     tcp = {"gbps": gbps, "window": window()}
+    if counters:  # a process row: its daemons' peak RSS (KiB per node) and start-up times
+        tcp["peak_rss_kb"] = {"before": {1: 40960, 2: 41984}, "after": {1: 51200, 2: 50176}}
     if counters:
         tcp["counters"] = {"packets": 2000, "syscalls": 4100, "tun_packets": 1000, "tun_wakeups": 50,
                            "udp_packets": 1000, "udp_wakeups": 40}
@@ -98,7 +102,8 @@ def fake_run(gbps: float, *, limited: bool = False, counters: bool = False) -> d
     rr = {"p50_us": 50.0, "p99_us": 90.0, "n": 100, "window": window()}
     sparse = {**rr, "lost": 0, "interval_ms": 5.0}
     return {"groups": {"tcp1": tcp, "tcp1_bbr": dict(tcp), "tcp4": dict(tcp), "rr": rr, "ping200": sparse,
-                       "udprr200": dict(sparse), "udp64": udp, "udp1400": dict(udp)}}
+                       "udprr200": dict(sparse), "udp64": udp, "udp1400": dict(udp)},
+            "startup_s": [0.5, 0.4, 0.6] if counters else []}
 
 
 def fake_raw() -> dict:
@@ -126,9 +131,17 @@ def test_median_spread_and_failed_repeats() -> None:
 
 def test_kernel_rows_mark_per_process_metrics_unsupported_with_a_reason() -> None:
     metrics = report.build_results(fake_raw(), META)["rows"]["vxlan"]["metrics"]
-    for key in ("ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt", "ping200_cpu_us", "ping200_wakeups"):
+    for key in ("ctx_vol_per_kpkt", "ctx_invol_per_kpkt", "syscalls_per_pkt", "ping200_cpu_us", "ping200_wakeups",
+                "rss_rest_mib", "rss_bulk_mib", "startup_s"):
         assert metrics[key]["unsupported"] and not metrics[key].get("failed")
     assert "median" in metrics["cpu_s_per_gb"] and "median" in metrics["machine_cpu_s_per_gb"]
+
+
+def test_peak_rss_is_the_larger_nodes_vmhwm_and_start_up_the_median_start() -> None:
+    metrics = report.build_results(fake_raw(), META)["rows"]["udpflannel"]["metrics"]
+    assert metrics["rss_rest_mib"]["values"] == [41.0, 41.0]  # max(40960, 41984) KiB
+    assert metrics["rss_bulk_mib"]["values"] == [50.0, 50.0]  # max(51200, 50176) KiB
+    assert metrics["startup_s"]["values"] == [0.5, 0.5]
 
 
 def test_ratios_are_qualified_by_generator_limits_and_kinds() -> None:

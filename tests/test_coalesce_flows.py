@@ -9,7 +9,7 @@ duplicates, reorderings, losses and damaged rows, as a busy underlay hands them 
 - A real kernel takes the merged writes through a TUN with the fast path's offloads: no write error,
   no header or checksum error, and every UDP datagram reaches its socket as it was sent.
 
-Runs for both GRO-check backends (numba-compiled and numpy: the fixture from test_gso).
+Runs for both GRO-check backends (compiled C and numpy: the fixture from test_gso).
 """
 
 from __future__ import annotations

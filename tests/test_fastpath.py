@@ -414,15 +414,15 @@ async def test_a_full_tun_parks_the_rest_and_pauses_the_socket():
         r.close()
 
 
-def test_only_the_fast_path_loads_numba() -> None:
-    """tun.kernels.load() is lazy: the daemon's modules import without numba (a ``--no-fast-path``
-    node never pays its ~100 MB and ~0.4 s), and the first Segmenter loads it where it is installed."""
+def test_only_the_fast_path_loads_the_compiled_kernels() -> None:
+    """tun.kernels.load() is lazy: the daemon's modules import without the C extension (a
+    ``--no-fast-path`` node never loads it), and the first Segmenter loads it where it is built."""
     import subprocess
     import sys
 
-    code = ("import sys, udpflannel.cli, udpflannel.node; assert 'numba' not in sys.modules, 'imported early'\n"
+    code = ("import sys, udpflannel.cli, udpflannel.node; assert 'tun._gso_c' not in sys.modules, 'imported early'\n"
             "from tun import gso, kernels\n"
-            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, kernels.load() is not None, 'numba' in sys.modules)")
+            "print(gso.Segmenter(gso.BUFFER_SIZE).jit, kernels.load() is not None, 'tun._gso_c' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     from tun import kernels

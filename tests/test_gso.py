@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.cluster import TOOLS
-from tests.conftest import require
+from tests.conftest import require_compiled_kernels
 from tests.gso_helpers import by_flow, coalesce, split
 from tests.strategies import hurt, slow_checksum, slow_header_checksum, super_packets
 from tun import gso, kernels, vnet
@@ -25,11 +25,12 @@ TCP_HDR = vnet.VnetHdr(vnet.NEEDS_CSUM, vnet.GSO_TCPV4, 0, 0, 0, 16)
 
 @pytest.fixture(autouse=True, scope="module", params=["compiled", "numpy"])
 def backend(request):
-    """Every test here runs twice: with the compiled kernels (numba; CI must have it) and with the
-    numpy reference. Module-scoped, so hypothesis sees no per-test fixture."""
+    """Every test here runs twice: with the compiled kernels (C; CI must have them, unless
+    UDPFLANNEL_JIT=0 runs the suite for the numpy ones) and with the numpy reference. Module-scoped,
+    so hypothesis sees no per-test fixture."""
     compiled = request.param == "compiled"
-    if compiled:  # (compiled before any test starts: conftest's pytest_sessionstart)
-        require(kernels.load(), f"the compiled GSO loops need numba: {kernels.why_not}")
+    if compiled:
+        require_compiled_kernels()
     saved, kernels.COMPILED = kernels.COMPILED, compiled
     try:
         yield request.param

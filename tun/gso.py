@@ -3,7 +3,7 @@
 - :mod:`tun.layout`: the header offsets and numbers;
 - :mod:`tun.segment`: TSO/USO super-packets from the TUN cut into ordinary IPv4 packets (:class:`Segmenter`);
 - :mod:`tun.coalesce`: received datagrams merged into super-packets for the TUN (:class:`Coalescer`, :class:`Plan`);
-- :mod:`tun.kernels`: the per-segment work, compiled (:mod:`tun.gso_jit`) or numpy (:mod:`tun.gso_numpy`).
+- :mod:`tun.kernels`: the per-segment work, C (:mod:`tun.gso_c`) or numpy (:mod:`tun.gso_numpy`).
 
 :func:`warm_up` runs the compiled kernels once at start-up.
 """
@@ -30,8 +30,8 @@ __all__ = ["BUFFER_SIZE", "SMALLEST_CUT", "SPLIT_SLACK", "Coalescer", "Cut", "Pl
 
 def warm_up() -> str:
     """Run the compiled kernels once on a small TCP flow and a UDP flow, with the argument types of the
-    hot path, so a daemon compiles them (or loads them from numba's cache) at start-up, not in the
-    middle of its first transfer. Returns which kernels run, for the start-up log."""
+    hot path: a broken build fails at start-up, not in the middle of the first transfer. Returns which
+    kernels run, for the start-up log ("compiled (C)", or "numpy (why not compiled)")."""
     chosen = kernels.choose()
     if not chosen.compiled:
         return chosen.description

@@ -1,6 +1,6 @@
 """The GSO cut and the GRO checks as numpy array operations: the reference and the fallback kernels.
 
-Same signatures as the compiled loops of :mod:`tun.gso_jit` (:mod:`tun.kernels` picks one); the
+Same signatures as the compiled loops of :mod:`tun.gso_c` (:mod:`tun.kernels` picks one); the
 tests require the same bytes from both. A fixed number of array calls per batch (~20, each ~1 µs),
 whatever the segment count: a plain Python loop costs ~2 µs per segment, which eats the gain.
 

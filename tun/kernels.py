@@ -1,4 +1,4 @@
-"""Which kernels cut and check: numba's compiled loops (:mod:`tun.gso_jit`) where numba is installed,
+"""Which kernels cut and check: the C loops (:mod:`tun.gso_c`) where the extension was built at install,
 else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
 
 - a *cutter* ``cutter(src, src8, src32, out, out8, at, group)`` writes a group of like super-packets'
@@ -8,8 +8,10 @@ else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
   long) logical row i is physical row ``order[i]`` (``short`` keys stay physical): one flow's rows,
   scattered over the table among other flows', are checked as consecutive.
 
-Chosen once per :class:`~tun.segment.Segmenter` or :class:`~tun.coalesce.Coalescer`. Lazy: nothing
-imports numba before a fast-path engine asks (a ``--no-fast-path`` daemon never loads its ~100 MB).
+Chosen once per :class:`~tun.segment.Segmenter` or :class:`~tun.coalesce.Coalescer`. Lazy, though the
+extension costs little (a few hundred KB): a ``--no-fast-path`` daemon imports neither it nor numpy's
+kernels. ``UDPFLANNEL_JIT=0`` keeps its name from the numba days (deployments set it): it still means
+"run the numpy kernels".
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import NamedTuple
 
 from tun import gso_numpy
 
-ENV = "UDPFLANNEL_JIT"  # "0": run the numpy kernels (for comparison, or to save numba's ~100 MB)
+ENV = "UDPFLANNEL_JIT"  # "0": run the numpy kernels (for comparison, or to rule the C loops out)
 # Segmenters and Coalescers built without ``jit=`` use the compiled kernels where they load, unless
 # this is False (the tests run both and compare).
 COMPILED = True
@@ -28,7 +30,7 @@ COMPILED = True
 
 class Kernels(NamedTuple):
     compiled: bool
-    description: str  # for the start-up log: "compiled (numba)" or "numpy (why not compiled)"
+    description: str  # for the start-up log: "compiled (C)" or "numpy (why not compiled)"
     new_cutter: Callable[[], Callable]  # a cutter per Segmenter output buffer (the numpy one keeps views of it)
     new_checker: Callable[[], Callable]
 
@@ -39,8 +41,8 @@ why_not = ""  # why the compiled kernels are not used, once load() has tried
 
 
 def load() -> Kernels | None:
-    """The compiled kernels (compiled now, or read from numba's on-disk cache), or None with
-    :data:`why_not` saying why: numba is missing or turned off by ``UDPFLANNEL_JIT=0``."""
+    """The compiled kernels, or None with :data:`why_not` saying why: the extension was not built at
+    install (no C compiler or Python headers then) or is turned off by ``UDPFLANNEL_JIT=0``."""
     global _compiled, why_not
     if _compiled is not None or why_not:
         return _compiled
@@ -48,11 +50,12 @@ def load() -> Kernels | None:
         why_not = f"turned off by {ENV}=0"
         return None
     try:
-        from tun import gso_jit
-    except ImportError as exc:  # no wheel for this architecture: the numpy kernels run
-        why_not = f"numba is not installed ({exc})"
+        from tun import gso_c
+    except ImportError as exc:  # built without a compiler: the numpy kernels run
+        why_not = (f"the C extension tun._gso_c is not built ({exc}): install a C compiler and python3-dev, "
+                   "then reinstall udpflannel")
         return None
-    _compiled = Kernels(True, "compiled (numba)", lambda: gso_jit.cut, lambda: gso_jit.check)
+    _compiled = Kernels(True, "compiled (C)", lambda: gso_c.cut, lambda: gso_c.check)
     return _compiled
 
 

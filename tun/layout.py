@@ -3,7 +3,7 @@
 Offsets are in bytes from the start of their own header (``IP_*`` from the IPv4 header, ``TCP_*`` and
 ``UDP_*`` from the transport header, which starts at IHL × 4). Every multi-byte field is big-endian
 on the wire. Plain integers, no imports: the sans-IO packet core (``udpflannel.packet``) and the
-compiled loops (``tun.gso_jit``, where numba reads them as constants) use the same names.
+kernels (``tun.gso_numpy``; ``tun/_gso_c.c`` repeats the few it needs as C constants) use the same names.
 """
 
 from __future__ import annotations

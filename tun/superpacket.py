@@ -1,4 +1,4 @@
-"""One parsed super-packet (:func:`tun.segment.parse`): all a kernel (``tun.gso_numpy``, ``tun.gso_jit``)
+"""One parsed super-packet (:func:`tun.segment.parse`): all a kernel (``tun.gso_numpy``, ``tun.gso_c``)
 needs to cut it. A module of its own so the kernels and the segmenter share it without importing each other."""
 
 from __future__ import annotations

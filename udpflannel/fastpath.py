@@ -53,5 +53,5 @@ class BatchMover:
         self.on_tun_readable = self.outbound.on_tun_readable
         self.on_udp_readable = self.inbound.on_udp_readable
         self.refit = self.outbound.refit
-        kernels = gso.warm_up()  # compile (or load) the GSO/GRO loops now, not during the first transfer
+        kernels = gso.warm_up()  # run the GSO/GRO loops once now: a broken build shows here, not mid-transfer
         log.info("fast path: %s; GSO/GRO loops: %s", features.describe(), kernels)
