@@ -27,7 +27,7 @@ def claimed() -> SpecifierSet:
     return SpecifierSet(cfg["options"]["python_requires"])
 
 
-def tested() -> set[str]:
+def tox_pythons() -> set[str]:
     """The interpreters tox.ini's envlist runs the suite on (``py311`` -> ``3.11``)."""
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "tox.ini")
@@ -36,7 +36,7 @@ def tested() -> set[str]:
 
 
 def test_setup_cfg_claims_exactly_the_python_versions_tox_runs_the_suite_on():
-    runs_on = tested()
+    runs_on = tox_pythons()
     assert runs_on, "tox.ini's envlist names no pyXY environment"
     assert {v for v in CANDIDATES if v in claimed()} == runs_on
 
@@ -49,7 +49,7 @@ def test_classifiers_name_the_claimed_versions():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     named = set(re.findall(r"Programming Language :: Python :: (3\.\d+)", cfg["metadata"]["classifiers"]))
-    assert named == tested()
+    assert named == tox_pythons()
 
 
 def catches_builtin_timeout(path: Path) -> list[int]:
