@@ -167,6 +167,7 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
         for q in ("p50", "p99"):
             put(f"{group}_{q}_us", lambda group=group, q=q: _value(_group(run, group)[f"{q}_us"], n=_group(run, group)["n"],
                                                                   lost=_group(run, group)["lost"]))
+
     def per_round_trip(key: str):
         def fn():
             g = _group(run, "ping200")

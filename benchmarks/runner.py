@@ -173,11 +173,10 @@ def run_dataplane(dp: Row, s: Settings, workdir: Path, progress: Progress, *, la
             calibration = _calibrate(topo, s, progress)
         if strace and dp.has_counters:
             strace_result = _strace(dp, topo, s, progress)
-    for name in PEERS_GROUPS:
-        if not s.peers_lab or not dp.many_peers:
-            run.setdefault("not_measured", {})[name] = NOT_IN_THIS_RUN if not s.peers_lab else NOT_FOR_THIS_ROW
     if s.peers_lab and dp.many_peers:
         run["groups"].update(_many_peers(dp, s, workdir, progress, label=label))
+    else:
+        run["not_measured"] = dict.fromkeys(PEERS_GROUPS, NOT_FOR_THIS_ROW if s.peers_lab else NOT_IN_THIS_RUN)
     return run, strace_result, calibration
 
 

@@ -134,8 +134,9 @@ def exit_now(code: int) -> NoReturn:
     """End the process after a clean stop without the interpreter's finalization.
 
     Finalizing the interpreter's state at exit took ~0.6 s of CPU with numba and LLVM loaded (1.5 s on
-    a loaded 2-core machine), which counted against the 2 s SIGTERM budget; it is still time for nothing. By now the daemon has closed its TUN device, sockets,
-    rules' resync and etcd session itself, and nothing registered to run at exit is needed.
+    a loaded 2-core machine), which counted against the 2 s SIGTERM budget; it is still time spent for
+    nothing. By now the daemon has closed its TUN device, sockets, rules' resync and etcd session
+    itself, and nothing registered to run at exit is needed.
     """
     logging.shutdown()
     sys.stdout.flush()
