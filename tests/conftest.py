@@ -32,6 +32,15 @@ def require_compiled_kernels() -> None:
     require(kernels.load() is not None, f"the compiled GSO/GRO kernels: {kernels.why_not}")
 
 
+def require_lone_pass() -> None:
+    """The C pass (udpflannel/_lone.c), loaded: as :func:`require_compiled_kernels`."""
+    from udpflannel import lone
+
+    if os.environ.get(lone.ENV) == "0":
+        pytest.skip(f"{lone.ENV}=0: this run is for the Python passes")
+    require(lone.why_not == "", f"the C pass: {lone.why_not}")
+
+
 def pytest_sessionstart(session) -> None:
     """Run tun's GSO/GRO kernels once (gso.warm_up) before any test: a broken build fails here, first."""
     from tun import gso

@@ -1,7 +1,9 @@
 """The asyncio engine on loopback: a SOCK_SEQPACKET pair stands in for the TUN (one read = one packet).
 
 No devices, no namespaces: this checks the drain loop, the budget, the counters and the
-backpressure path, which the namespace tests exercise only indirectly.
+backpressure path, which the namespace tests exercise only indirectly. The ``rig`` fixture runs each
+test through the Python callbacks and through the C pass; the tests that inject faults through Python
+socket wrappers build a Python rig (tests/test_lone.py injects real faults into the C pass).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from lease.events import PeerAdded, PeerRemoved, Snapshot
+from tests.conftest import require_lone_pass
 from tests.strategies import slow_header_checksum
 from udpflannel.engine import Engine
 from udpflannel.packet import Verdict, decrement_ttl
@@ -36,7 +39,7 @@ def ip_packet(src: str, dst: str, ttl: int = 64, size: int = 60, *, df: bool = F
 class Rig:
     """tun_app <-> (tun_fd) engine (udp) <-> peer socket, all on this host's loopback."""
 
-    def __init__(self, budget: int = 64, **dataplane_args) -> None:
+    def __init__(self, budget: int = 64, *, compiled: bool = False, **dataplane_args) -> None:
         self.tun_app, tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         tun_end.setblocking(False)
         self.tun_end = tun_end
@@ -49,7 +52,7 @@ class Rig:
         self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=tun_end.fileno(), udp=self.udp,
                             tun_mtu=1472, tun_address=OWN.network_address,
                             budget=budget)
-        self.dp.plug(PacketMover(self.dp))
+        self.dp.plug(PacketMover(self.dp, compiled=compiled))
         self.port = self.peer.getsockname()[1]  # every peer's UDP port
         follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 
@@ -59,9 +62,12 @@ class Rig:
             s.close()
 
 
-@pytest.fixture
-async def rig():
-    r = Rig()
+@pytest.fixture(params=[False, True], ids=["python", "c"])
+async def rig(request):
+    """The rig through the Python callbacks, and through the C pass (udpflannel/lone.py)."""
+    if request.param:
+        require_lone_pass()
+    r = Rig(compiled=request.param)
     r.dp.attach()
     yield r
     r.close()

@@ -2,7 +2,9 @@
 vnet header + packet), real UDP sockets with UDP_SEGMENT/UDP_GRO on 127.0.0.1 for the wire.
 
 Checks that what leaves is exactly the per-packet path's output (the kernel's segmentation with the TTL
-decremented), that batches form and are counted, and the fallbacks: no GSO/GRO, EIO, EAGAIN.
+decremented), that batches form and are counted, and the fallbacks: no GSO/GRO, EIO, EAGAIN. The
+rig runs the Python callbacks (the tests set the pace's clock and inject faults through Python
+socket wrappers); tests/test_lone.py runs the same kind of rig through the C pass.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def tso_hdr(mss: int = 1420) -> bytes:
 class Rig:
     """tun_app <-> (vnet-header "TUN") Engine with the batch mover (UDP, GSO/GRO) <-> peer socket on loopback."""
 
-    def __init__(self, features: Features = ALL, **dataplane_args) -> None:
+    def __init__(self, features: Features = ALL, *, compiled: bool = False, **dataplane_args) -> None:
         self.tun_app, self.tun_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.tun_end.setblocking(False)
         for s in (self.tun_app, self.tun_end):
@@ -68,7 +70,7 @@ class Rig:
         self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         self.dp = Engine(**{"icmp_sock": None, **dataplane_args}, tun_fd=self.tun_end.fileno(), udp=self.udp,
                          tun_mtu=1472, tun_address=OWN.network_address)
-        self.dp.plug(BatchMover(self.dp, features))
+        self.dp.plug(BatchMover(self.dp, features, compiled=compiled))
         self.port = self.peer.getsockname()[1]  # every peer's UDP port
         follow(self.dp.routes, PeerAdded(PEER_SUBNET, IPv4Address("127.0.0.1")), self.port)
 

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_netorder.h"
+
 #define PROTO_TCP 6
 #define PROTO_UDP 17
 #define PSH 0x08
@@ -26,19 +28,6 @@
 #define MAX_HEADERS 120 /* IPv4 header (<= 60) + TCP header (<= 60) */
 #define MAX_LENGTH 0xFFFF /* an IPv4 total length */
 #define ON_STACK 256 /* rows or packets described without a heap allocation */
-
-static inline unsigned get16(const uint8_t *p) { return (unsigned)p[0] << 8 | p[1]; }
-
-static inline uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-static inline void put16(uint8_t *p, unsigned v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
 
 /* Sum of p[0..n) as big-endian 16-bit words (an odd last byte is the high half of a zero-padded
  * word), not folded. Even and odd bytes in two 32-bit sums per 64 KB block (< 2**24 each), which the

@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING
 
 from tun import gso, vnet
 from tun.layout import UDP_MAX_SEGMENTS
+from udpflannel import lone
 from udpflannel.fastpath_in import Inbound
 from udpflannel.fastpath_out import PMTU_ADVICE_BURST, PMTU_ADVICE_RATE, Outbound
 from udpflannel.features import Features
-from udpflannel.pace import Pace
+from udpflannel.pace import QUIET_NS, Pace
+from udpflannel.sockets import GRO_CMSG_SPACE
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
@@ -45,7 +47,8 @@ class BatchMover:
 
     tun_header = vnet.VNET_HDR_LEN  # every TUN read and write carries a virtio_net_hdr
 
-    def __init__(self, engine: Engine, features: Features) -> None:
+    def __init__(self, engine: Engine, features: Features, *, compiled: bool = True) -> None:
+        """``compiled``: take a wake-up's first packet in C where the extension loads (udpflannel/lone.py)."""
         self.max_segments = UDP_MAX_SEGMENTS if features.udp_gso else 1  # datagrams per UDP_SEGMENT send
         self.pace = Pace()
         self.outbound = Outbound(engine, self.pace)
@@ -53,5 +56,15 @@ class BatchMover:
         self.on_tun_readable = self.outbound.on_tun_readable
         self.on_udp_readable = self.inbound.on_udp_readable
         self.refit = self.outbound.refit
+        # A wake-up's first packet in C where the extension is built (udpflannel/lone.py): the halves'
+        # Python callbacks then take the trace's wake-ups, and their lone_* methods the hand-overs.
+        c_pass = lone.attach(engine, tun_side=self.outbound, udp_side=self.inbound,
+                             python_tun=self.on_tun_readable, python_udp=self.on_udp_readable,
+                             tun_buf=self.outbound.first_read, udp_buf=self.inbound.first_receive,
+                             tun_hdr=self.outbound.first_header, pace=self.pace, quiet_ns=QUIET_NS,
+                             control_room=GRO_CMSG_SPACE) if compiled else None
+        if c_pass is not None:
+            self.on_tun_readable, self.on_udp_readable = c_pass
         kernels = gso.warm_up()  # run the GSO/GRO loops once now: a broken build shows here, not mid-transfer
-        log.info("fast path: %s; GSO/GRO loops: %s", features.describe(), kernels)
+        log.info("fast path: %s; GSO/GRO loops: %s; lone packets: %s", features.describe(), kernels,
+                 lone.describe(c_pass is not None))

@@ -10,7 +10,9 @@ only changes how many of them one syscall moves.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
+_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFlag, slow to "&" with
 
 
@@ -41,6 +44,7 @@ class Inbound:
         self._rx = bytearray(RX_BYTES + gso.BUFFER_SIZE)
         self._rx_mv = memoryview(self._rx)
         self._rx_start = [self._rx_mv[:RX_ROOM]]  # where every wake-up's first datagram goes
+        self.first_receive = self._rx_start[0]  # (the C pass's too: udpflannel/lone.py)
         self._coalescer = gso.Coalescer(self._rx, udp=merge_udp)  # USO: the TUN takes UDP super-packets
         self._woke = 0  # when the socket last woke us (QUIET_NS)
 
@@ -61,6 +65,12 @@ class Inbound:
             log.debug("recvmsg failed: %s", exc)
             self._receive_on(None)
             return
+        self._first(received, quiet)
+
+    def _first(self, received: tuple, quiet: bool) -> None:
+        """The wake-up's first receive: what ``recvmsg_into`` returned, the datagram at offset 0."""
+        e = self.engine
+        c = e.counters
         nbytes, ancdata, msg_flags, peer = received
         if ancdata or msg_flags or e.parked_writes:
             self._receive_on(received)
@@ -80,6 +90,28 @@ class Inbound:
         if not quiet:
             self._receive_on(None)
         # else: a quiet socket, nothing else is likely to be waiting: back to sleep (latency)
+
+    # the C pass's hand-overs (udpflannel/lone.py): ``read_on`` is 1 when the socket was not quiet
+    def lone_datagram(self, n: int, peer: NextHop, ancdata: list, msg_flags: int, read_on: int) -> None:
+        """A first receive the C pass did not deliver (a GRO batch, a drop): as if received here."""
+        self._first((n, ancdata, msg_flags, peer), not read_on)
+
+    def lone_unwritten(self, n: int, err: int, read_on: int) -> None:
+        """The C pass accepted the first datagram (TTL decremented); writing it to the TUN failed."""
+        if err in _WOULD_BLOCK:
+            self.engine.park_write(b"".join([vnet.PLAIN, self._rx_mv[:n]]), 1)
+            return
+        self.engine.write_failed(OSError(err, os.strerror(err)), 1)
+        if read_on:
+            self._receive_on(None)
+
+    def lone_recv_failed(self, err: int, read_on: int) -> None:
+        log.debug("recvmsg failed: %s", os.strerror(err))  # (EINTR included) the batch path receives again
+        self._receive_on(None)
+
+    def lone_more(self) -> None:
+        """The C pass delivered the first datagram; the socket was busy: receive on."""
+        self._receive_on(None)
 
     def _decide_datagram(self, row, nbytes: int, peer: NextHop, tracer: TraceHub | None) -> Verdict:
         """The per-packet decision about one datagram received alone (and its trace, if ``tracer``: the

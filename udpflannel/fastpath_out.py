@@ -23,6 +23,7 @@ answered as a router answers (frag-needed with DF, fragments without). No flow s
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -50,6 +51,7 @@ TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one
 PMTU_ADVICE_RATE, PMTU_ADVICE_BURST = 100.0, 10.0
 _unpack_vnet = vnet.unpack_from
 _fit_segment_size = gso.fit_segment_size
+_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _VERDICT_OF = {reason: Verdict[reason.name] for reason in gso.Refused}  # tun's refusals, as packet verdicts
 
 
@@ -79,6 +81,7 @@ class Outbound:
         # A wake-up's first read: header apart, packet at offset 0, where a lone packet is decided and
         # sent in place (no copy). Later reads land back to back, each header just before its packet.
         self._in_start = [self._in_hdr, self._in_mv[:MAX_IP_PACKET]]
+        self.first_header, self.first_read = self._in_start  # where the C pass reads too (udpflannel/lone.py)
         self._segmenter = gso.Segmenter(2 * TUN_BYTES)
         self._batches: dict[NextHop, _Batch] = {}
         self._refitter: gso.Segmenter | None = None  # cuts what a send refused with EMSGSIZE held (refit)
@@ -104,6 +107,12 @@ class Outbound:
         except OSError as exc:
             log.warning("TUN read failed: %s", exc)
             return
+        self._first(n, quiet)
+
+    def _first(self, n: int, quiet: bool) -> None:
+        """The wake-up's first read, ``n`` bytes at offset 0 (its vnet header in ``_in_hdr``)."""
+        e = self.engine
+        c = e.counters
         flags, gso_type, _, _, csum_start, csum_offset = _unpack_vnet(self._in_hdr, 0)
         if gso_type != vnet.GSO_NONE:
             self._read_on(n)
@@ -121,11 +130,37 @@ class Outbound:
             else:
                 c.sent_packets += 1
                 c.sent_bytes += n
+        self._then(quiet)
+
+    def _then(self, quiet: bool) -> None:
         if not quiet:
             self._read_on(-1)
         elif self._batches:
             self._send_all()
         # else: a quiet fd, nothing else is likely to be waiting: back to sleep (latency)
+
+    # the C pass's hand-overs (udpflannel/lone.py): ``read_on`` is 1 when the fd was not quiet
+    def lone_packet(self, n: int, read_on: int) -> None:
+        """A first read the C pass did not forward (a super-packet, a drop): as if read here."""
+        self._first(n, not read_on)
+
+    def lone_unsent(self, n: int, hop: NextHop, err: int, read_on: int) -> None:
+        """The C pass forwarded the first read (checksum completed, TTL decremented); its send failed."""
+        if err in _WOULD_BLOCK:
+            self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
+        else:
+            self.engine.send_failed(OSError(err, os.strerror(err)), bytes(self._in_mv[:n]), n, 1, hop)
+        self._then(not read_on)
+
+    def lone_read_failed(self, err: int, read_on: int) -> None:
+        if err == errno.EINTR:
+            self._read_on(-1)
+        else:
+            log.warning("TUN read failed: %s", os.strerror(err))
+
+    def lone_more(self) -> None:
+        """The C pass forwarded the first read; the fd was busy: read on."""
+        self._read_on(-1)
 
     def _decide_plain(self, pkt: bytearray, n: int, flags: int, csum_start: int, csum_offset: int,
                       tracer: TraceHub | None) -> NextHop | None:

@@ -49,9 +49,11 @@ class RouteTable:
     probe per distinct prefix length of that peer's subnets.
     """
 
-    __slots__ = ("_routes", "_by_len", "_levels", "_by_peer")
+    __slots__ = ("_routes", "_by_len", "_levels", "_by_peer", "version")
 
     def __init__(self, entries: Iterable[tuple[IPv4Network, NextHop]] = ()) -> None:
+        # Bumped by every change: the C pass (udpflannel/lone.py) compiles the table again when it moves.
+        self.version = 0
         self._routes: dict[IPv4Network, NextHop] = {}
         self._by_len: dict[int, dict[int, NextHop]] = {}
         self._levels: tuple[_Level, ...] = ()
@@ -79,6 +81,7 @@ class RouteTable:
             self._rebuild_levels()
         level[net >> (32 - plen)] = hop
         self._by_peer.setdefault(hop, {}).setdefault(_mask(plen), set()).add(net)
+        self.version += 1
 
     def delete(self, subnet: IPv4Network) -> bool:
         """Remove the route for exactly this network and mask; False if there was none."""
@@ -92,6 +95,7 @@ class RouteTable:
             del self._by_len[plen]
             self._rebuild_levels()
         self._unindex_peer(subnet, hop)
+        self.version += 1
         return True
 
     def replace_all(self, entries: Iterable[tuple[IPv4Network, NextHop]]) -> None:
@@ -100,6 +104,7 @@ class RouteTable:
         # Assign the finished structures, so a lookup never sees a half-built table.
         self._routes, self._by_len, self._by_peer = fresh._routes, fresh._by_len, fresh._by_peer
         self._levels = fresh._levels
+        self.version += 1
 
     def _rebuild_levels(self) -> None:
         self._levels = tuple((32 - plen, self._by_len[plen]) for plen in sorted(self._by_len, reverse=True))
