@@ -737,8 +737,9 @@ static PyObject *finish(Pass *p)
     Py_RETURN_NONE;
 }
 
-/* TUN -> UDP. Per-packet: drain up to the budget. Fast path: the wake-up's first read, then the batch
- * mover reads on unless the fd was quiet (udpflannel/pace.py). */
+/* TUN -> UDP. Per-packet: drain up to the budget, but with a pace stop after the first packet on a quiet
+ * fd. Fast path: the wake-up's first read, then the batch mover reads on unless the fd was quiet
+ * (udpflannel/pace.py). */
 static PyObject *pass_tun(Pass *p, PyObject *unused)
 {
     (void)unused;
@@ -754,7 +755,7 @@ static PyObject *pass_tun(Pass *p, PyObject *unused)
     if (more == -1 && PyErr_Occurred())
         return NULL;
     p->delta[TUN_WAKEUPS]++;
-    if (p->vnet && (read_on = quiet(p, &p->tun_woke)) >= 0)
+    if (p->pace_dict != NULL && (read_on = quiet(p, &p->tun_woke)) >= 0)
         read_on = !read_on;
     if (PyErr_Occurred())
         return NULL;
@@ -797,6 +798,9 @@ static PyObject *pass_tun(Pass *p, PyObject *unused)
         p->delta[SENT_BYTES] += n;
         if (p->vnet)
             return read_on ? hand_over(p, p->tun_side, s_lone_more, PyTuple_New(0)) : finish(p);
+        if (p->pace_dict != NULL && !read_on)
+            return finish(p); /* a quiet fd: back to sleep without the trailing read (pace.py) */
+        read_on = 1;
     }
     return finish(p);
 }
@@ -842,7 +846,7 @@ static PyObject *pass_udp(Pass *p, PyObject *unused)
     if (PyErr_Occurred())
         return NULL;
     p->delta[UDP_WAKEUPS]++;
-    if (p->vnet && (read_on = quiet(p, &p->udp_woke)) >= 0)
+    if (p->pace_dict != NULL && (read_on = quiet(p, &p->udp_woke)) >= 0)
         read_on = !read_on;
     if (PyErr_Occurred())
         return NULL;
@@ -893,6 +897,9 @@ static PyObject *pass_udp(Pass *p, PyObject *unused)
         p->delta[DELIVERED_BYTES] += n;
         if (p->vnet)
             return read_on ? hand_over(p, p->udp_side, s_lone_more, PyTuple_New(0)) : finish(p);
+        if (p->pace_dict != NULL && !read_on)
+            return finish(p); /* a quiet socket: back to sleep without the trailing receive (pace.py) */
+        read_on = 1;
     }
     return finish(p);
 }
@@ -954,8 +961,8 @@ static PyObject *pass_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                                      &tun_side, &udp_side, &python_tun, &python_udp, &tun_buf, &udp_buf, &tun_hdr,
                                      &pace, &quiet_ns, &control_room))
         return NULL;
-    if ((tun_hdr == Py_None) != (pace == Py_None))
-        return PyErr_Format(PyExc_ValueError, "the fast path's pass takes both tun_hdr and pace; the per-packet one neither");
+    if (tun_hdr != Py_None && pace == Py_None)
+        return PyErr_Format(PyExc_ValueError, "the fast path's pass (tun_hdr) needs a pace");
     if (control_room < 0 || control_room > CONTROL_ROOM)
         return PyErr_Format(PyExc_ValueError, "control_room must be 0..%d", CONTROL_ROOM);
     Pass *p = (Pass *)type->tp_alloc(type, 0);
@@ -985,12 +992,14 @@ static PyObject *pass_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             goto fail;
     if (slot_offset(table, "version", &p->version_offset) < 0)
         goto fail;
-    if (p->vnet) {
+    if (pace != Py_None) {
         p->pace_dict = PyObject_GetAttrString(pace, "__dict__");
         if (p->pace_dict == NULL || !PyDict_Check(p->pace_dict)) {
             PyErr_SetString(PyExc_TypeError, "pace must have a __dict__");
             goto fail;
         }
+    }
+    if (p->vnet) {
         if (PyObject_GetBuffer(tun_hdr, &p->tun_hdr, PyBUF_WRITABLE) < 0)
             goto fail;
         if (p->tun_hdr.len < VNET_HDR_LEN) {

@@ -63,9 +63,10 @@ def attach(engine: Engine, *, tun_side: object, udp_side: object, python_tun: Ca
     ``tun_side`` and ``udp_side`` take the hand-overs (``lone_packet``, ``lone_datagram``, ...);
     ``python_tun``/``python_udp`` are the Python callbacks, which take whole wake-ups while the
     packet trace is on. The pass reads into ``tun_buf`` and ``udp_buf`` (the movers' own, so a
-    hand-over finds the packet where the Python code would have read it). The fast path's pass
-    (``tun_hdr``: the TUN's virtio_net_hdr goes there; ``pace``: ``udpflannel.pace.Pace``; ``quiet_ns``;
-    ``control_room``: the UDP_GRO control data's) reads only a wake-up's first packet itself.
+    hand-over finds the packet where the Python code would have read it). With a ``pace``
+    (``udpflannel.pace.Pace``, and its ``quiet_ns``) a quiet fd's wake-up ends after its first packet.
+    The fast path's pass (``tun_hdr``: the TUN's virtio_net_hdr goes there; ``control_room``: the
+    UDP_GRO control data's) reads only a wake-up's first packet itself, and hands a busy fd over.
     """
     if _lone is None:
         return None

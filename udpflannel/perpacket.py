@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from udpflannel import lone
 from udpflannel.forward import inbound, outbound
+from udpflannel.pace import QUIET_NS, Pace
 from udpflannel.routes import NextHop
 
 if TYPE_CHECKING:
@@ -45,9 +46,10 @@ class PacketMover:
         self._udp_buf = bytearray(RECV_BUFFER)
         # A lone packet's whole pass in C where the extension is built (udpflannel/lone.py); these
         # Python callbacks then take the trace's wake-ups, and the hand-overs (lone_*) the rest.
+        # (its pace: a quiet fd's wake-up ends after its lone packet, without the trailing read)
         c_pass = lone.attach(engine, tun_side=self, udp_side=self, python_tun=self.on_tun_readable,
-                             python_udp=self.on_udp_readable, tun_buf=self._tun_buf,
-                             udp_buf=self._udp_buf) if compiled else None
+                             python_udp=self.on_udp_readable, tun_buf=self._tun_buf, udp_buf=self._udp_buf,
+                             pace=Pace(), quiet_ns=QUIET_NS) if compiled else None
         if c_pass is not None:
             self.on_tun_readable, self.on_udp_readable = c_pass
         log.info("per-packet path; lone packets: %s", lone.describe(c_pass is not None))
