@@ -14,6 +14,7 @@ syscall moves, never what happens to a packet.
   checksums (IP and TCP/UDP) were checked, so the first row's verdict is every row's, and its
   transport checksum is not summed again. Anything else — singles, and runs
   whose first row is refused — goes through ``forward.inbound`` one row at a time.
+- :class:`SendBatch`: what the way out queues for one peer until one sendmsg (UDP_SEGMENT) takes it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tun.segment import Refused, Segmenter
 from udpflannel.forward import inbound
 from udpflannel.packet import FORWARD, Verdict
 from udpflannel.routes import NextHop, RouteTable
+from udpflannel.sockets import UDP_MAX_PAYLOAD
 
 if TYPE_CHECKING:
     from udpflannel.counters import Counters
@@ -75,3 +77,19 @@ def first_segment(segmenter: Segmenter, buf: bytearray, p: int, n: int, gso_type
     if isinstance(cut, Refused):
         return bytes(buf[p:p + n])
     return bytes(segmenter.out_mv[cut.start:cut.start + (cut.size if cut.count > 1 else cut.last)])
+
+
+class SendBatch:
+    """Datagrams queued for one peer by the fast path's way out (``udpflannel/fastpath_out.py``): every
+    one ``size`` bytes but a shorter last, which closes it. ``iov`` holds runs of whole datagrams
+    (views of the segmenter's output, or copies)."""
+
+    __slots__ = ("iov", "count", "size", "nbytes", "closed", "most")
+
+    def __init__(self, size: int, max_segments: int) -> None:
+        self.iov: list = []
+        self.count = 0
+        self.size = size
+        self.nbytes = 0
+        self.closed = False
+        self.most = max(1, min(max_segments, UDP_MAX_PAYLOAD // size))  # datagrams one sendmsg may carry

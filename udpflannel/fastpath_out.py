@@ -9,16 +9,12 @@ one pass into the segmenter's output, each datagram beside its header, so a batc
 contiguous buffers. The datagrams of consecutive super-packets to one peer share a send (carrying
 the tail: a 46-segment packet does not cost two sends). A batch points into the segmenter's output
 or a copied packet, so what is pending is sent before the output is reused, and before a wake-up
-returns. (Reading straight into segment layout, payloads scattered so that nothing is copied, was
-measured and dropped: a readv into ~47 pieces costs the kernel ~8 µs more per super-packet than
-the copy it saves.)
+returns (docs/fast-path-profile.md: why reads are not scattered into segment layout instead).
 
-A narrower path to a peer: each super-packet for it is compared once with the path's limit and, if its
-segments would not fit, cut at a smaller segment size (a TSO super-packet is a TCP byte range:
-``tun.segment.fit_segment_size``), and its sender is told with a rate-limited ICMP frag-needed, so that
-its next super-packets fit. A send the kernel refuses with EMSGSIZE (it learnt a narrower path than
-ours) is redone at the kernel's path MTU (:meth:`Outbound.refit`): TCP segments cut to fit, the rest
-answered as a router answers (frag-needed with DF, fragments without). No flow stalls on it.
+A narrower path to a peer: a super-packet whose segments would not fit it is cut at a smaller segment
+size, and its sender told with a rate-limited ICMP frag-needed. A send the kernel refuses with
+EMSGSIZE is redone at the kernel's path MTU (:meth:`Outbound.refit`, ``udpflannel/recut.py``): TCP
+segments cut to fit, the rest answered as a router answers. No flow stalls on it.
 """
 
 from __future__ import annotations
@@ -31,12 +27,13 @@ from typing import TYPE_CHECKING
 from tun import gso, vnet
 from tun.layout import MAX_IP_PACKET
 from udpflannel import icmp
-from udpflannel.batch import first_segment
+from udpflannel.batch import SendBatch, first_segment
 from udpflannel.forward import outbound
 from udpflannel.pace import Pace
 from udpflannel.packet import BAD_HEADER, FORWARD, Verdict, dont_fragment
+from udpflannel.recut import recut
 from udpflannel.routes import NextHop
-from udpflannel.sockets import UDP_MAX_PAYLOAD, gso_cmsg
+from udpflannel.sockets import gso_cmsg
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
@@ -51,23 +48,7 @@ TUN_BYTES = 16 * 65536  # read before cutting: up to 16 super-packets cut in one
 PMTU_ADVICE_RATE, PMTU_ADVICE_BURST = 100.0, 10.0
 _unpack_vnet = vnet.unpack_from
 _fit_segment_size = gso.fit_segment_size
-_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _VERDICT_OF = {reason: Verdict[reason.name] for reason in gso.Refused}  # tun's refusals, as packet verdicts
-
-
-class _Batch:
-    """Datagrams queued for one peer: every one ``size`` bytes but a shorter last, which closes it.
-    ``iov`` holds runs of whole datagrams (views of the segmenter's output, or copies)."""
-
-    __slots__ = ("iov", "count", "size", "nbytes", "closed", "most")
-
-    def __init__(self, size: int, max_segments: int) -> None:
-        self.iov: list = []
-        self.count = 0
-        self.size = size
-        self.nbytes = 0
-        self.closed = False
-        self.most = max(1, min(max_segments, UDP_MAX_PAYLOAD // size))  # datagrams one sendmsg may carry
 
 
 class Outbound:
@@ -83,15 +64,14 @@ class Outbound:
         self._in_start = [self._in_hdr, self._in_mv[:MAX_IP_PACKET]]
         self.first_header, self.first_read = self._in_start  # where the C pass reads too (udpflannel/lone.py)
         self._segmenter = gso.Segmenter(2 * TUN_BYTES)
-        self._batches: dict[NextHop, _Batch] = {}
+        self._batches: dict[NextHop, SendBatch] = {}
         self._refitter: gso.Segmenter | None = None  # cuts what a send refused with EMSGSIZE held (refit)
         self._pmtu_advice = icmp.RateLimiter(PMTU_ADVICE_RATE, PMTU_ADVICE_BURST)
         self._woke = 0  # when the TUN last woke us (QUIET_NS)
 
     def on_tun_readable(self) -> None:
-        """A wake-up. Its first read is handled here in as few steps as the per-packet path takes: an
-        ordinary packet is forwarded at once and, on a quiet fd, that ends the wake-up. A super-packet,
-        or a busy fd, goes on to ``_read_on``."""
+        """A wake-up (the Python one: udpflannel/lone.py). An ordinary first read is forwarded at once
+        and, on a quiet fd, that ends the wake-up; a super-packet or a busy fd goes on to ``_read_on``."""
         e = self.engine
         c = e.counters
         c.tun_wakeups += 1
@@ -123,14 +103,19 @@ class Outbound:
             c.udp_sends += 1
             try:
                 e.udp.sendto(self._in_mv[:n], hop)
-            except BlockingIOError:  # a copy, sent (or parked) with the rest
-                self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
             except OSError as exc:
-                e.send_failed(exc, bytes(self._in_mv[:n]), n, 1, hop)
+                self._unsent(n, hop, exc)
             else:
                 c.sent_packets += 1
                 c.sent_bytes += n
         self._then(quiet)
+
+    def _unsent(self, n: int, hop: NextHop, exc: OSError) -> None:
+        """The first read's send failed: on a full socket a copy waits (sent, or parked, with the rest)."""
+        if isinstance(exc, BlockingIOError):
+            self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
+        else:
+            self.engine.send_failed(exc, bytes(self._in_mv[:n]), n, 1, hop)
 
     def _then(self, quiet: bool) -> None:
         if not quiet:
@@ -146,10 +131,7 @@ class Outbound:
 
     def lone_unsent(self, n: int, hop: NextHop, err: int, read_on: int) -> None:
         """The C pass forwarded the first read (checksum completed, TTL decremented); its send failed."""
-        if err in _WOULD_BLOCK:
-            self._queue(hop, memoryview(bytes(self._in_mv[:n])), 0, 1, n, n)
-        else:
-            self.engine.send_failed(OSError(err, os.strerror(err)), bytes(self._in_mv[:n]), n, 1, hop)
+        self._unsent(n, hop, OSError(err, os.strerror(err)))  # (EAGAIN makes a BlockingIOError)
         self._then(not read_on)
 
     def lone_read_failed(self, err: int, read_on: int) -> None:
@@ -291,7 +273,7 @@ class Outbound:
             self._send(hop)
             batch = None
         if batch is None:
-            batch = batches[hop] = _Batch(size, max_segments)
+            batch = batches[hop] = SendBatch(size, max_segments)
         room = batch.most - batch.count
         while count > room:  # fill the batch, send it, go on in a new one
             nbytes = room * size
@@ -301,7 +283,7 @@ class Outbound:
             self._send(hop)
             start += nbytes
             count -= room
-            batch = batches[hop] = _Batch(size, self.engine.max_segments)
+            batch = batches[hop] = SendBatch(size, self.engine.max_segments)
             room = batch.most
         nbytes = (count - 1) * size + last
         batch.iov.append(mv[start:start + nbytes])
@@ -344,7 +326,7 @@ class Outbound:
             c.udp_gso_sends += 1
             c.udp_gso_datagrams += batch.count
 
-    def _send_one_by_one(self, batch: _Batch, hop: NextHop) -> None:
+    def _send_one_by_one(self, batch: SendBatch, hop: NextHop) -> None:
         e = self.engine
         c, size, sendmsg = e.counters, batch.size, e.udp.sendmsg
         datagrams = [chunk[i:i + size] for chunk in batch.iov for i in range(0, len(chunk), size)]
@@ -361,7 +343,7 @@ class Outbound:
             c.sent_packets += 1
             c.sent_bytes += sent
 
-    def _park(self, batch: _Batch, hop: NextHop, first: int) -> None:
+    def _park(self, batch: SendBatch, hop: NextHop, first: int) -> None:
         """The socket is full: the engine keeps a copy of what is left of ``batch`` (from datagram
         ``first``; the buffers will be reused) and stops reading the TUN."""
         data = b"".join(batch.iov)[first * batch.size:]
@@ -392,7 +374,9 @@ class Outbound:
         e.counters.pmtu_refits += 1
         mv = memoryview(data)
         datagrams = [mv[i:i + size] for i in range(0, len(data), size)]
-        cuts, out = self._recut(datagrams, limit)
+        if self._refitter is None:
+            self._refitter = gso.Segmenter(2 * gso.BUFFER_SIZE)
+        cuts, out = recut(datagrams, limit, self._refitter)
         for i, datagram in enumerate(datagrams):
             n = len(datagram)
             cut = cuts.get(i)
@@ -407,28 +391,3 @@ class Outbound:
                 self._queue(hop, out, cut.start, cut.count, cut.size, cut.last)
         if hop in self._batches:
             self._send(hop)
-
-    def _recut(self, datagrams: list[memoryview], limit: int) -> tuple[dict, memoryview]:
-        """The TCP segments among ``datagrams`` that do not fit ``limit``, cut smaller in one pass:
-        {datagram index: its Cut (or Refused)}, and the buffer the Cuts point into."""
-        items, parts, at, which = [], [], 0, []  # laid out for one cut, each with room after it to pad into
-        for i, datagram in enumerate(datagrams):
-            n = len(datagram)
-            if n > limit:
-                fitted = _fit_segment_size(datagram, 0, n, vnet.GSO_TCPV4, n, limit)
-                if fitted != n:
-                    which.append(i)
-                    items.append((at, n, vnet.GSO_TCPV4, fitted))
-                    parts.append((at, datagram))
-                    at = at + n + fitted + 7 & ~7
-        if not items:
-            return {}, memoryview(b"")
-        buf = bytearray(at + 64)
-        for offset, datagram in parts:
-            buf[offset:offset + len(datagram)] = datagram
-        if self._refitter is None:
-            self._refitter = gso.Segmenter(2 * gso.BUFFER_SIZE)
-        results = self._refitter.cut(buf, items)
-        ends = [r.start + (r.count - 1) * r.size + r.last for r in results if not isinstance(r, gso.Refused)]
-        out = memoryview(bytes(self._refitter.out_mv[:max(ends, default=0)]))  # a nested refit reuses it
-        return dict(zip(which, results, strict=True)), out
