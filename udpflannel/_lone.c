@@ -564,7 +564,7 @@ typedef struct {
     Py_buffer tun_hdr, tun_buf, udp_buf;
 } Pass;
 
-static PyObject *s_tracer, *s_parked_writes, *s_bulk_until, *s_version, *s_budget, *s_tun_mtu, *s_check_source;
+static PyObject *s_tracer, *s_parked_writes, *s_bulk_until, *s_budget, *s_tun_mtu, *s_check_source;
 static PyObject *s_lone_packet, *s_lone_unsent, *s_lone_read_failed, *s_lone_more;
 static PyObject *s_lone_datagram, *s_lone_unwritten, *s_lone_recv_failed;
 
@@ -1074,7 +1074,7 @@ PyMODINIT_FUNC PyInit__lone(void)
 {
     struct { PyObject **s; const char *text; } strings[] = {
         {&s_tracer, "tracer"}, {&s_parked_writes, "parked_writes"}, {&s_bulk_until, "bulk_until"},
-        {&s_version, "version"}, {&s_budget, "budget"}, {&s_tun_mtu, "tun_mtu"}, {&s_check_source, "check_source"}, {&s_lone_packet, "lone_packet"}, {&s_lone_unsent, "lone_unsent"},
+        {&s_budget, "budget"}, {&s_tun_mtu, "tun_mtu"}, {&s_check_source, "check_source"}, {&s_lone_packet, "lone_packet"}, {&s_lone_unsent, "lone_unsent"},
         {&s_lone_read_failed, "lone_read_failed"}, {&s_lone_more, "lone_more"}, {&s_lone_datagram, "lone_datagram"},
         {&s_lone_unwritten, "lone_unwritten"}, {&s_lone_recv_failed, "lone_recv_failed"},
     };

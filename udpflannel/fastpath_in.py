@@ -10,7 +10,6 @@ only changes how many of them one syscall moves.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 RX_ROOM = 65536 + 8  # what one recvmsg may fill: a UDP GRO batch is at most 64 KB
 RX_BYTES = 16 * RX_ROOM  # received before deciding: up to 16 batches checked in one pass
-_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: socket.MSG_TRUNC is an IntFlag, slow to "&" with
 
 
@@ -98,10 +96,11 @@ class Inbound:
 
     def lone_unwritten(self, n: int, err: int, read_on: int) -> None:
         """The C pass accepted the first datagram (TTL decremented); writing it to the TUN failed."""
-        if err in _WOULD_BLOCK:
+        exc = OSError(err, os.strerror(err))  # EAGAIN: a BlockingIOError
+        if isinstance(exc, BlockingIOError):
             self.engine.park_write(b"".join([vnet.PLAIN, self._rx_mv[:n]]), 1)
             return
-        self.engine.write_failed(OSError(err, os.strerror(err)), 1)
+        self.engine.write_failed(exc, 1)
         if read_on:
             self._receive_on(None)
 

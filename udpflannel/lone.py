@@ -20,7 +20,6 @@ callbacks run, and the start-up log says which.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,8 +28,6 @@ from udpflannel.routes import RouteTable
 
 if TYPE_CHECKING:
     from udpflannel.engine import Engine
-
-log = logging.getLogger(__name__)
 
 ENV = "UDPFLANNEL_JIT"  # as tun.kernels.ENV (not imported: that would import numpy in a per-packet daemon)
 

@@ -14,7 +14,6 @@ goes wrong leaves the loop, for the engine to handle.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 65536  # any UDP datagram fits, so an oversize one is seen whole and dropped, not truncated
-_WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK})
 
 
 class PacketMover:
@@ -109,11 +107,11 @@ class PacketMover:
 
     def lone_unsent(self, n: int, hop: NextHop, err: int, more: int) -> None:
         """The C pass forwarded a packet (TTL already decremented) and its send failed with ``err``."""
-        view = memoryview(self._tun_buf)[:n]
-        if err in _WOULD_BLOCK:
+        view, exc = memoryview(self._tun_buf)[:n], OSError(err, os.strerror(err))  # EAGAIN: a BlockingIOError
+        if isinstance(exc, BlockingIOError):
             self.engine.park_send(bytes(view), n, 1, hop)
             return
-        self.engine.send_failed(OSError(err, os.strerror(err)), view, n, 1, hop)
+        self.engine.send_failed(exc, view, n, 1, hop)
         self._drain_tun(more)
 
     def lone_read_failed(self, err: int, more: int) -> None:
@@ -185,10 +183,11 @@ class PacketMover:
 
     def lone_unwritten(self, n: int, err: int, more: int) -> None:
         """The C pass accepted a datagram (TTL already decremented) and the TUN write failed with ``err``."""
-        if err in _WOULD_BLOCK:
+        exc = OSError(err, os.strerror(err))  # EAGAIN: a BlockingIOError
+        if isinstance(exc, BlockingIOError):
             self.engine.park_write(bytes(self._udp_buf[:n]), 1)
             return
-        self.engine.write_failed(OSError(err, os.strerror(err)), 1)
+        self.engine.write_failed(exc, 1)
         self._drain_udp(more)
 
     def lone_recv_failed(self, err: int, more: int) -> None:
