@@ -58,6 +58,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rtt-pairs", type=int, metavar="N",
                    help=f"per repeat, N turns each of the fast-path and per-packet rows in one lab, for a paired RTT "
                         f"comparison (default {FULL.rtt_pairs}; --quick: {QUICK.rtt_pairs}; 0: off)")
+    p.add_argument("--sparse-rounds", type=int, metavar="N",
+                   help=f"per repeat, N rounds in which udpflannel's two paths, flanneld and kernel VXLAN each take a "
+                        f"turn of sparse pings in one lab: the latency goals' measure (default {FULL.sparse_rounds}; "
+                        f"--quick: {QUICK.sparse_rounds}; 0: off)")
     p.add_argument("--many-peers", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure TCP with 4 streams to each of 3 peers on a 4-node lab per row that can "
                         "(default: on; --quick: off)")
@@ -132,7 +136,8 @@ def rebuild_report(out: Path, update: bool) -> int:
     """Re-derive every table and plot from the raw data a previous run saved (after a change to report.py)."""
     saved = json.loads((out / "results.json").read_text())
     raw = {"rows": saved["raw"], "strace": saved.get("strace_check"), "calibration": saved.get("calibration"),
-           "rtt_pairs": saved.get("rtt_pairs", {}).get("raw", [])}
+           "rtt_pairs": saved.get("rtt_pairs", {}).get("raw", []),
+           "sparse_turns": saved.get("sparse_turns", {}).get("raw", [])}
     results = report.build_results(raw, saved["meta"])
     paths = render.write_all(results, out)
     print(f"rebuilt {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -161,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         udp_seconds=args.seconds or base.udp_seconds, rr_count=base.rr_count, rr_max_seconds=base.rr_max_seconds,
         strace_seconds=base.strace_seconds, sparse_count=base.sparse_count, wait_idle=args.wait_idle,
         rtt_pairs=base.rtt_pairs if args.rtt_pairs is None else args.rtt_pairs, rtt_pair_count=base.rtt_pair_count,
+        sparse_rounds=base.sparse_rounds if args.sparse_rounds is None else args.sparse_rounds,
+        sparse_turn_count=base.sparse_turn_count,
         peers_lab=base.peers_lab if args.many_peers is None else args.many_peers,
     )
     out = (args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)).resolve()

@@ -412,14 +412,20 @@ def request_response(client: Netns, target: str, count: int, max_seconds: float,
 
 
 # -- sparse round trips: one packet every 5 ms, so every hop wakes up for each -----------------------------
-def sparse_ping(client: Netns, target: str, count: int) -> dict:
-    """``ping -i 0.005``: ICMP echo at 200 Hz; per-reply times parsed from its output (µs)."""
+def ping_samples(client: Netns, target: str, count: int) -> list[int]:
+    """``ping -i 0.005``: ICMP echo at 200 Hz; every reply's round trip (µs), in the order received."""
     interval = SPARSE_INTERVAL_MS / 1e3
     proc = client.run("ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1", target,
                       check=False, timeout=count * interval + 15)
-    times = sorted(round(float(m) * 1000) for m in _PING_TIME.findall(proc.stdout))
+    times = [round(float(m) * 1000) for m in _PING_TIME.findall(proc.stdout)]
     if not times:
         raise MeasureError(f"ping {target}: no reply ({(proc.stderr or proc.stdout).strip()[-200:]})")
+    return times
+
+
+def sparse_ping(client: Netns, target: str, count: int) -> dict:
+    """:func:`ping_samples` summarized: percentiles (µs) and the replies lost."""
+    times = ping_samples(client, target, count)
     return {**rr_tool.summarize([t * 1000 for t in times], size=64, count=count),
             "lost": count - len(times), "interval_ms": SPARSE_INTERVAL_MS}
 

@@ -8,7 +8,15 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from benchmarks.report import GENERATOR_LIMITED_MARK, GROUP_LABELS, METRICS, REFERENCES, Metric, pairs_text
+from benchmarks.report import (
+    GENERATOR_LIMITED_MARK,
+    GROUP_LABELS,
+    METRICS,
+    REFERENCES,
+    Metric,
+    pairs_text,
+    turns_text,
+)
 
 
 # -- Markdown -------------------------------------------------------------------------------------------------
@@ -57,6 +65,8 @@ def markdown(results: dict, images: list[str]) -> str:
         lines += ["### Syscall counters cross-checked with strace", "", strace_text(strace), ""]
     if "p50_ratio" in (results.get("rtt_pairs") or {}):
         lines += ["### RTT of the fast path and the per-packet path, paired in one lab", "", pairs_text(results), ""]
+    if (results.get("sparse_turns") or {}).get("per_row"):
+        lines += ["### Sparse round trips, the rows taking turns in one lab", "", turns_text(results), ""]
     lines += ["### Notes", ""]
     lines += notes(results)
     unsupported = [(n, m.key, rows[n]["metrics"][m.key]["unsupported"]) for n in names for m in METRICS
@@ -286,6 +296,10 @@ def update_readme(readme: Path, results: dict, image_prefix: str) -> bool:
     if "p50_ratio" in (results.get("rtt_pairs") or {}):
         parts += ["RTT of the fast path and the per-packet path, paired (the table's RTT cells move ±10 % from lab "
                   "to lab, more than the two paths differ):", "", pairs_text(results), ""]
+    if (results.get("sparse_turns") or {}).get("per_row"):
+        parts += ["Sparse round trips (ping at 200 Hz), the rows taking turns in one lab (the table's sparse cells "
+                  "come from labs minutes apart, and this machine's round trips drift by more than the rows differ):",
+                  "", turns_text(results), ""]
     parts += ["¹ kernel rows: the whole machine's system + softirq + irq time (no process of their own), so not "
               "compared across kinds; ² all non-idle CPU, generators included; ³ not applicable, reasons in the "
               "full report; ⁴ segments per syscall on the data's way (daemon counters: sendmsg on the sending "

@@ -9,6 +9,7 @@ aggregate over repeats is ``{"median", "min", "max", "n", "values", ...}`` or ``
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from dataclasses import dataclass
@@ -324,7 +325,8 @@ def build_results(raw: dict, meta: dict) -> dict:
             }
     return {"meta": meta, "metrics": {m.key: {"label": m.label, "unit": m.unit, "better": m.better} for m in METRICS},
             "rows": rows, "ratios": ratios, "strace_check": raw.get("strace"), "calibration": raw.get("calibration"),
-            "rtt_pairs": summarize_pairs(raw.get("rtt_pairs") or []), "raw": raw["rows"]}
+            "rtt_pairs": summarize_pairs(raw.get("rtt_pairs") or []),
+            "sparse_turns": summarize_turns(raw.get("sparse_turns") or []), "raw": raw["rows"]}
 
 
 # -- paired RTT (benchmarks.pairs) ----------------------------------------------------------------------------
@@ -383,6 +385,108 @@ def pairs_text(results: dict) -> str:
     lines += ["", f"{a} ÷ {b}, pair by pair: RTT p50 **{r['median']:.3f}×** (95 % bootstrap interval "
               f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f}; not slower in {r['not_slower_share'] * 100:.0f} % of the pairs), "
               f"daemon CPU per round trip {c['median']:.3f}× ({c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})."]
+    if s["errors"]:
+        lines += ["", "Failed: " + "; ".join(s["errors"])]
+    return "\n".join(lines)
+
+
+# -- sparse round trips, the rows taking turns in one lab (benchmarks.turns) ---------------------------------
+TURNS_REFERENCE = "flanneld"  # the latency goals are set against flannel's own UDP backend
+TAIL_LIMIT = 2.0  # the goal: p99 ≤ 2× the path's own p50
+
+
+def _nearest_rank(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an already sorted list (as ``benchmarks.rr.percentile``)."""
+    return sorted_values[max(1, math.ceil(q * len(sorted_values))) - 1]
+
+
+def summarize_turns(labs: list[dict]) -> dict:
+    """Turns of the rows in one lab per repeat (``benchmarks.turns``) → per row: percentiles of every
+    round trip pooled over its turns, the medians of the per-turn p50 and p99, the daemons' CPU and
+    wake-ups per round trip; per round, each row's p50 and p99 ÷ flanneld's (the same round, the same
+    lab), with a bootstrap interval of the median ratio; and the latency goals checked."""
+    if not labs:
+        return {"unsupported": "no sparse turns in this run (--sparse-turns 0, or a row is missing)"}
+    names = labs[0]["rows"]
+    out: dict = {"rows": names, "labs": len(labs), "count": labs[0].get("count"),
+                 "errors": [lab["error"] for lab in labs if "error" in lab], "raw": labs, "per_row": {}}
+    turns = [(i, t) for i, lab in enumerate(labs) for t in lab["turns"]]
+    for name in names:
+        mine = [t for _, t in turns if t["row"] == name]
+        if not mine:
+            continue
+        pooled = sorted(x for t in mine for x in t["samples_us"])
+        per_turn = [sorted(t["samples_us"]) for t in mine]
+        cpu = [t["cpu_us_per_rt"] for t in mine if t["cpu_us_per_rt"] is not None]
+        wake = [t["wakeups_per_rt"] for t in mine if t["wakeups_per_rt"] is not None]
+        p50, p99 = _nearest_rank(pooled, 0.50), _nearest_rank(pooled, 0.99)
+        out["per_row"][name] = {
+            "turns": len(mine), "n": len(pooled), "lost": sum(t["lost"] for t in mine),
+            "p50_us": p50, "p90_us": _nearest_rank(pooled, 0.90), "p99_us": p99, "tail_ratio": p99 / p50,
+            "turn_p50_us": statistics.median(_nearest_rank(v, 0.50) for v in per_turn),
+            "turn_p99_us": statistics.median(_nearest_rank(v, 0.99) for v in per_turn),
+            "cpu_us_per_rt": statistics.median(cpu) if cpu else None,
+            "wakeups_per_rt": statistics.median(wake) if wake else None,
+        }
+    ref = TURNS_REFERENCE if TURNS_REFERENCE in out["per_row"] else None
+    out["reference"] = ref
+    if ref is None:
+        return {**out, "unsupported": f"{TURNS_REFERENCE} took no turn in this run"}
+    by_round: dict[tuple[int, int], dict[str, dict]] = {}
+    for i, t in turns:
+        by_round.setdefault((i, t["round"]), {})[t["row"]] = t
+    out["vs_reference"] = {}
+    for name in names:
+        if name == ref or name not in out["per_row"]:
+            continue
+        entry = {}
+        for key, q in (("p50_ratio", 0.50), ("p99_ratio", 0.99)):
+            ratios = [_nearest_rank(sorted(r[name]["samples_us"]), q) / _nearest_rank(sorted(r[ref]["samples_us"]), q)
+                      for r in by_round.values() if name in r and ref in r]
+            if ratios:
+                lo, hi = bootstrap_median_ci(ratios)
+                entry[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
+                              "not_slower_share": sum(x <= 1 for x in ratios) / len(ratios), "n": len(ratios)}
+        out["vs_reference"][name] = entry
+    r = out["per_row"]
+    out["goals"] = {name: {"p50_le_reference": r[name]["p50_us"] <= r[ref]["p50_us"],
+                           "p99_le_reference": r[name]["p99_us"] <= r[ref]["p99_us"],
+                           "p99_le_2x_p50": r[name]["tail_ratio"] <= TAIL_LIMIT}
+                    for name in names if name.startswith("udpflannel") and name in r}
+    return out
+
+
+def turns_text(results: dict) -> str:
+    s = results.get("sparse_turns") or {}
+    if "per_row" not in s or not s["per_row"]:
+        return f"Not measured: {s.get('unsupported', 'no sparse turns in this run')}"
+    rounds = max((t["round"] for lab in s["raw"] for t in lab["turns"]), default=-1) + 1
+    lines = [f"{s['labs']} lab(s), one per repeat; in each, {rounds} rounds in which every row takes a turn (the order "
+             f"rotates), each turn {s['count']} pings at 200 Hz from pod 1 to pod 2 after a fresh start of the row. "
+             "Percentiles of every round trip pooled over the turns; CPU and wake-ups are the daemons' on both "
+             "nodes, per round trip (medians over the turns):", "",
+             "| row | p50 | p90 | p99 | p99 ÷ p50 | median of the turns' p50 / p99 | CPU per round trip | wake-ups per round trip |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in s["per_row"].items():
+        cpu = "–" if r["cpu_us_per_rt"] is None else f"{r['cpu_us_per_rt']:.0f} µs"
+        wake = "–" if r["wakeups_per_rt"] is None else f"{r['wakeups_per_rt']:.1f}"
+        lines.append(f"| {name} | {r['p50_us']} µs | {r['p90_us']} µs | {r['p99_us']} µs | {r['tail_ratio']:.2f} | "
+                     f"{r['turn_p50_us']:.0f} / {r['turn_p99_us']:.0f} µs | {cpu} | {wake} |")
+    ref = s.get("reference")
+    if ref and s.get("vs_reference"):
+        lines += ["", f"Round by round against {ref} (same lab, same round): median ratio, 95 % bootstrap interval, "
+                  f"share of rounds not slower than {ref}:", ""]
+        for name, entry in s["vs_reference"].items():
+            parts = [f"{label} **{e['median']:.2f}×** ({e['ci95'][0]:.2f}–{e['ci95'][1]:.2f}; "
+                     f"{e['not_slower_share'] * 100:.0f} %)"
+                     for label, e in (("p50", entry.get("p50_ratio")), ("p99", entry.get("p99_ratio"))) if e]
+            lines.append(f"- {name}: " + ", ".join(parts))
+    if s.get("goals"):
+        mark = {True: "met", False: "**not met**"}
+        lines += ["", f"Latency goals (issue 21), pooled figures: p50 ≤ {ref}'s, p99 ≤ {ref}'s, p99 ≤ "
+                  f"{TAIL_LIMIT:g}× the row's own p50:", ""]
+        lines += [f"- {name}: {mark[g['p50_le_reference']]}, {mark[g['p99_le_reference']]}, {mark[g['p99_le_2x_p50']]}"
+                  for name, g in s["goals"].items()]
     if s["errors"]:
         lines += ["", "Failed: " + "; ".join(s["errors"])]
     return "\n".join(lines)

@@ -47,6 +47,7 @@ from benchmarks.topology import (
     build_nodes,
     wait_reachable,
 )
+from benchmarks.turns import take_turns, turn_rows
 from udpflannel.lab.netns import Lab
 
 OPEN_LABS: set[Lab] = set()
@@ -71,6 +72,8 @@ class Settings:
     sparse_count: int  # round trips of each sparse (200 Hz) measure
     rtt_pairs: int = 0  # per repeat: turns of the fast-path and per-packet rows in one lab (benchmarks.pairs)
     rtt_pair_count: int = 2000  # round trips per turn
+    sparse_rounds: int = 0  # per repeat: rounds of sparse-ping turns of the latency rows in one lab (benchmarks.turns)
+    sparse_turn_count: int = 1000  # pings per turn
     wait_idle: float = 0.0  # seconds to wait, before each lab, for the machine to be < QUIET busy
     peers_lab: bool = True  # also run PEERS_GROUPS, on a many-peers lab per row that can (Row.many_peers)
 
@@ -81,14 +84,16 @@ class Settings:
                 f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)"
                 + (f"; paired RTT: {self.rtt_pairs} pair(s) of turns per repeat, {self.rtt_pair_count} round trips each"
                    if self.rtt_pairs else "")
+                + (f"; sparse turns: {self.sparse_rounds} round(s) per repeat, {self.sparse_turn_count} pings each"
+                   if self.sparse_rounds else "")
                 + (f"; many peers: TCP 4 streams to each of {PEERS_LAB_NODES - 1} peers on a {PEERS_LAB_NODES}-node lab"
                    if self.peers_lab else "; no many-peers lab"))
 
 
 FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3, sparse_count=600,
-                rtt_pairs=10, rtt_pair_count=2000)
+                rtt_pairs=10, rtt_pair_count=2000, sparse_rounds=4, sparse_turn_count=1000)
 QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1, sparse_count=100,
-                 rtt_pairs=1, rtt_pair_count=400, peers_lab=False)
+                 rtt_pairs=1, rtt_pair_count=400, sparse_rounds=1, sparse_turn_count=200, peers_lab=False)
 NOT_IN_THIS_RUN = "not measured in this run (the many-peers lab is off: --quick without --many-peers)"
 NOT_FOR_THIS_ROW = f"this dataplane runs on the two-node lab only (no routes to {PEERS_LAB_NODES - 1} peers)"
 
@@ -317,9 +322,11 @@ def _strace(dp: Row, topo: Topology, s: Settings, progress: Progress) -> dict:
 def run_all(dataplanes: dict[str, Row], s: Settings, workdir: Path, progress: Progress) -> dict:
     raw: dict = {"rows": {name: {"kind": dp.kind, "description": dp.description, "has_counters": dp.has_counters,
                                  "runs": []} for name, dp in dataplanes.items()},
-                 "strace": None, "calibration": None, "rtt_pairs": []}
+                 "strace": None, "calibration": None, "rtt_pairs": [],
+                 "sparse_turns": []}
     names = list(dataplanes)
     paired = pair_rows(dataplanes) if s.rtt_pairs else None
+    turning = turn_rows(dataplanes) if s.sparse_rounds else None
     for rep in range(s.repeat):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
@@ -340,4 +347,10 @@ def run_all(dataplanes: dict[str, Row], s: Settings, workdir: Path, progress: Pr
             with fresh_lab(list(paired.values()), progress) as lab:
                 raw["rtt_pairs"].append(paired_rtt(paired, lab, s.rtt_pairs, s.rtt_pair_count, s.rr_max_seconds,
                                                    workdir=workdir / f"paired-r{rep + 1}", progress=progress))
+        if turning:
+            progress(f"repeat {rep + 1}/{s.repeat}: sparse turns, {', '.join(turning)}")
+            wait_for_quiet(s.wait_idle)
+            with fresh_lab(list(turning.values()), progress) as lab:
+                raw["sparse_turns"].append(take_turns(turning, lab, s.sparse_rounds, s.sparse_turn_count,
+                                                      workdir=workdir / f"turns-r{rep + 1}", progress=progress))
     return raw

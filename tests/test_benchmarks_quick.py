@@ -56,6 +56,10 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
         assert all(results["rows"][row]["metrics"][k]["median"] > 0 for k in ("rss_rest_mib", "rss_bulk_mib", "startup_s"))
     for ref in report.REFERENCES:
         assert "ratio" in results["ratios"]["udpflannel"][ref]["tcp1_gbps"]
+    turns = results["sparse_turns"]  # the latency rows taking turns in one lab, flanneld and VXLAN among them
+    assert set(turns["per_row"]) == {"udpflannel", "udpflannel --no-fast-path", "flanneld", "vxlan"}, turns.get("errors")
+    assert not turns["errors"] and set(turns["goals"]) == {"udpflannel", "udpflannel --no-fast-path"}
+    assert all(r["n"] > 0 and r["p50_us"] <= r["p99_us"] for r in turns["per_row"].values())
     for row in results["raw"].values():  # the congestion control iperf3 reports, not the host's default
         groups = row["runs"][0]["groups"]
         assert [groups[g]["congestion"] for g in ("tcp1", "tcp1_bbr", "tcp4")] == ["cubic", "bbr", "cubic"]
@@ -189,6 +193,41 @@ def test_paired_rtt_is_compared_pair_by_pair() -> None:
     assert s["cpu_ratio"]["median"] == pytest.approx(50 / 60)
     assert s["p50_us"] == {"A": pytest.approx((91 + 92) / 2), "B": pytest.approx((101 + 102) / 2)}
     assert "unsupported" in report.summarize_pairs([])
+
+
+def sparse_turn(row: str, rnd: int, samples: list[int], cpu: float | None) -> dict:
+    return {"row": row, "round": rnd, "samples_us": samples, "lost": 0, "cpu_us_per_rt": cpu,
+            "wakeups_per_rt": None if cpu is None else 3.0}
+
+
+def test_sparse_turns_pool_the_samples_and_check_the_goals_round_by_round() -> None:
+    # Round 1 is twice as slow as round 0 for every row (the host drifted): the round-by-round ratio
+    # to flanneld must not see it. udpflannel: 0.8× flanneld's p50, but a tail of 5× its own p50.
+    fast = [80] * 97 + [400] * 3
+    ref = [100] * 98 + [300] * 2
+    labs = [{"rows": ["udpflannel", "flanneld", "vxlan"], "count": 100,
+             "turns": [sparse_turn("udpflannel", 0, fast, 70.0), sparse_turn("flanneld", 0, ref, 90.0),
+                       sparse_turn("vxlan", 0, [20] * 100, None),
+                       sparse_turn("udpflannel", 1, [2 * x for x in fast], 140.0),
+                       sparse_turn("flanneld", 1, [2 * x for x in ref], 180.0)],
+             "error": "DataplaneError: vxlan's second turn failed"}]
+    s = report.summarize_turns(labs)
+    mine, theirs = s["per_row"]["udpflannel"], s["per_row"]["flanneld"]
+    assert (mine["n"], mine["turns"], mine["p50_us"], mine["p99_us"]) == (200, 2, 160, 800)  # pooled, nearest rank
+    assert mine["tail_ratio"] == pytest.approx(5.0) and mine["cpu_us_per_rt"] == pytest.approx(105.0)
+    assert (mine["turn_p50_us"], mine["turn_p99_us"]) == (120, 600)  # medians of (80, 160) and (400, 800)
+    assert (theirs["p50_us"], theirs["p99_us"]) == (200, 300)
+    assert s["per_row"]["vxlan"]["cpu_us_per_rt"] is None and s["errors"] == ["DataplaneError: vxlan's second turn failed"]
+    ratio = s["vs_reference"]["udpflannel"]["p50_ratio"]
+    assert (ratio["median"], ratio["n"], ratio["not_slower_share"]) == (pytest.approx(0.8), 2, 1.0)
+    assert s["vs_reference"]["vxlan"]["p50_ratio"]["n"] == 1  # only the round where both took a turn
+    assert s["goals"]["udpflannel"] == {"p50_le_reference": True, "p99_le_reference": False, "p99_le_2x_p50": False}
+    text = report.turns_text({"sparse_turns": s})
+    assert "| udpflannel | 160 µs |" in text and "**not met**" in text
+    assert "unsupported" in report.summarize_turns([])
+    no_ref = report.summarize_turns([{"rows": ["udpflannel"], "turns": [sparse_turn("udpflannel", 0, fast, 1.0)]}])
+    assert "flanneld took no turn" in no_ref["unsupported"] and no_ref["per_row"]["udpflannel"]["p50_us"] == 80
+    assert "Round by round" not in report.turns_text({"sparse_turns": no_ref})
 
 
 def test_bootstrap_interval_is_reproducible_and_covers_the_median() -> None:
