@@ -23,6 +23,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -413,13 +414,26 @@ def request_response(client: Netns, target: str, count: int, max_seconds: float,
 
 # -- sparse round trips: one packet every 5 ms, so every hop wakes up for each -----------------------------
 def ping_samples(client: Netns, target: str, count: int) -> list[int]:
-    """``ping -i 0.005``: ICMP echo at 200 Hz; every reply's round trip (µs), in the order received."""
+    """``ping -i 0.005``: ICMP echo at 200 Hz; every reply's round trip (µs), in the order received.
+
+    ping's output goes to a file, not a pipe: read through a pipe, every reply line would wake this
+    harness, a fifth process on the round trip's two vCPUs.
+    """
     interval = SPARSE_INTERVAL_MS / 1e3
-    proc = client.run("ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1", target,
-                      check=False, timeout=count * interval + 15)
-    times = [round(float(m) * 1000) for m in _PING_TIME.findall(proc.stdout)]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = client.popen(["ping", "-n", "-i", f"{interval:g}", "-c", str(count), "-W", "1", target],
+                            stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=count * interval + 15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise MeasureError(f"ping {target}: {count} pings did not finish within {count * interval + 15:.0f}s") from None
+        out.seek(0)
+        text = out.read()
+    times = [round(float(m) * 1000) for m in _PING_TIME.findall(text)]
     if not times:
-        raise MeasureError(f"ping {target}: no reply ({(proc.stderr or proc.stdout).strip()[-200:]})")
+        raise MeasureError(f"ping {target}: no reply ({text.strip()[-200:]})")
     return times
 
 
