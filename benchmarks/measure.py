@@ -102,6 +102,17 @@ def runtime_ns(pids: list[int]) -> int:
     return total
 
 
+def runqueue_ns(pids: list[int]) -> int:
+    """Time the live threads of ``pids`` have waited on a run queue, woken but not yet running, in ns
+    (``schedstat`` field 2): what a wake-up costs beyond the switch itself when the CPUs are busy."""
+    total = 0
+    for pid in pids:
+        for text in _thread_files(pid, "schedstat"):
+            fields = text.split()
+            total += int(fields[1]) if len(fields) > 1 else 0
+    return total
+
+
 def proc_ctxsw(pid: int) -> tuple[int, int]:
     """(voluntary, involuntary) context switches summed over the process's threads."""
     vol = invol = 0

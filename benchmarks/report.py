@@ -427,6 +427,9 @@ def summarize_turns(labs: list[dict]) -> dict:
             "turn_p99_us": statistics.median(_nearest_rank(v, 0.99) for v in per_turn),
             "cpu_us_per_rt": statistics.median(cpu) if cpu else None,
             "wakeups_per_rt": statistics.median(wake) if wake else None,
+            "nodes": {node: {key: statistics.median(t["nodes"][node][key] for t in mine if node in t.get("nodes", {}))
+                             for key in ("cpu_us", "runq_us", "wakeups")}
+                      for node in sorted({n for t in mine for n in t.get("nodes", {})})},
         }
     ref = TURNS_REFERENCE if TURNS_REFERENCE in out["per_row"] else None
     out["reference"] = ref
@@ -472,6 +475,14 @@ def turns_text(results: dict) -> str:
         wake = "–" if r["wakeups_per_rt"] is None else f"{r['wakeups_per_rt']:.1f}"
         lines.append(f"| {name} | {r['p50_us']} µs | {r['p90_us']} µs | {r['p99_us']} µs | {r['tail_ratio']:.2f} | "
                      f"{r['turn_p50_us']:.0f} / {r['turn_p99_us']:.0f} µs | {cpu} | {wake} |")
+    hops = [(name, node, v) for name, r in s["per_row"].items() for node, v in r.get("nodes", {}).items()]
+    if hops:
+        lines += ["", "Per node and round trip (node 1 sends the request and takes the reply, node 2 the other way): "
+                  "the daemon's CPU, its time woken but waiting for a CPU (schedstat's run-queue wait) and its "
+                  "wake-ups, medians over the turns:", "",
+                  "| row | node | CPU | waiting for a CPU | wake-ups |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {node} | {v['cpu_us']:.0f} µs | {v['runq_us']:.1f} µs | {v['wakeups']:.2f} |"
+                  for name, node, v in hops]
     ref = s.get("reference")
     if ref and s.get("vs_reference"):
         lines += ["", f"Round by round against {ref} (same lab, same round): median ratio, 95 % bootstrap interval, "

@@ -7,8 +7,9 @@ at p99. Here the rows share one lab and take turns, many times (the order rotate
 drift falls on every row alike: udpflannel's two paths, flanneld and kernel VXLAN side by side.
 
 Each turn starts the row, warms it with a few pings, then sends ``count`` pings at 200 Hz from pod 1
-to pod 2 and keeps every round trip (µs), the daemons' CPU (``/proc/<pid>/task/*/schedstat``) and
-their voluntary context switches. Pure summaries live in ``benchmarks.report``
+to pod 2 and keeps every round trip (µs), and per node the daemon's CPU and its time waiting on a
+run queue (``/proc/<pid>/task/*/schedstat``, fields 1 and 2) and its voluntary context switches:
+what each hop costs, and how long its wake-ups waited for a CPU. Pure summaries live in ``benchmarks.report``
 (:func:`~benchmarks.report.summarize_turns`); this module only measures.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from benchmarks.measure import MeasureError, ping_samples, proc_ctxsw, runtime_ns
+from benchmarks.measure import MeasureError, ping_samples, proc_ctxsw, runqueue_ns, runtime_ns
 from benchmarks.rows import KernelVxlan, Row
 from benchmarks.topology import (
     UNDERLAY_MTU,
@@ -64,8 +65,9 @@ def take_turns(rows: dict[str, Row], lab: Lab, rounds: int, count: int, *, workd
     """``rounds`` turns of every row in ``lab`` (fresh; the caller tears the rows down and closes it).
 
     Returns ``{"rows": names, "turns": [{"row", "round", "samples_us", "lost", "cpu_us_per_rt",
-    "wakeups_per_rt"}, ...]}`` (``cpu``/``wakeups`` are ``None`` for a kernel row), with ``"error"``
-    added if a turn failed (the turns before it are kept).
+    "wakeups_per_rt", "nodes": {"1": {"cpu_us", "runq_us", "wakeups"}, ...}}, ...]}`` (per round trip;
+    ``None`` and ``{}`` for a kernel row), with ``"error"`` added if a turn failed (the turns before it
+    are kept).
     """
     names = list(rows)
     out: dict = {"rows": names, "turns": [], "lab_tag": lab.tag, "count": count}
@@ -98,17 +100,26 @@ def take_turns(rows: dict[str, Row], lab: Lab, rounds: int, count: int, *, workd
 def _one_turn(dp: Row, topo: Topology, count: int) -> dict:
     client, target = topo.pods[1], str(topo.pods[2].address)
     ping_samples(client, target, WARM_PINGS)
-    pids = dp.pids()
-    cpu0 = runtime_ns(pids)
-    switches0 = sum(proc_ctxsw(pid)[0] for pid in pids)
+    nodes = {i: dp.node_pids(i) for i in topo.nodes}
+    before = {i: _node_reading(pids) for i, pids in nodes.items()}
     samples = ping_samples(client, target, count)
     if not samples:
         raise MeasureError(f"{dp.name}: no ping reply in a turn of {count}")
-    turn: dict = {"samples_us": samples, "lost": count - len(samples), "cpu_us_per_rt": None, "wakeups_per_rt": None}
-    if pids:
-        turn["cpu_us_per_rt"] = round((runtime_ns(pids) - cpu0) / len(samples) / 1e3, 1)
-        turn["wakeups_per_rt"] = round((sum(proc_ctxsw(pid)[0] for pid in pids) - switches0) / len(samples), 2)
+    turn: dict = {"samples_us": samples, "lost": count - len(samples), "cpu_us_per_rt": None, "wakeups_per_rt": None,
+                  "nodes": {}}
+    if any(nodes.values()):
+        per_rt = {i: [(b - a) / len(samples) for a, b in zip(before[i], _node_reading(nodes[i]), strict=True)]
+                  for i in nodes}
+        turn["nodes"] = {str(i): {"cpu_us": round(cpu / 1e3, 1), "runq_us": round(runq / 1e3, 1),
+                                  "wakeups": round(wakeups, 2)} for i, (cpu, runq, wakeups) in per_rt.items()}
+        turn["cpu_us_per_rt"] = round(sum(n["cpu_us"] for n in turn["nodes"].values()), 1)
+        turn["wakeups_per_rt"] = round(sum(n["wakeups"] for n in turn["nodes"].values()), 2)
     return turn
+
+
+def _node_reading(pids: list[int]) -> tuple[int, int, int]:
+    """A node's daemon: (ns run, ns waited for a CPU, voluntary switches)."""
+    return runtime_ns(pids), runqueue_ns(pids), sum(proc_ctxsw(pid)[0] for pid in pids)
 
 
 def _median_p50(turns: list[dict], name: str) -> float:

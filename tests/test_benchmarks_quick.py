@@ -60,6 +60,7 @@ def test_quick_run_fills_every_metric_and_cleans_up(tmp_path: Path, root_lab_too
     assert set(turns["per_row"]) == {"udpflannel", "udpflannel --no-fast-path", "flanneld", "vxlan"}, turns.get("errors")
     assert not turns["errors"] and set(turns["goals"]) == {"udpflannel", "udpflannel --no-fast-path"}
     assert all(r["n"] > 0 and r["p50_us"] <= r["p99_us"] for r in turns["per_row"].values())
+    assert set(turns["per_row"]["flanneld"]["nodes"]) == {"1", "2"} and not turns["per_row"]["vxlan"]["nodes"]
     for row in results["raw"].values():  # the congestion control iperf3 reports, not the host's default
         groups = row["runs"][0]["groups"]
         assert [groups[g]["congestion"] for g in ("tcp1", "tcp1_bbr", "tcp4")] == ["cubic", "bbr", "cubic"]
@@ -196,8 +197,10 @@ def test_paired_rtt_is_compared_pair_by_pair() -> None:
 
 
 def sparse_turn(row: str, rnd: int, samples: list[int], cpu: float | None) -> dict:
+    nodes = {} if cpu is None else {"1": {"cpu_us": cpu * 0.6, "runq_us": 10.0 + rnd, "wakeups": 2.0},
+                                    "2": {"cpu_us": cpu * 0.4, "runq_us": 4.0, "wakeups": 1.0}}
     return {"row": row, "round": rnd, "samples_us": samples, "lost": 0, "cpu_us_per_rt": cpu,
-            "wakeups_per_rt": None if cpu is None else 3.0}
+            "wakeups_per_rt": None if cpu is None else 3.0, "nodes": nodes}
 
 
 def test_sparse_turns_pool_the_samples_and_check_the_goals_round_by_round() -> None:
@@ -217,6 +220,7 @@ def test_sparse_turns_pool_the_samples_and_check_the_goals_round_by_round() -> N
     assert mine["tail_ratio"] == pytest.approx(5.0) and mine["cpu_us_per_rt"] == pytest.approx(105.0)
     assert (mine["turn_p50_us"], mine["turn_p99_us"]) == (120, 600)  # medians of (80, 160) and (400, 800)
     assert (theirs["p50_us"], theirs["p99_us"]) == (200, 300)
+    assert mine["nodes"]["1"] == {"cpu_us": pytest.approx(63.0), "runq_us": pytest.approx(10.5), "wakeups": 2.0}
     assert s["per_row"]["vxlan"]["cpu_us_per_rt"] is None and s["errors"] == ["DataplaneError: vxlan's second turn failed"]
     ratio = s["vs_reference"]["udpflannel"]["p50_ratio"]
     assert (ratio["median"], ratio["n"], ratio["not_slower_share"]) == (pytest.approx(0.8), 2, 1.0)
@@ -224,6 +228,7 @@ def test_sparse_turns_pool_the_samples_and_check_the_goals_round_by_round() -> N
     assert s["goals"]["udpflannel"] == {"p50_le_reference": True, "p99_le_reference": False, "p99_le_2x_p50": False}
     text = report.turns_text({"sparse_turns": s})
     assert "| udpflannel | 160 µs |" in text and "**not met**" in text
+    assert "| udpflannel | 1 | 63 µs | 10.5 µs | 2.00 |" in text and "| vxlan | 1 |" not in text
     assert "unsupported" in report.summarize_turns([])
     no_ref = report.summarize_turns([{"rows": ["udpflannel"], "turns": [sparse_turn("udpflannel", 0, fast, 1.0)]}])
     assert "flanneld took no turn" in no_ref["unsupported"] and no_ref["per_row"]["udpflannel"]["p50_us"] == 80
