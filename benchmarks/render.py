@@ -4,6 +4,7 @@ tables and notes), PNG plots, ``results.json``, and the latest-results block of 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import textwrap
 from pathlib import Path
@@ -268,11 +269,20 @@ def plot(results: dict, out_dir: Path) -> list[str]:
 
 
 # -- writing --------------------------------------------------------------------------------------------------
+_NUMBER_LIST = re.compile(r"\[\n[ ]*(-?[0-9.eE+-]+(?:,\n[ ]*-?[0-9.eE+-]+)*)\n[ ]*\]")
+
+
+def compact_number_lists(text: str) -> str:
+    """Indented JSON with every list of plain numbers on one line: the sparse turns keep every round
+    trip, and one number per line would more than double the file for nothing a reader wants."""
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",\n")) + "]", text)
+
+
 def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = plot(results, out_dir)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    json_path.write_text(compact_number_lists(json.dumps(results, indent=1, default=str)) + "\n")
     md_path = out_dir / "results.md"
     md_path.write_text(markdown(results, images))
     return {"json": json_path, "md": md_path, **{Path(i).stem: out_dir / i for i in images}}

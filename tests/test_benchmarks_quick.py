@@ -235,6 +235,15 @@ def test_sparse_turns_pool_the_samples_and_check_the_goals_round_by_round() -> N
     assert "Round by round" not in report.turns_text({"sparse_turns": no_ref})
 
 
+def test_results_json_puts_number_lists_on_one_line_and_keeps_every_value() -> None:
+    data = {"samples_us": [80, 95, 1200], "ratio": [1.5, -2e-05, 7], "names": ["a", "b"], "empty": [],
+            "nested": [[1, 2], [3]], "turns": [{"n": 1}], "flags": [True, None]}
+    text = render.compact_number_lists(json.dumps(data, indent=1))
+    assert json.loads(text) == data
+    assert '"samples_us": [80, 95, 1200]' in text and '"ratio": [1.5, -2e-05, 7]' in text and "[1, 2]" in text
+    assert '"names": [\n' in text and '"flags": [\n' in text  # only lists of plain numbers are folded
+
+
 def test_bootstrap_interval_is_reproducible_and_covers_the_median() -> None:
     values = [1.0, 0.9, 1.1, 0.95, 1.05, 0.97, 1.2, 0.85]
     ci = report.bootstrap_median_ci(values)
