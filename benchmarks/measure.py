@@ -104,7 +104,8 @@ def runtime_ns(pids: list[int]) -> int:
 
 def runqueue_ns(pids: list[int]) -> int:
     """Time the live threads of ``pids`` have waited on a run queue, woken but not yet running, in ns
-    (``schedstat`` field 2): what a wake-up costs beyond the switch itself when the CPUs are busy."""
+    (``schedstat`` field 2): a wake-up's wait for its CPU, busy with another task or, on a VM, a halted
+    vCPU coming back (docs/latency.md)."""
     total = 0
     for pid in pids:
         for text in _thread_files(pid, "schedstat"):
