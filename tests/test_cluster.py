@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Pinger, logged_at, ping, tcp_transfer, unused_subnet, wait_for
+from tun.configure import TX_QUEUE
 from udpflannel.lab.cluster import PREFIX, Cluster
 from udpflannel.lab.netns import Lab
 
@@ -126,6 +127,19 @@ def http_get(cluster: Cluster, index: int, path: str) -> tuple[int, str]:
     )
     status, _, body = cluster.nodes[index].node.run(sys.executable, "-c", code).stdout.strip().partition(" ")
     return int(status), body
+
+
+def test_flannel0_has_flanneld_address_mtu_and_route_and_a_1000_packet_queue(cluster: Cluster):
+    start(cluster, 1, pods=False)
+    node = cluster.nodes[1].node
+    env = cluster.nodes[1].env()
+    link = json.loads(node.ip("-j", "addr", "show", "flannel0").stdout)[0]
+    eth0 = json.loads(node.ip("-j", "link", "show", "eth0").stdout)[0]
+    subnet = env["FLANNEL_SUBNET"].rsplit(".", 1)[0] + ".0"
+    assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] == [(subnet, 32)]
+    assert link["mtu"] == eth0["mtu"] - 28 == int(env["FLANNEL_MTU"])
+    assert link["txqlen"] == TX_QUEUE == 1000  # room for the pods' bursts while the daemon is away
+    assert f"{env['FLANNEL_NETWORK']} dev flannel0" in node.ip("route", "show").stdout
 
 
 def test_sigterm_stops_within_2s_and_removes_the_tun(cluster: Cluster):

@@ -60,8 +60,30 @@ def peer_rx(st: dict, public_ip: str) -> int:
     return next(p["rx_packets"] for p in st["peers"] if p["public_ip"] == public_ip)
 
 
-def drops(st: dict) -> Counter:
-    return Counter(st["counters"]["drops"]["udp_to_tun"])
+def drops(st: dict, direction: str = "udp_to_tun") -> Counter:
+    return Counter(st["counters"]["drops"][direction])
+
+
+def losses(before: dict, after: dict) -> dict[str, int]:
+    """What a node's daemon counted as not passed on, between two statuses: drops by direction and
+    reason, failed sends and TUN writes, GRO rows refused."""
+    c0, c1 = before["counters"], after["counters"]
+    out = {f"{d} {reason}": n for d in ("tun_to_udp", "udp_to_tun")
+           for reason, n in (Counter(c1["drops"][d]) - Counter(c0["drops"][d])).items()}
+    out |= {k: c1[k] - c0[k] for k in ("send_errors", "tun_write_errors", "gro_refused") if c1.get(k, 0) != c0.get(k, 0)}
+    return out
+
+
+def queue_drops(on: Cluster) -> dict[str, int]:
+    """Packets the kernel dropped on each node's and pod's devices, by way (a full TUN queue: tx)."""
+    out = {}
+    for i, n in on.nodes.items():
+        for where, ns in (("node", n.node), ("pod", n.pod)):
+            for link in json.loads(ns.ip("-s", "-j", "link", "show").stdout):
+                stats = link.get("stats64", {})
+                for way in ("tx", "rx"):
+                    out[f"{where} {i} {link['ifname']} {way}"] = stats.get(way, {}).get("dropped", 0)
+    return out
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -97,8 +119,9 @@ def test_forged_datagrams_are_all_counted_and_nothing_malformed_reaches_the_pod(
     assert capture.stdout.readline().strip() == "listening"
     assert forge.stdout.readline().strip() == "ready", "the forging tool failed before sending"
 
-    before = {i: status(cluster, i) for i in (1, 2)}
-    snmp_before = nodes[1].node.snmp()
+    before = {i: status(cluster, i) for i in (1, 2, 3)}
+    snmp_before = {i: nodes[i].node.snmp() for i in (1, 3)}
+    queues_before = queue_drops(cluster)
     pinger = WatchedPinger(pod3, str(pod1.address), interval=0.01)
     wait_for(pinger.replied, timeout=5, what="the first ping reply")
     forge.stdin.write("go\n")
@@ -112,12 +135,13 @@ def test_forged_datagrams_are_all_counted_and_nothing_malformed_reaches_the_pod(
     capture.stdin.flush()
     seen = json.loads(capture.communicate(timeout=60)[0])
     pinger.stop()
-    after = {i: status(cluster, i) for i in (1, 2)}
-    snmp_after = nodes[1].node.snmp()
+    after = {i: status(cluster, i) for i in (1, 2, 3)}
+    snmp_after = {i: nodes[i].node.snmp() for i in (1, 3)}
+    queues = {k: v - queues_before.get(k, 0) for k, v in queue_drops(cluster).items() if v - queues_before.get(k, 0)}
 
     dropped = drops(after[1]) - drops(before[1])
     accepted = peer_rx(after[1], spoofed) - peer_rx(before[1], spoofed)
-    kernel = {k: snmp_after[k] - snmp_before[k] for k in ("UdpRcvbufErrors", "UdpInErrors", "UdpInCsumErrors")}
+    kernel = {k: snmp_after[1][k] - snmp_before[1][k] for k in ("UdpRcvbufErrors", "UdpInErrors", "UdpInCsumErrors")}
     figures = table(mode, report, dropped, accepted, seen) + (
         f"\nmeanwhile pod 3 -> pod 1: {len(transfers)} TCP transfers of {TRANSFER >> 20} MiB, "
         f"{sum(a == b for a, b in transfers)} with equal SHA-256; a ping every 10 ms, {len(pinger.replies)} "
@@ -149,7 +173,10 @@ def test_forged_datagrams_are_all_counted_and_nothing_malformed_reaches_the_pod(
         uso = "tun uso on" in nodes[1].log()  # UDP super-packets only where the TUN takes them (Linux ≥ 6.2)
         assert merged == {"gso_type 1 needs_csum"} | ({"gso_type 5 needs_csum"} if uso else set()), seen["units"]
     # pod-to-pod traffic kept flowing
-    assert pinger.lost == 0, pinger.output[-2000:]
+    node3_udp = {k: snmp_after[3][k] - snmp_before[3][k] for k in ("UdpRcvbufErrors", "UdpInErrors")}
+    assert pinger.lost == 0, (f"the kernel's drops on the devices: {queues}, node 3's UDP: {node3_udp}; "
+                              f"node 1's daemon: {losses(before[1], after[1])}, node 3's: {losses(before[3], after[3])}\n"
+                              + pinger.output[-1000:])
     stamps = [t for t, _ in pinger.replies]
     assert stamps[0] < report["started"] and stamps[-1] > report["finished"]
     assert transfers and all(sent == received for sent, received in transfers)
