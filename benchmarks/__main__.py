@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         repeat=args.repeat or base.repeat, tcp_seconds=args.seconds or base.tcp_seconds, omit=base.omit,
         udp_seconds=args.seconds or base.udp_seconds, rr_count=base.rr_count, rr_max_seconds=base.rr_max_seconds,
-        strace_seconds=base.strace_seconds, sparse_count=base.sparse_count, wait_idle=args.wait_idle,
+        strace_seconds=base.strace_seconds, sparse_count=base.sparse_count, idle_seconds=base.idle_seconds,
+        wait_idle=args.wait_idle,
         rtt_pairs=base.rtt_pairs if args.rtt_pairs is None else args.rtt_pairs, rtt_pair_count=base.rtt_pair_count,
         sparse_rounds=base.sparse_rounds if args.sparse_rounds is None else args.sparse_rounds,
         sparse_turn_count=base.sparse_turn_count,

@@ -183,6 +183,9 @@ def notes(results: dict) -> list[str]:
         "threads on both nodes (/proc/<pid>/task/*/schedstat, exact) over the replies; a round trip crosses "
         "each node's daemon twice, so it holds four passes. Wake-ups per round trip: the same threads' "
         "voluntary context switches (each pass that finds the daemon asleep costs one). See docs/latency.md.",
+        "- Daemon CPU with no traffic: the last group of each repeat starts the daemons afresh, lets the pods "
+        "ping once through them, then sends nothing for a while (10 s in a full run); the daemons' run time "
+        "(schedstat) over that window, per daemon, as a share of one CPU.",
         "- ⁴ Segments per syscall, from each node's daemon counters, on the data's way: per sendmsg on the "
         "sending node (UDP_SEGMENT batches), per TUN write on the receiving node(s) (merged super-packets); the "
         "table of per-packet costs has both directions (data, and the ACKs coming back) and the reads too. "

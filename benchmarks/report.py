@@ -44,6 +44,8 @@ METRICS = (
            same_measure_for_kernel=False),
     Metric("ping200_wakeups", "Daemon wake-ups per sparse ping round trip (voluntary switches)", "", "lower", 1,
            same_measure_for_kernel=False),
+    Metric("idle_cpu_pct", "Daemon CPU with no traffic, per daemon (share of one CPU)", "%", "lower", 3,
+           same_measure_for_kernel=False),
     Metric("udp64_kpps", "UDP 64 B forwarding rate", "kpps", "higher", 0),
     Metric("udp1400_kpps", "UDP 1400 B forwarding rate", "kpps", "higher", 0),
     Metric("cpu_s_per_gb", "Dataplane CPU per GB (TCP 1 stream)¹", "CPU-s/GB", "lower", 2, same_measure_for_kernel=False),
@@ -182,6 +184,17 @@ def metrics_from_run(kind: str, has_counters: bool, run: dict) -> dict[str, dict
 
     put("ping200_cpu_us", per_round_trip("cpu"))
     put("ping200_wakeups", per_round_trip("wakeups"))
+
+    def idle():
+        g = _group(run, "idle")
+        if kind == "kernel":
+            return {"unsupported": NO_PROCESS}
+        w = g["window"]
+        if w["dataplane_run_us"] is None or not w["seconds"]:
+            raise LookupError("idle: no dataplane process to account for")
+        return _value(w["dataplane_run_us"] / 1e6 / w["seconds"] / 2 * 100, seconds=w["seconds"])  # two daemons
+
+    put("idle_cpu_pct", idle)
     for size in (64, 1400):
         def pps(size=size):
             g = _group(run, f"udp{size}")

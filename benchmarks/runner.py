@@ -55,7 +55,8 @@ OPEN_LABS: set[Lab] = set()
 LAB_PREFIX = "ufbench"
 QUIET = 0.15  # fraction of the machine's CPU that other work may use before a lab without a warning
 # tcp1_bbr: the 1-stream test again, with BBR; ping200/udprr200: sparse round trips, one packet every 5 ms
-GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "tcp8", "rr", "ping200", "udprr200", "udp64", "udp1400")
+# idle: no traffic at all for a while, the daemons' own CPU (timers, polling) measured alone
+GROUPS = ("tcp1", "tcp1_bbr", "tcp4", "tcp8", "rr", "ping200", "udprr200", "udp64", "udp1400", "idle")
 # On the many-peers lab (a lab of its own, PEERS_LAB_NODES nodes): 4 TCP streams from pod 1 to each other pod
 PEERS_GROUPS = ("tcp4x3",)
 
@@ -70,6 +71,7 @@ class Settings:
     rr_max_seconds: float
     strace_seconds: int
     sparse_count: int  # round trips of each sparse (200 Hz) measure
+    idle_seconds: float = 10.0  # the idle group: seconds without traffic
     rtt_pairs: int = 0  # per repeat: turns of the fast-path and per-packet rows in one lab (benchmarks.pairs)
     rtt_pair_count: int = 2000  # round trips per turn
     sparse_rounds: int = 0  # per repeat: rounds of sparse-ping turns of the latency rows in one lab (benchmarks.turns)
@@ -80,7 +82,8 @@ class Settings:
     def describe(self) -> str:
         return (f"{self.repeat} repeat(s); iperf3 TCP {self.tcp_seconds} s (+{self.omit} s omitted), UDP {self.udp_seconds} s; "
                 f"up to {self.rr_count} request/response round trips (≤ {self.rr_max_seconds:g} s); "
-                f"sparse round trips at 200 Hz: {self.sparse_count} pings and {self.sparse_count} UDP requests; TCP congestion "
+                f"sparse round trips at 200 Hz: {self.sparse_count} pings and {self.sparse_count} UDP requests; "
+                f"{self.idle_seconds:g} s without traffic; TCP congestion "
                 f"control {CONGESTION} (and {ALT_CONGESTION} for one more 1-stream test)"
                 + (f"; paired RTT: {self.rtt_pairs} pair(s) of turns per repeat, {self.rtt_pair_count} round trips each"
                    if self.rtt_pairs else "")
@@ -91,8 +94,10 @@ class Settings:
 
 
 FULL = Settings(repeat=3, tcp_seconds=5, omit=1, udp_seconds=4, rr_count=5000, rr_max_seconds=6, strace_seconds=3, sparse_count=600,
+                idle_seconds=10,
                 rtt_pairs=10, rtt_pair_count=2000, sparse_rounds=4, sparse_turn_count=1000)
 QUICK = Settings(repeat=1, tcp_seconds=1, omit=0, udp_seconds=1, rr_count=400, rr_max_seconds=1.5, strace_seconds=1, sparse_count=100,
+                 idle_seconds=2,
                  rtt_pairs=1, rtt_pair_count=400, sparse_rounds=1, sparse_turn_count=200, peers_lab=False)
 NOT_IN_THIS_RUN = "not measured in this run (the many-peers lab is off: --quick without --many-peers)"
 NOT_FOR_THIS_ROW = f"this dataplane runs on the two-node lab only (no routes to {PEERS_LAB_NODES - 1} peers)"
@@ -129,6 +134,9 @@ def run_group(name: str, topo: Topology, s: Settings) -> dict:
         return sparse_udp_rr(topo.pods[1], str(topo.pods[2].address), s.sparse_count)
     if name.startswith("udp"):
         return udp_flood(topo, int(name[3:]), s.udp_seconds)
+    if name == "idle":
+        time.sleep(s.idle_seconds)  # the window around it reads the daemons' CPU (schedstat)
+        return {"idle_s": s.idle_seconds}
     raise ValueError(name)
 
 
@@ -142,6 +150,11 @@ def summary(name: str, result: dict) -> str:
     if name in ("ping200", "udprr200"):
         return (f"p50 {result['p50_us']:.0f} µs, p99 {result['p99_us']:.0f} µs ({result['n']} round trips at 200 Hz,"
                 f" {result['lost']} lost)")
+    if name == "idle":
+        run_us = result["window"].get("dataplane_run_us")
+        if run_us is None:
+            return "no process of its own"
+        return f"both daemons together {run_us / 1e4 / result['window']['seconds']:.3f} % of one CPU over {result['window']['seconds']:.1f} s"
     limited = ", generator-limited" if result["generator_limited"] else ""
     return (f"{result['delivered_pps'] / 1e3:.0f} kpps delivered of {result['offered_pps'] / 1e3:.0f} kpps offered"
             f" (generator CPU {result['generator_cpu_pct'] or 0:.0f}%{limited})")
