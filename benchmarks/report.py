@@ -9,10 +9,11 @@ aggregate over repeats is ``{"median", "min", "max", "n", "values", ...}`` or ``
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 from dataclasses import dataclass
+
+from benchmarks.rr import percentile
 
 REFERENCES = ("vxlan", "host-gw")
 GENERATOR_LIMITED_MARK = "≥"
@@ -408,36 +409,32 @@ TURNS_REFERENCE = "flanneld"  # the latency goals are set against flannel's own 
 TAIL_LIMIT = 2.0  # the goal: p99 ≤ 2× the path's own p50
 
 
-def _nearest_rank(sorted_values: list[int], q: float) -> int:
-    """Nearest-rank percentile of an already sorted list (as ``benchmarks.rr.percentile``)."""
-    return sorted_values[max(1, math.ceil(q * len(sorted_values))) - 1]
-
-
 def summarize_turns(labs: list[dict]) -> dict:
     """Turns of the rows in one lab per repeat (``benchmarks.turns``) → per row: percentiles of every
     round trip pooled over its turns, the medians of the per-turn p50 and p99, the daemons' CPU and
     wake-ups per round trip; per round, each row's p50 and p99 ÷ flanneld's (the same round, the same
     lab), with a bootstrap interval of the median ratio; and the latency goals checked."""
     if not labs:
-        return {"unsupported": "no sparse turns in this run (--sparse-turns 0, or a row is missing)"}
+        return {"unsupported": "no sparse turns in this run (--sparse-rounds 0, or a row is missing)"}
     names = labs[0]["rows"]
     out: dict = {"rows": names, "labs": len(labs), "count": labs[0].get("count"),
                  "errors": [lab["error"] for lab in labs if "error" in lab], "raw": labs, "per_row": {}}
     turns = [(i, t) for i, lab in enumerate(labs) for t in lab["turns"]]
+    ranked = {id(t): sorted(t["samples_us"]) for _, t in turns}  # each turn's round trips, sorted once
     for name in names:
         mine = [t for _, t in turns if t["row"] == name]
         if not mine:
             continue
         pooled = sorted(x for t in mine for x in t["samples_us"])
-        per_turn = [sorted(t["samples_us"]) for t in mine]
+        per_turn = [ranked[id(t)] for t in mine]
         cpu = [t["cpu_us_per_rt"] for t in mine if t["cpu_us_per_rt"] is not None]
         wake = [t["wakeups_per_rt"] for t in mine if t["wakeups_per_rt"] is not None]
-        p50, p99 = _nearest_rank(pooled, 0.50), _nearest_rank(pooled, 0.99)
+        p50, p99 = percentile(pooled, 0.50), percentile(pooled, 0.99)
         out["per_row"][name] = {
             "turns": len(mine), "n": len(pooled), "lost": sum(t["lost"] for t in mine),
-            "p50_us": p50, "p90_us": _nearest_rank(pooled, 0.90), "p99_us": p99, "tail_ratio": p99 / p50,
-            "turn_p50_us": statistics.median(_nearest_rank(v, 0.50) for v in per_turn),
-            "turn_p99_us": statistics.median(_nearest_rank(v, 0.99) for v in per_turn),
+            "p50_us": p50, "p90_us": percentile(pooled, 0.90), "p99_us": p99, "tail_ratio": p99 / p50,
+            "turn_p50_us": statistics.median(percentile(v, 0.50) for v in per_turn),
+            "turn_p99_us": statistics.median(percentile(v, 0.99) for v in per_turn),
             "cpu_us_per_rt": statistics.median(cpu) if cpu else None,
             "wakeups_per_rt": statistics.median(wake) if wake else None,
             "nodes": {node: {key: statistics.median(t["nodes"][node][key] for t in mine if node in t.get("nodes", {}))
@@ -457,7 +454,7 @@ def summarize_turns(labs: list[dict]) -> dict:
             continue
         entry = {}
         for key, q in (("p50_ratio", 0.50), ("p99_ratio", 0.99)):
-            ratios = [_nearest_rank(sorted(r[name]["samples_us"]), q) / _nearest_rank(sorted(r[ref]["samples_us"]), q)
+            ratios = [percentile(ranked[id(r[name])], q) / percentile(ranked[id(r[ref])], q)
                       for r in by_round.values() if name in r and ref in r]
             if ratios:
                 lo, hi = bootstrap_median_ci(ratios)

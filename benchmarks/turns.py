@@ -15,12 +15,14 @@ what each hop costs, and how long its wake-ups waited for a CPU. Pure summaries 
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 from pathlib import Path
 
 from benchmarks.measure import MeasureError, ping_samples, proc_ctxsw, runqueue_ns, runtime_ns
 from benchmarks.processes import NO_FAST_PATH, Flanneld, UdpflannelStatic
 from benchmarks.rows import KernelVxlan, Row
+from benchmarks.rr import percentile
 from benchmarks.topology import (
     UNDERLAY_MTU,
     VXLAN_OVERHEAD,
@@ -122,8 +124,8 @@ def _node_reading(pids: list[int]) -> tuple[int, int, int]:
 
 
 def _median_p50(turns: list[dict], name: str) -> float:
-    p50s = sorted(sorted(t["samples_us"])[len(t["samples_us"]) // 2] for t in turns if t["row"] == name)
-    return p50s[len(p50s) // 2] if p50s else float("nan")
+    p50s = [percentile(sorted(t["samples_us"]), 0.5) for t in turns if t["row"] == name]
+    return statistics.median(p50s) if p50s else float("nan")
 
 
 def turn_rows(dataplanes: dict[str, Row]) -> dict[str, Row] | None:
