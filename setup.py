@@ -8,9 +8,9 @@ Both are *optional*: where no C compiler or Python headers are found the install
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "tun._gso_c", ["tun/_gso_c.c"], depends=["tun/_netorder.h"], optional=True,
+    "tun._gso_c", ["tun/_gso_c.c"], depends=["tun/_csum.h", "tun/_netorder.h"], optional=True,
     # -O3: GCC vectorizes the checksum loop only there (Debian's Python builds extensions with -O2)
     extra_compile_args=["-O3"],
 ), Extension(
-    "udpflannel._lone", ["udpflannel/_lone.c"], depends=["tun/_netorder.h"], optional=True,
+    "udpflannel._lone", ["udpflannel/_lone.c"], depends=["tun/_csum.h", "tun/_netorder.h"], optional=True,
 )])

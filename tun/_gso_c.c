@@ -8,8 +8,9 @@
  * Safety: nothing here trusts a length or an offset. Every row, packet, template and table is checked
  * against the real length of its buffer before the first byte is read or written (hostile arguments
  * raise ValueError and leave the buffers as they were); buffers are held (exported) for the whole
- * call, so a bytearray cannot be resized under us. Bytes are read and written one at a time in
- * network order: no unaligned loads, no byte-order or architecture assumptions.
+ * call, so a bytearray cannot be resized under us. Header fields are read and written one byte at a
+ * time in network order, sums taken over native words (tun/_csum.h): no unaligned loads, no
+ * architecture assumptions.
  *
  * Sums are one's complement sums taken mod 0xFFFF (2**16 = 1 mod 0xFFFF), as in tun/gso_numpy.py.
  */
@@ -18,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_csum.h"
 #include "_netorder.h"
 
 #define PROTO_TCP 6
@@ -28,28 +30,6 @@
 #define MAX_HEADERS 120 /* IPv4 header (<= 60) + TCP header (<= 60) */
 #define MAX_LENGTH 0xFFFF /* an IPv4 total length */
 #define ON_STACK 256 /* rows or packets described without a heap allocation */
-
-/* Sum of p[0..n) as big-endian 16-bit words (an odd last byte is the high half of a zero-padded
- * word), not folded. Even and odd bytes in two 32-bit sums per 64 KB block (< 2**24 each), which the
- * compiler turns into vector code where the target has it. */
-static uint64_t be_sum(const uint8_t *p, Py_ssize_t n)
-{
-    uint64_t total = 0;
-    while (n > 1) {
-        Py_ssize_t block = n < 0x10000 ? n & ~(Py_ssize_t)1 : 0x10000;
-        uint32_t high = 0, low = 0;
-        for (Py_ssize_t k = 0; k < block; k += 2) {
-            high += p[k];
-            low += p[k + 1];
-        }
-        total += ((uint64_t)high << 8) + low;
-        p += block;
-        n -= block;
-    }
-    if (n == 1)
-        total += (uint64_t)p[0] << 8;
-    return total;
-}
 
 /* An integer argument as a long long; ValueError (not OverflowError) when it does not fit. */
 static int as_int(PyObject *obj, long long *out, const char *what)

@@ -16,8 +16,9 @@
  * into sorted arrays (:class:`Routes`, one per prefix length, longest first: a binary search per
  * length) each time the RouteTable's ``version`` changes.
  *
- * Byte order: packet fields are read one byte at a time in network order; the virtio_net_hdr's u16s
- * are in the host's order (the TUN's legacy virtio order), read through memcpy. No unaligned loads,
+ * Byte order: packet fields are read one byte at a time in network order, checksums summed over native
+ * words and swapped once (tun/_csum.h); the virtio_net_hdr's u16s are in the host's order (the TUN's
+ * legacy virtio order), read through memcpy. No unaligned loads,
  * nothing architecture-specific. Every syscall here is non-blocking, so the GIL is kept.
  */
 #define PY_SSIZE_T_CLEAN
@@ -30,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../tun/_csum.h"
 #include "../tun/_netorder.h"
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -49,19 +51,6 @@ static inline unsigned host16(const uint8_t *p)
     uint16_t v;
     memcpy(&v, p, 2);
     return v;
-}
-
-/* Sum of p[0..n) as big-endian 16-bit words (an odd last byte is the high half of a zero-padded word),
- * not folded: at most 64 KB here, so it fits with room to spare. */
-static uint64_t be_sum(const uint8_t *p, Py_ssize_t n)
-{
-    uint64_t total = 0;
-    Py_ssize_t k = 0;
-    for (; k + 1 < n; k += 2)
-        total += get16(p + k);
-    if (k < n)
-        total += (uint64_t)p[k] << 8;
-    return total;
 }
 
 /* ---------------------------------------------------------------------------------------------------
