@@ -113,8 +113,11 @@ def ratio_table(results: dict, ref: str) -> str:
     names = [n for n in results["rows"] if n != ref]
     head = "| metric | " + " | ".join(f"{n} ÷ {ref}" for n in names) + " |"
     sep = "|---|" + "---:|" * len(names)
-    body = [f"| {m.label} | " + " | ".join(fmt_ratio(results["ratios"][n][ref][m.key]) for n in names) + " |"
-            for m in METRICS]
+    body = []
+    for m in METRICS:
+        cells = [fmt_ratio(results["ratios"][n][ref][m.key]) for n in names]
+        if any(cell != "—" for cell in cells):  # a metric the reference has no figure for says nothing here
+            body.append(f"| {m.label} | " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body])
 
 

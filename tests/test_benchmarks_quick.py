@@ -175,6 +175,13 @@ def test_markdown_and_plots_render(tmp_path: Path) -> None:
     assert all(p.stat().st_size > 0 for p in paths.values())
 
 
+def test_ratio_table_leaves_out_metrics_the_reference_row_has_no_figure_for() -> None:
+    table = render.ratio_table(report.build_results(fake_raw(), META), "vxlan")
+    assert "| TCP pod→pod, 1 stream |" in table
+    # a kernel row has no daemon: nothing to divide by, so no row of dashes
+    assert "Daemon wake-ups per sparse ping round trip" not in table and "Daemon CPU with no traffic" not in table
+
+
 def turn(row: str, pair: int, p50: float, cpu: float) -> dict:
     return {"row": row, "pair": pair, "p50_us": p50, "p99_us": 2 * p50, "n": 100, "daemon_cpu_us_per_rt": cpu}
 
