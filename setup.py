@@ -9,7 +9,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "tun._gso_c", ["tun/_gso_c.c"], depends=["tun/_csum.h", "tun/_netorder.h"], optional=True,
-    # -O3: GCC vectorizes the checksum loop only there (Debian's Python builds extensions with -O2)
+    # -O3: GCC vectorizes the loops fully there (Debian's Python builds extensions with -O2; the
+    # checksum sum, tun/_csum.h, vectorizes at either: 2.08 µs per 64 KB at -O2, 2.04 at -O3)
     extra_compile_args=["-O3"],
 ), Extension(
     "udpflannel._lone", ["udpflannel/_lone.c"], depends=["tun/_csum.h", "tun/_netorder.h"], optional=True,

@@ -18,8 +18,8 @@
  *
  * Byte order: packet fields are read one byte at a time in network order, checksums summed over native
  * words and swapped once (tun/_csum.h); the virtio_net_hdr's u16s are in the host's order (the TUN's
- * legacy virtio order), read through memcpy. No unaligned loads,
- * nothing architecture-specific. Every syscall here is non-blocking, so the GIL is kept.
+ * legacy virtio order), read through memcpy. No unaligned loads, nothing architecture-specific.
+ * Every syscall here is non-blocking, so the GIL is kept.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
