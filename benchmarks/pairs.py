@@ -14,12 +14,12 @@ Pure summaries (:func:`summarize_pairs`) live in ``benchmarks.report``; this mod
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from benchmarks.measure import MeasureError, request_response, runtime_ns, start_servers
+from benchmarks.measure import request_response, runtime_ns, start_servers
 from benchmarks.processes import NO_FAST_PATH, UdpflannelStatic
-from benchmarks.topology import DataplaneError, add_pods, build_nodes, wait_reachable
+from benchmarks.rotation import take_turns_in_one_lab
+from benchmarks.topology import Topology, add_pods
 from udpflannel.lab.netns import Lab
 
 
@@ -34,34 +34,28 @@ def paired_rtt(rows: dict[str, UdpflannelStatic], lab: Lab, pairs: int, count: i
     names = list(rows)
     assert len(names) == 2, names
     out: dict = {"rows": names, "turns": [], "lab_tag": lab.tag}
-    try:
-        topo = build_nodes(lab, workdir)
-        servers = None
-        for dp in rows.values():
-            dp.setup(topo)
-        for pair in range(pairs):
-            order = names if pair % 2 == 0 else names[::-1]
-            for name in order:
-                dp = rows[name]
-                dp.start()
-                if servers is None:
-                    add_pods(topo, dp.pod_mtu)
-                    servers = start_servers(topo)
-                wait_reachable(topo)
-                pids = dp.pids()
-                before = runtime_ns(pids)
-                rr = request_response(topo.pods[1], str(topo.pods[2].address), count, max_seconds)
-                spent = runtime_ns(pids) - before
-                round_trips = rr["n"] + rr["warmup"] * rr["runs"]  # the daemons forwarded the untimed ones too
-                out["turns"].append({"row": name, "pair": pair, "p50_us": round(rr["p50_us"], 1),
-                                     "p99_us": round(rr["p99_us"], 1), "n": rr["n"],
-                                     "daemon_cpu_us_per_rt": round(spent / round_trips / 1e3, 2)})
-                dp.stop()
+
+    def first_start(topo: Topology, dp: UdpflannelStatic) -> None:
+        add_pods(topo, dp.pod_mtu)
+        start_servers(topo)
+
+    def turn(pair: int, name: str, dp: UdpflannelStatic, topo: Topology) -> None:
+        pids = dp.pids()
+        before = runtime_ns(pids)
+        rr = request_response(topo.pods[1], str(topo.pods[2].address), count, max_seconds)
+        spent = runtime_ns(pids) - before
+        round_trips = rr["n"] + rr["warmup"] * rr["runs"]  # the daemons forwarded the untimed ones too
+        out["turns"].append({"row": name, "pair": pair, "p50_us": round(rr["p50_us"], 1),
+                             "p99_us": round(rr["p99_us"], 1), "n": rr["n"],
+                             "daemon_cpu_us_per_rt": round(spent / round_trips / 1e3, 2)})
+
+    error = take_turns_in_one_lab(rows, lab, pairs, workdir=workdir, first_start=first_start, turn=turn)
+    if error is None:
         progress(f"paired RTT ({pairs} pairs): " + ", ".join(
             f"{n} p50 {sorted(t['p50_us'] for t in out['turns'] if t['row'] == n)[pairs // 2]:.0f} µs" for n in names))
-    except (DataplaneError, MeasureError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        progress(f"paired RTT failed: {exc}")
+    else:
+        out["error"] = f"{type(error).__name__}: {error}"
+        progress(f"paired RTT failed: {error}")
     return out
 
 

@@ -16,22 +16,14 @@ what each hop costs, and how long its wake-ups waited for a CPU. Pure summaries 
 from __future__ import annotations
 
 import statistics
-import subprocess
 from pathlib import Path
 
-from benchmarks.measure import MeasureError, ping_samples, proc_ctxsw, runqueue_ns, runtime_ns
+from benchmarks.measure import ping_samples, proc_ctxsw, runqueue_ns, runtime_ns
 from benchmarks.processes import NO_FAST_PATH, Flanneld, UdpflannelStatic
+from benchmarks.rotation import take_turns_in_one_lab
 from benchmarks.rows import KernelVxlan, Row
 from benchmarks.rr import percentile
-from benchmarks.topology import (
-    UNDERLAY_MTU,
-    VXLAN_OVERHEAD,
-    DataplaneError,
-    Topology,
-    add_pods,
-    build_nodes,
-    wait_reachable,
-)
+from benchmarks.topology import UNDERLAY_MTU, VXLAN_OVERHEAD, Topology, add_pods
 from udpflannel.lab.netns import Lab
 
 WARM_PINGS = 50  # not kept: the first packets of a turn fill ARP and route caches
@@ -74,29 +66,18 @@ def take_turns(rows: dict[str, Row], lab: Lab, rounds: int, count: int, *, workd
     """
     names = list(rows)
     out: dict = {"rows": names, "turns": [], "lab_tag": lab.tag, "count": count}
-    try:
-        topo = build_nodes(lab, workdir)
-        pods_added = False
-        for dp in rows.values():
-            dp.setup(topo)
-        for rnd in range(rounds):
-            shift = rnd % len(names)
-            for name in names[shift:] + names[:shift]:
-                dp = rows[name]
-                dp.start()
-                try:
-                    if not pods_added:
-                        add_pods(topo, dp.pod_mtu)
-                        pods_added = True
-                    wait_reachable(topo)
-                    out["turns"].append({"row": name, "round": rnd, **_one_turn(dp, topo, count)})
-                finally:
-                    dp.stop()
+
+    def turn(rnd: int, name: str, dp: Row, topo: Topology) -> None:
+        out["turns"].append({"row": name, "round": rnd, **_one_turn(dp, topo, count)})
+
+    error = take_turns_in_one_lab(rows, lab, rounds, workdir=workdir, turn=turn,
+                                  first_start=lambda topo, dp: add_pods(topo, dp.pod_mtu))
+    if error is None:
         progress(f"sparse turns ({rounds} rounds): " + ", ".join(
             f"{n} p50 {_median_p50(out['turns'], n):.0f} µs" for n in names))
-    except (DataplaneError, MeasureError, RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        progress(f"sparse turns failed: {exc}")
+    else:
+        out["error"] = f"{type(error).__name__}: {error}"
+        progress(f"sparse turns failed: {error}")
     return out
 
 
