@@ -358,6 +358,14 @@ def bootstrap_median_ci(values: list[float], *, rounds: int = BOOTSTRAP_ROUNDS, 
     return medians[int(tail * rounds)], medians[min(rounds - 1, int((1 - tail) * rounds))]
 
 
+def ratio_summary(ratios: list[float]) -> dict:
+    """Ratios of one row's figure to another's, one per pair or round: their median, its bootstrap 95 %
+    interval, the share of them ≤ 1 (the first row not slower) and how many there were."""
+    lo, hi = bootstrap_median_ci(ratios)
+    return {"median": statistics.median(ratios), "ci95": [lo, hi],
+            "not_slower_share": sum(r <= 1 for r in ratios) / len(ratios), "n": len(ratios)}
+
+
 def summarize_pairs(labs: list[dict]) -> dict:
     """Pairs of turns (same lab, same pair index) → per row: median RTT p50 and daemon CPU per round
     trip over its turns; per pair: the first row's p50 (and CPU) ÷ the second's, summarized by its
@@ -378,10 +386,7 @@ def summarize_pairs(labs: list[dict]) -> dict:
     out["p50_us"] = {n: statistics.median(p[n]["p50_us"] for p in complete) for n in names}
     out["cpu_us_per_rt"] = {n: statistics.median(p[n]["daemon_cpu_us_per_rt"] for p in complete) for n in names}
     for key, field in (("p50_ratio", "p50_us"), ("cpu_ratio", "daemon_cpu_us_per_rt")):
-        ratios = [p[a][field] / p[b][field] for p in complete if p[b][field] > 0]
-        lo, hi = bootstrap_median_ci(ratios)
-        out[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
-                    "not_slower_share": sum(r <= 1 for r in ratios) / len(ratios), "n": len(ratios)}
+        out[key] = ratio_summary([p[a][field] / p[b][field] for p in complete if p[b][field] > 0])
     return out
 
 
@@ -457,9 +462,7 @@ def summarize_turns(labs: list[dict]) -> dict:
             ratios = [percentile(ranked[id(r[name])], q) / percentile(ranked[id(r[ref])], q)
                       for r in by_round.values() if name in r and ref in r]
             if ratios:
-                lo, hi = bootstrap_median_ci(ratios)
-                entry[key] = {"median": statistics.median(ratios), "ci95": [lo, hi],
-                              "not_slower_share": sum(x <= 1 for x in ratios) / len(ratios), "n": len(ratios)}
+                entry[key] = ratio_summary(ratios)
         out["vs_reference"][name] = entry
     r = out["per_row"]
     out["goals"] = {name: {"p50_le_reference": r[name]["p50_us"] <= r[ref]["p50_us"],
