@@ -68,8 +68,7 @@ def losses(before: dict, after: dict) -> dict[str, int]:
     """What a node's daemon counted as not passed on, between two statuses: drops by direction and
     reason, failed sends and TUN writes, GRO rows refused."""
     c0, c1 = before["counters"], after["counters"]
-    out = {f"{d} {reason}": n for d in ("tun_to_udp", "udp_to_tun")
-           for reason, n in (Counter(c1["drops"][d]) - Counter(c0["drops"][d])).items()}
+    out = {f"{d} {reason}": n for d in ("tun_to_udp", "udp_to_tun") for reason, n in (drops(after, d) - drops(before, d)).items()}
     out |= {k: c1[k] - c0[k] for k in ("send_errors", "tun_write_errors", "gro_refused") if c1.get(k, 0) != c0.get(k, 0)}
     return out
 
