@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import IN_CI, require, require_compiled_kernels
-from tests.gso_helpers import split
+from tests.gso_helpers import by_flow, split
 from tests.strategies import super_packets
+from tests.test_coalesce_flows import flows, interleave, receive
 from tests.test_gso import _with_ihl5, gso_hdr
 from tun import gso, gso_numpy, kernels
 from tun.coalesce import merge_rule
@@ -427,3 +428,110 @@ def test_compiled_kernels_hold_their_arguments_while_python_code_runs_inside_the
     short = {}
     short[Meddler(3, short.clear)] = Meddler(30, short.clear)
     gso_c.check(buf, None, None, 0, 4, 60, 40, PROTO_TCP, short, mask, step)
+
+
+# -- the plan and the merge in one call each (tun.coalesce with a planner and a merger) -------------------
+
+
+def _units(coalescer: gso.Coalescer, seg: int, sizes: list[int], base: int, senders) -> tuple[list[bytes], gso.Plan]:
+    plan = coalescer.plan(seg, sizes, base=base, senders=senders)
+    return [b"".join(bytes(p) for p in plan.merge(a, b)) if b - a > 1 else bytes(plan.row(a))
+            for a, b in plan.runs], plan
+
+
+@given(flows(), st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_compiled_plan_and_merge_write_what_the_numpy_coalescer_writes(case, data) -> None:
+    """Interleaved flows from two senders, hurt (lost, reordered, duplicated, damaged rows), laid out at
+    any even offset: the compiled plan and merge give the very writes the Python plan (around the numpy
+    checks) and merge give, each flow's in the same order, with the same counts of breaks and refused
+    rows. Only the order across flows may differ (the C plan keeps the flows' order of arrival; the
+    Python one groups them by hash), and the C plan counts every flow where the Python one, finding no
+    break, leaves a table ungrouped as one."""
+    seg_, flows_ = case
+    for seg, senders, batches in receive(interleave(data, flows_)):
+        sizes = [sum(map(len, batch)) for batch in batches]
+        rows = [row for batch in batches for row in batch]
+        base = 2 * data.draw(st.integers(0, seg))  # on a row boundary of the buffer, or not (a view per row)
+        buf = bytearray(base + len(rows) * seg + gso.BUFFER_SIZE)
+        for i, row in enumerate(rows):
+            buf[base + i * seg:base + i * seg + len(row)] = row
+        ours = gso.Coalescer(bytearray(buf), udp=True, jit=True)
+        reference = gso.Coalescer(bytearray(buf), udp=True, jit=False)
+        assert ours._planner is gso_c.plan and reference._planner is None
+        got, plan = _units(ours, seg, sizes, base, senders)
+        want, ref = _units(reference, seg, sizes, base, senders)
+        assert by_flow(got) == by_flow(want) and sorted(got) == sorted(want)
+        assert (plan.breaks, plan.refused) == (ref.breaks, ref.refused)
+        assert plan.flows == ref.flows if ref.order is not None else plan.flows >= ref.flows
+        assert sorted(plan.order or range(len(rows))) == list(range(len(rows)))
+
+
+@given(st.data())
+@settings(max_examples=300)
+def test_compiled_plan_of_any_table_is_a_plan_of_its_rows_or_a_valueerror(data) -> None:
+    """Any base, row size, header length, protocol, batch counts, senders and short rows over random
+    bytes: either ValueError, or a plan whose runs cover every logical row once, in order, no longer
+    than ``most``, over an order that is a permutation of the rows. The buffer is left as it was
+    (``./dev sanitize`` runs this under ASan: no access outside it)."""
+    buf = bytearray(data.draw(st.binary(min_size=200, max_size=3000)))
+    proto = data.draw(st.sampled_from([PROTO_TCP, PROTO_UDP]))
+    hl = data.draw(st.sampled_from([40, 44, 60, 120] if proto == PROTO_TCP else [28]))
+    seg = 2 * data.draw(st.integers(hl // 2 + 1, 100))
+    base = data.draw(st.integers(0, 40))
+    in_buf = max((len(buf) - base) // seg, 0)
+    assume(in_buf >= 1)
+    counts = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=6))
+    counts[-1] = max(1, min(counts[-1], in_buf - sum(counts[:-1])))
+    senders = data.draw(st.none() | st.lists(st.integers(0, 2), min_size=len(counts), max_size=len(counts)))
+    rows = sum(counts)
+    short = data.draw(st.dictionaries(st.integers(0, max(rows - 1, 0)), st.integers(0, seg - 1), max_size=3))
+    most = data.draw(st.integers(1, 50))
+    for _ in range(data.draw(st.sampled_from([0, 0, 1, 2]))):  # then some of it hostile
+        which = data.draw(st.sampled_from(["proto", "hl", "seg", "base", "counts", "senders", "short", "most"]))
+        value = data.draw(st.one_of(st.integers(-4, 300), _hostile_int))
+        if which == "counts":
+            counts[data.draw(st.integers(0, len(counts) - 1))] = value
+        elif which == "senders":
+            senders = [value] * data.draw(st.integers(0, len(counts) + 1))
+        elif which == "short":
+            short[data.draw(_hostile_int)] = value
+        else:
+            proto, hl, seg, base, most = (value if which == name else old for name, old in
+                                          (("proto", proto), ("hl", hl), ("seg", seg), ("base", base), ("most", most)))
+    words = hl // 4 if isinstance(hl, int) and 0 < hl <= 120 else 7
+    mask, step = np.full(words, 0xFFFFFFFF, np.uint32), np.zeros(words, np.uint32)
+    before = bytes(buf)
+    try:
+        runs, order, flows_, breaks, refused = gso_c.plan(buf, base, seg, hl, proto, short, counts, senders, mask,
+                                                          step, most)
+    except ValueError:
+        event("refused")
+    else:
+        event("planned")
+        rows = sum(counts)
+        assert 0 <= base and base + rows * seg <= len(buf)  # the table lies inside the buffer
+        assert [i for a, b in runs for i in range(a, b)] == list(range(rows))
+        assert all(1 <= b - a <= most for a, b in runs)
+        assert sorted(order or range(rows)) == list(range(rows))
+        assert 1 <= flows_ <= rows and 0 <= breaks < rows and 0 <= refused <= rows
+    assert buf == before
+
+
+def test_compiled_merge_refuses_runs_outside_its_buffer_or_views() -> None:
+    """A run's rows are checked against the views and the buffer, its shape against IPv4's limits:
+    ValueError or TypeError, never a read past them."""
+    seg, hl = 100, 40
+    buf = bytearray(10 * seg)
+    views = [memoryview(buf)[o + hl:o + seg] for o in range(0, len(buf), seg)]
+    ok = (buf, views, 0, None, 0, 3, seg, hl, PROTO_TCP, seg)
+    assert len(gso_c.merge(*ok)) == 4
+    for i, wrong in [(2, 8), (2, -1), (4, 2), (4, -1), (5, 1), (5, 11), (3, [0, 1, 99]), (3, [0, -1, 2]), (3, (0, 1, 2)),
+                     (9, 40), (9, 101), (6, 0), (6, 40), (7, 100), (7, 8), (8, 4), (1, (views[0],)),
+                     (2, 2**70)]:
+        args = list(ok)
+        args[i] = wrong
+        with pytest.raises((ValueError, TypeError)):
+            gso_c.merge(*args)
+    with pytest.raises(ValueError):  # views past the buffer's end (a buffer shrunk since)
+        gso_c.merge(bytearray(2 * seg), views, 0, None, 1, 3, seg, hl, PROTO_TCP, seg)

@@ -5,6 +5,12 @@
  * Why loops: numpy does a cut or a check in ~20 array calls, each a pass over the table; a loop
  * touches each row once, while it is in L1: copy the payload, sum it, write the headers.
  *
+ * Two more calls serve the receive side whole: ``plan`` (tun.coalesce.Coalescer.plan after the table's
+ * kind is known: group the rows by flow, check them, cut the runs) and ``merge`` (tun.coalesce.Plan.merge:
+ * one run's TUN write). In Python around the checks they cost more than the checks themselves: ~100 µs
+ * for a table of 4 flows' 500 rows, against ~25 µs here (docs/fast-path-profile.md). Their Python
+ * versions stay the reference, and the tests require the same writes from both.
+ *
  * Safety: nothing here trusts a length or an offset. Every row, packet, template and table is checked
  * against the real length of its buffer before the first byte is read or written (hostile arguments
  * raise ValueError and leave the buffers as they were); buffers are held (exported) for the whole
@@ -279,6 +285,114 @@ static inline long long int_at(const Py_buffer *view, Py_ssize_t i)
     return v;
 }
 
+/* The checks of one table, rows in logical order: logical row i is physical row ``order[i]`` (or i, if
+ * ``order`` is NULL), ``lengths[p]`` bytes long, at ``data + p * seg``. Writes differ[rows - 1]
+ * (logical rows i and i + 1 break the rule m/s), bad[rows] (a checksum fails) and psh[rows - 1]
+ * (TCP PSH on logical row i), each 0 or 1. Every row was checked to lie in its buffer. */
+static void check_rows(const uint8_t *data, Py_ssize_t rows, Py_ssize_t seg, Py_ssize_t hl, int proto,
+                       const Py_ssize_t *lengths, const Py_ssize_t *order, const uint32_t *m, const uint32_t *s,
+                       uint8_t *differ, uint8_t *bads, uint8_t *psh)
+{
+    Py_ssize_t words = hl / 4;
+    uint32_t prev[MAX_HEADERS / 4];
+    uint8_t padded[MAX_HEADERS];
+    memset(differ, 0, (size_t)(rows - 1));
+    memset(psh, 0, (size_t)(rows - 1));
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        Py_ssize_t p = order ? order[i] : i;
+        const uint8_t *row = data + p * seg;
+        Py_ssize_t n = lengths[p];
+        const uint8_t *h = row; /* the headers; a row shorter than them reads as zero-padded */
+        if (n < hl) {
+            memset(padded, 0, sizeof padded);
+            memcpy(padded, row, (size_t)n);
+            h = padded;
+        }
+        uint64_t ip = be_sum(h, IP_HEADER);
+        /* + 0xFFFF (= 0): a row shorter than its IP header has a negative L4 length */
+        uint64_t l4 = be_sum(h + 12, 8) + (uint64_t)proto + 0xFFFF + (uint64_t)n - IP_HEADER;
+        if (n > IP_HEADER)
+            l4 += be_sum(row + IP_HEADER, n - IP_HEADER);
+        bads[i] = ip % 0xFFFF || l4 % 0xFFFF || (proto == PROTO_UDP && h[26] == 0 && h[27] == 0);
+        for (Py_ssize_t w = 0; w < words; w++) {
+            uint32_t v = get32(h + 4 * w);
+            if (n != seg) { /* a short row is compared as if it were full */
+                if (w == 0)
+                    v = (v & 0xFFFF0000u) | (uint32_t)seg;
+                else if (w == 6 && proto == PROTO_UDP)
+                    v = (v & 0xFFFFu) | (uint32_t)(seg - IP_HEADER) << 16;
+            }
+            v &= m[w];
+            if (i > 0 && (uint32_t)(v - prev[w]) != s[w])
+                differ[i - 1] = 1;
+            prev[w] = v;
+        }
+        if (i < rows - 1)
+            psh[i] = proto == PROTO_TCP && (h[33] & PSH) != 0;
+    }
+}
+
+/* Why rows of ``seg`` bytes with ``hl``-byte headers of ``proto`` cannot be a GRO table; NULL if they can. */
+static const char *table_wrong(long long proto, long long hl, long long seg)
+{
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        return "the protocol is neither TCP nor UDP";
+    if (hl % 4 || hl < (proto == PROTO_TCP ? 40 : 28) || hl > MAX_HEADERS)
+        return "bad header length";
+    if (seg < hl || seg > MAX_LENGTH || seg % 2)
+        return "bad row size";
+    return NULL;
+}
+
+/* The merge rule (``mask`` and ``step``: a uint32 per header word) copied into m and s (a buffer need
+ * not be aligned). -1 with ValueError for arrays of another kind or length. */
+static int read_rule(PyObject *mask_obj, PyObject *step_obj, Py_ssize_t words, uint32_t *m, uint32_t *s)
+{
+    Py_buffer mask = {0}, step = {0};
+    int rc = -1;
+    if (get_ints(mask_obj, &mask, "mask", 4, 4) < 0)
+        return -1;
+    if (get_ints(step_obj, &step, "step", 4, 4) < 0)
+        goto done;
+    if (mask.shape[0] != words || step.shape[0] != words) {
+        bad("mask and step have a word per header word");
+        goto done;
+    }
+    memcpy(m, mask.buf, (size_t)words * 4);
+    memcpy(s, step.buf, (size_t)words * 4);
+    rc = 0;
+done:
+    if (step.obj)
+        PyBuffer_Release(&step);
+    PyBuffer_Release(&mask);
+    return rc;
+}
+
+/* The short rows (a dict: physical row -> its length, below ``allowed`` and shorter than ``seg``) into
+ * lengths[0..kept), which the caller filled with ``seg``. -1 with an exception. */
+static int read_short_rows(PyObject *short_rows, long long allowed, long long seg, Py_ssize_t *lengths, long long kept)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(short_rows, &pos, &key, &value)) {
+        long long r, length;
+        Py_INCREF(key); /* (borrowed: converting one may run code that drops the other from the dict) */
+        Py_INCREF(value);
+        int failed = as_int(key, &r, "a short row") < 0 || as_int(value, &length, "a short row's length") < 0;
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (failed)
+            return -1;
+        if (r < 0 || r >= allowed || length < 0 || length >= seg) {
+            bad("a short row outside the table, or not shorter than a row");
+            return -1;
+        }
+        if (r < kept)
+            lengths[r] = (Py_ssize_t)length;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(check_doc,
 "check(buf, base, rows, seg, hl, proto, short, mask, step, order) -> bytearray\n--\n\n"
 "The GRO checks of tun.gso_numpy.Checker over a table of ``rows`` rows of ``seg`` bytes at ``base``\n"
@@ -303,29 +417,20 @@ static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "short is a dict: row -> length");
         return NULL;
     }
-    if (proto != PROTO_TCP && proto != PROTO_UDP)
-        return bad("the protocol is neither TCP nor UDP");
-    if (hl % 4 || hl < (proto == PROTO_TCP ? 40 : 28) || hl > MAX_HEADERS)
-        return bad("bad header length");
-    if (seg < hl || seg > MAX_LENGTH || seg % 2)
-        return bad("bad row size");
+    const char *why = table_wrong(proto, hl, seg);
+    if (why)
+        return bad(why);
     if (rows < 1 || base < 0)
         return bad("bad table");
-    Py_ssize_t words = (Py_ssize_t)hl / 4;
-    Py_buffer buf = {0}, mask = {0}, step = {0}, order = {0};
+    uint32_t m[MAX_HEADERS / 4], s[MAX_HEADERS / 4];
+    if (read_rule(args[7], args[8], (Py_ssize_t)hl / 4, m, s) < 0)
+        return NULL;
+    Py_buffer buf = {0}, order = {0};
     Py_ssize_t stack[ON_STACK], *lengths = stack; /* per physical row */
     PyObject *result = NULL;
     int ordered = args[9] != Py_None;
     if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (get_ints(args[7], &mask, "mask", 4, 4) < 0)
-        goto done;
-    if (get_ints(args[8], &step, "step", 4, 4) < 0)
-        goto done;
-    if (mask.shape[0] != words || step.shape[0] != words) {
-        bad("mask and step have a word per header word");
-        goto done;
-    }
     long long in_buf = base > buf.len ? 0 : (buf.len - base) / seg; /* whole rows after base */
     long long physical = rows; /* rows a length is kept for: up to the last one order names */
     if (ordered) {
@@ -355,91 +460,439 @@ static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     for (Py_ssize_t p = 0; p < physical; p++)
         lengths[p] = (Py_ssize_t)seg;
-    {
-        Py_ssize_t pos = 0;
-        PyObject *key, *value;
-        while (PyDict_Next(short_rows, &pos, &key, &value)) {
-            long long r, length;
-            Py_INCREF(key); /* (borrowed: converting one may run code that drops the other from the dict) */
-            Py_INCREF(value);
-            int failed = as_int(key, &r, "a short row") < 0 || as_int(value, &length, "a short row's length") < 0;
-            Py_DECREF(key);
-            Py_DECREF(value);
-            if (failed)
-                goto done;
-            if (r < 0 || r >= (ordered ? in_buf : rows) || length < 0 || length >= seg) {
-                bad("a short row outside the table, or not shorter than a row");
-                goto done;
-            }
-            if (r < physical)
-                lengths[r] = (Py_ssize_t)length;
-        }
-    }
+    if (read_short_rows(short_rows, ordered ? in_buf : rows, seg, lengths, physical) < 0)
+        goto done;
     result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(3 * rows - 2));
     if (result == NULL)
         goto done;
     {
-        uint8_t *differ = (uint8_t *)PyByteArray_AS_STRING(result), *bads = differ + rows - 1, *psh = bads + rows;
-        memset(differ, 0, (size_t)(3 * rows - 2));
-        const uint8_t *data = (const uint8_t *)buf.buf;
-        uint32_t m[MAX_HEADERS / 4], s[MAX_HEADERS / 4], prev[MAX_HEADERS / 4];
-        memcpy(m, mask.buf, (size_t)words * 4); /* (copied: a buffer need not be aligned) */
-        memcpy(s, step.buf, (size_t)words * 4);
-        uint8_t padded[MAX_HEADERS];
-        for (Py_ssize_t i = 0; i < rows; i++) {
-            Py_ssize_t p = ordered ? (Py_ssize_t)int_at(&order, i) : i;
-            if (p < 0 || p >= physical) { /* checked above, but code run since (an __index__) may change it */
+        uint8_t *differ = (uint8_t *)PyByteArray_AS_STRING(result);
+        Py_ssize_t stack_order[ON_STACK], *rows_in = NULL;
+        if (ordered) {
+            rows_in = rows > ON_STACK ? PyMem_New(Py_ssize_t, (size_t)rows) : stack_order;
+            if (rows_in == NULL) {
                 Py_CLEAR(result);
-                bad("order names a row outside the buffer");
+                PyErr_NoMemory();
                 goto done;
             }
-            const uint8_t *row = data + base + p * seg;
-            Py_ssize_t n = lengths[p];
-            const uint8_t *h = row; /* the headers; a row shorter than them reads as zero-padded */
-            if (n < hl) {
-                memset(padded, 0, sizeof padded);
-                memcpy(padded, row, (size_t)n);
-                h = padded;
-            }
-            uint64_t ip = be_sum(h, IP_HEADER);
-            /* + 0xFFFF (= 0): a row shorter than its IP header has a negative L4 length */
-            uint64_t l4 = be_sum(h + 12, 8) + (uint64_t)proto + 0xFFFF + (uint64_t)n - IP_HEADER;
-            if (n > IP_HEADER)
-                l4 += be_sum(row + IP_HEADER, n - IP_HEADER);
-            bads[i] = ip % 0xFFFF || l4 % 0xFFFF || (proto == PROTO_UDP && h[26] == 0 && h[27] == 0);
-            for (Py_ssize_t w = 0; w < words; w++) {
-                uint32_t v = get32(h + 4 * w);
-                if (n != seg) { /* a short row is compared as if it were full */
-                    if (w == 0)
-                        v = (v & 0xFFFF0000u) | (uint32_t)seg;
-                    else if (w == 6 && proto == PROTO_UDP)
-                        v = (v & 0xFFFFu) | (uint32_t)(seg - IP_HEADER) << 16;
+            for (Py_ssize_t i = 0; i < rows; i++) {
+                Py_ssize_t p = (Py_ssize_t)int_at(&order, i);
+                if (p < 0 || p >= physical) { /* checked above, but code run since (an __index__) may change it */
+                    if (rows_in != stack_order)
+                        PyMem_Free(rows_in);
+                    Py_CLEAR(result);
+                    bad("order names a row outside the buffer");
+                    goto done;
                 }
-                v &= m[w];
-                if (i > 0 && (uint32_t)(v - prev[w]) != s[w])
-                    differ[i - 1] = 1;
-                prev[w] = v;
+                rows_in[i] = p;
             }
-            if (i < rows - 1)
-                psh[i] = proto == PROTO_TCP && (h[33] & PSH) != 0;
         }
+        check_rows((const uint8_t *)buf.buf + base, (Py_ssize_t)rows, (Py_ssize_t)seg, (Py_ssize_t)hl, (int)proto,
+                   lengths, rows_in, m, s, differ, differ + rows - 1, differ + 2 * rows - 1);
+        if (rows_in != stack_order)
+            PyMem_Free(rows_in);
     }
 done:
     if (lengths != stack)
         PyMem_Free(lengths);
     if (order.obj)
         PyBuffer_Release(&order);
-    if (step.obj)
-        PyBuffer_Release(&step);
-    if (mask.obj)
-        PyBuffer_Release(&mask);
     PyBuffer_Release(&buf);
     return result;
+}
+
+/* ---- the GRO plan ------------------------------------------------------------------------------- */
+
+/* A flow as the plan groups rows: addresses, ports and protocol (exact, not a hash: rows of two
+ * flows are never grouped together), and who sent the batch. */
+typedef struct {
+    uint8_t tuple[13]; /* source and destination address, ports (IPv4 bytes 12..23), protocol */
+    long long sender;
+} flow_key;
+
+static uint64_t key_hash(const flow_key *k)
+{
+    uint64_t h = 0xcbf29ce484222325u ^ (uint64_t)k->sender;
+    for (int i = 0; i < 13; i++)
+        h = (h ^ k->tuple[i]) * 0x100000001b3u;
+    return h ^ h >> 29;
+}
+
+/* A run's first row may head a merged write (tun.coalesce.Coalescer._head_ok): IHL 5, the row's size
+ * as its total length, not a fragment; for TCP, flags exactly ACK and the table's header length; for
+ * UDP, the UDP length. Later rows match it by the merge rule. */
+static int head_ok(const uint8_t *h, Py_ssize_t seg, Py_ssize_t hl, int proto)
+{
+    if (h[0] != 0x45 || h[9] != proto || (Py_ssize_t)get16(h + 2) != seg || (get16(h + 6) & 0x3FFF))
+        return 0;
+    if (proto == PROTO_UDP)
+        return (Py_ssize_t)get16(h + 24) == seg - IP_HEADER;
+    return h[33] == 0x10 && IP_HEADER + ((h[32] >> 4) << 2) == hl;
+}
+
+/* A GRO batch's short last row that may not end a run: its total length (UDP length) disagrees with
+ * its size, or it has no payload (tun.coalesce._short_row_wrong). */
+static int short_row_wrong(const uint8_t *h, Py_ssize_t length, Py_ssize_t hl, int proto)
+{
+    return length <= hl || (Py_ssize_t)get16(h + 2) != length
+           || (proto == PROTO_UDP && (Py_ssize_t)get16(h + 24) != length - IP_HEADER);
+}
+
+/* Append the run (a, b) to ``runs``; -1 with an exception. */
+static int append_run(PyObject *runs, Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *run = Py_BuildValue("(nn)", a, b);
+    int rc = run == NULL ? -1 : PyList_Append(runs, run);
+    Py_XDECREF(run);
+    return rc;
+}
+
+PyDoc_STRVAR(plan_doc,
+"plan(buf, base, seg, hl, proto, short, counts, senders, mask, step, most)\n"
+"    -> (runs, order, flows, breaks, refused)\n--\n\n"
+"tun.coalesce.Coalescer.plan's work after the table's kind is known, in one pass: a table of rows of\n"
+"``seg`` bytes at ``base`` in ``buf`` (``counts[j]`` rows from batch j, sent by ``senders[j]``, or all by\n"
+"one sender if None; ``short``: physical row -> its length, when shorter) grouped by flow (addresses,\n"
+"ports, protocol and sender, exactly; flows in the order they first appear, each flow's rows in the\n"
+"order they came), checked as tun.gso_c.check checks, and cut into runs of at most ``most`` rows.\n"
+"``order``: the physical row of each logical row, or None if every row is where it lies. ValueError\n"
+"for a table outside ``buf`` or arguments of the wrong shape.");
+
+static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "plan(buf, base, seg, hl, proto, short, counts, senders, mask, step, most)");
+        return NULL;
+    }
+    long long base, seg, hl, proto, most;
+    if (as_int(args[1], &base, "base") < 0 || as_int(args[2], &seg, "seg") < 0 || as_int(args[3], &hl, "hl") < 0
+        || as_int(args[4], &proto, "proto") < 0 || as_int(args[10], &most, "most") < 0)
+        return NULL;
+    if (!PyDict_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "short is a dict: row -> length");
+        return NULL;
+    }
+    const char *why = table_wrong(proto, hl, seg);
+    if (why || seg == hl) /* (rows with no payload have nothing to merge) */
+        return bad(why ? why : "bad row size");
+    if (base < 0 || most < 1)
+        return bad("bad table");
+    uint32_t m[MAX_HEADERS / 4], st[MAX_HEADERS / 4];
+    if (read_rule(args[8], args[9], (Py_ssize_t)hl / 4, m, st) < 0)
+        return NULL;
+    Py_buffer buf = {0};
+    PyObject *counts = NULL, *senders = NULL, *result = NULL, *runs = NULL, *order_list = NULL;
+    void *block = NULL;
+    long long *batch = NULL;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    /* Tuples of our own: converting an item may run Python code (__index__) that changes the caller's. */
+    if ((counts = PySequence_Tuple(args[6])) == NULL)
+        goto done;
+    if (args[7] != Py_None && (senders = PySequence_Tuple(args[7])) == NULL)
+        goto done;
+    Py_ssize_t batches = PyTuple_GET_SIZE(counts);
+    if (senders && PyTuple_GET_SIZE(senders) != batches) {
+        bad("senders has one entry per batch");
+        goto done;
+    }
+    long long in_buf = base > buf.len ? 0 : (buf.len - base) / seg; /* whole rows after base */
+    long long rows = 0;
+    if ((batch = PyMem_New(long long, 2 * (size_t)batches + 1)) == NULL) { /* rows and sender, per batch */
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < batches; j++) {
+        long long n, who = 0;
+        if (as_int(PyTuple_GET_ITEM(counts, j), &n, "a batch's row count") < 0)
+            goto done;
+        if (senders && as_int(PyTuple_GET_ITEM(senders, j), &who, "a sender") < 0)
+            goto done;
+        if (n < 0 || n > in_buf - rows) {
+            bad("the table does not fit the buffer");
+            goto done;
+        }
+        rows += n;
+        batch[2 * j] = n;
+        batch[2 * j + 1] = who;
+    }
+    if (rows < 1) {
+        bad("an empty table");
+        goto done;
+    }
+    /* One block for the per-row arrays and the flow table (a power of two, at least twice the rows). */
+    Py_ssize_t n_rows = (Py_ssize_t)rows, slots = 2;
+    while (slots < 2 * n_rows)
+        slots <<= 1;
+    size_t bytes = (size_t)n_rows * (5 * sizeof(Py_ssize_t) + 5 + sizeof(flow_key)) + (size_t)slots * sizeof(Py_ssize_t);
+    if ((block = PyMem_Malloc(bytes)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t *lengths = (Py_ssize_t *)block, *flow_of = lengths + n_rows, *order = flow_of + n_rows,
+               *position = order + n_rows, *flow_rows = position + n_rows, *table = flow_rows + n_rows;
+    flow_key *keys = (flow_key *)(table + slots);
+    uint8_t *differ = (uint8_t *)(keys + n_rows), *bads = differ + n_rows, *psh = bads + n_rows,
+            *fixed = psh + n_rows, *short_bad = fixed + n_rows;
+    for (Py_ssize_t p = 0; p < n_rows; p++)
+        lengths[p] = (Py_ssize_t)seg;
+    memset(short_bad, 0, (size_t)n_rows);
+    if (read_short_rows(args[5], rows, seg, lengths, rows) < 0)
+        goto done;
+    const uint8_t *data = (const uint8_t *)buf.buf + base;
+    /* Group: each row's flow, numbered in the order flows first appear. */
+    Py_ssize_t flows = 0;
+    for (Py_ssize_t s = 0; s < slots; s++)
+        table[s] = -1;
+    {
+        Py_ssize_t p = 0;
+        for (Py_ssize_t j = 0; j < batches; j++) {
+            long long n = batch[2 * j], who = batch[2 * j + 1];
+            for (long long k = 0; k < n; k++, p++) {
+                const uint8_t *row = data + p * seg;
+                Py_ssize_t length = lengths[p];
+                flow_key key;
+                memset(&key, 0, sizeof key); /* a row too short for its ports keys as zero past its end */
+                for (int b = 0; b < 12; b++)
+                    key.tuple[b] = 12 + b < length ? row[12 + b] : 0;
+                key.tuple[12] = 9 < length ? row[9] : 0;
+                key.sender = who;
+                Py_ssize_t s = (Py_ssize_t)(key_hash(&key) & (uint64_t)(slots - 1));
+                while (table[s] >= 0 && (memcmp(keys[table[s]].tuple, key.tuple, 13) || keys[table[s]].sender != who))
+                    s = (s + 1) & (slots - 1);
+                if (table[s] < 0) {
+                    table[s] = flows;
+                    keys[flows] = key;
+                    flow_rows[flows++] = 0;
+                }
+                flow_of[p] = table[s];
+                flow_rows[table[s]]++;
+            }
+        }
+    }
+    /* Order: flow by flow, each flow's rows as they came (a counting sort); its ends are fixed cuts. */
+    memset(fixed, 0, (size_t)n_rows);
+    {
+        Py_ssize_t at = 0;
+        for (Py_ssize_t f = 0; f < flows; f++) { /* flow_rows[f] becomes the flow's next logical row */
+            Py_ssize_t count = flow_rows[f];
+            flow_rows[f] = at;
+            at += count;
+            fixed[at - 1] = 1;
+        }
+        for (Py_ssize_t p = 0; p < n_rows; p++) {
+            Py_ssize_t i = flow_rows[flow_of[p]]++;
+            order[i] = p;
+            position[p] = i;
+        }
+    }
+    int identity = 1;
+    for (Py_ssize_t i = 0; i < n_rows && identity; i++)
+        identity = order[i] == i;
+    for (Py_ssize_t r = 0; r < n_rows; r++) /* a short row ends its run; a wrong one is refused */
+        if (lengths[r] < seg) {
+            fixed[position[r]] = 1;
+            short_bad[position[r]] = (uint8_t)short_row_wrong(data + r * seg, lengths[r], (Py_ssize_t)hl, (int)proto);
+        }
+    check_rows(data, n_rows, (Py_ssize_t)seg, (Py_ssize_t)hl, (int)proto, lengths, identity ? NULL : order, m, st,
+               differ, bads, psh);
+    /* Cuts: after a flow's end or a short row (fixed), a broken rule, PSH, or a row failing its checks
+     * (which ends the run before it too). */
+    Py_ssize_t breaks = 0, refused = 0;
+    for (Py_ssize_t i = 0; i < n_rows; i++) {
+        bads[i] |= short_bad[i];
+        refused += bads[i];
+    }
+    for (Py_ssize_t i = 0; i < n_rows - 1; i++) {
+        if (fixed[i])
+            differ[i] = 0;
+        breaks += differ[i] && !(bads[i] || bads[i + 1]);
+        differ[i] |= psh[i] | bads[i] | bads[i + 1] | fixed[i]; /* now: a cut after logical row i */
+    }
+    if ((runs = PyList_New(0)) == NULL)
+        goto done;
+    {
+        Py_ssize_t start = 0;
+        for (Py_ssize_t end = 0; end < n_rows; end++) {
+            if (end < n_rows - 1 && !differ[end])
+                continue;
+            for (Py_ssize_t c = start; c <= end; c += (Py_ssize_t)most) { /* at most ``most`` rows a write */
+                Py_ssize_t d = c + (Py_ssize_t)most < end + 1 ? c + (Py_ssize_t)most : end + 1;
+                Py_ssize_t first = identity ? c : order[c];
+                if (d - c > 1 && head_ok(data + first * seg, (Py_ssize_t)seg, (Py_ssize_t)hl, (int)proto)) {
+                    if (append_run(runs, c, d) < 0)
+                        goto done;
+                    continue;
+                }
+                for (Py_ssize_t i = c; i < d; i++) /* singles */
+                    if (append_run(runs, i, i + 1) < 0)
+                        goto done;
+            }
+            start = end + 1;
+        }
+    }
+    if (identity) {
+        order_list = Py_NewRef(Py_None);
+    } else {
+        if ((order_list = PyList_New(n_rows)) == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < n_rows; i++) {
+            PyObject *v = PyLong_FromSsize_t(order[i]);
+            if (v == NULL)
+                goto done;
+            PyList_SET_ITEM(order_list, i, v);
+        }
+    }
+    result = Py_BuildValue("(OOnnn)", runs, order_list, flows, breaks, refused);
+done:
+    Py_XDECREF(order_list);
+    Py_XDECREF(runs);
+    PyMem_Free(block);
+    PyMem_Free(batch);
+    Py_XDECREF(senders);
+    Py_XDECREF(counts);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+/* ---- a run merged into one TUN write ------------------------------------------------------------ */
+
+#define VNET_NEEDS_CSUM 1 /* linux/virtio_net.h: VIRTIO_NET_HDR_F_NEEDS_CSUM */
+#define VNET_GSO_TCPV4 1  /* VIRTIO_NET_HDR_GSO_TCPV4 */
+#define VNET_GSO_UDP_L4 5 /* VIRTIO_NET_HDR_GSO_UDP_L4 */
+#define VNET_HDR_LEN 10
+
+/* A virtio_net_hdr in the host's byte order (the TUN's, without TUNSETVNETLE/BE), as tun/vnet.py packs it. */
+static void put_vnet(uint8_t *v, unsigned gso_type, unsigned hdr_len, unsigned gso_size, unsigned csum_start,
+                     unsigned csum_offset)
+{
+    uint16_t fields[4] = {(uint16_t)hdr_len, (uint16_t)gso_size, (uint16_t)csum_start, (uint16_t)csum_offset};
+    v[0] = VNET_NEEDS_CSUM;
+    v[1] = (uint8_t)gso_type;
+    memcpy(v + 2, fields, sizeof fields);
+}
+
+/* The physical row of logical row i: order[i] (a list of ints), or i. -1 with an exception set. */
+static Py_ssize_t physical_row(PyObject *order, Py_ssize_t i)
+{
+    if (order == Py_None)
+        return i;
+    if (i < 0 || i >= PyList_GET_SIZE(order)) {
+        bad("a run outside the plan's order");
+        return -1;
+    }
+    Py_ssize_t r = PyLong_AsSsize_t(PyList_GET_ITEM(order, i));
+    if (r < 0 && !PyErr_Occurred())
+        bad("a negative row in the plan's order");
+    return r;
+}
+
+PyDoc_STRVAR(merge_doc,
+"merge(buf, views, zero, order, a, b, seg, hl, proto, tail) -> list\n--\n\n"
+"tun.coalesce.Plan.merge's iovec for logical rows a..b-1 of a table of ``seg``-byte rows, built in\n"
+"one call: a bytes object (the virtio_net_hdr and the first row's headers, fixed up for the total\n"
+"length, the L4 checksum field holding the pseudo-header sum, TCP flags as on the last row), then\n"
+"each row's payload view, ``views[zero + r]`` (row r's payload, the table starting at row ``zero``\n"
+"of ``buf``), the last one cut to ``tail`` bytes of row. ``order``: the plan's list, or None.\n"
+"ValueError for rows outside ``buf`` or ``views``.");
+
+static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "merge(buf, views, zero, order, a, b, seg, hl, proto, tail)");
+        return NULL;
+    }
+    long long zero, a, b, seg, hl, proto, tail;
+    if (as_int(args[2], &zero, "zero") < 0 || as_int(args[4], &a, "a") < 0 || as_int(args[5], &b, "b") < 0
+        || as_int(args[6], &seg, "seg") < 0 || as_int(args[7], &hl, "hl") < 0 || as_int(args[8], &proto, "proto") < 0
+        || as_int(args[9], &tail, "tail") < 0)
+        return NULL;
+    PyObject *views = args[1], *order = args[3];
+    if (!PyList_Check(views) || (order != Py_None && !PyList_Check(order))) {
+        PyErr_SetString(PyExc_TypeError, "views is a list; order a list or None");
+        return NULL;
+    }
+    if (proto != PROTO_TCP && proto != PROTO_UDP)
+        return bad("the protocol is neither TCP nor UDP");
+    if (hl < IP_HEADER + (proto == PROTO_TCP ? 20 : 8) || hl > MAX_HEADERS || seg <= hl || seg > MAX_LENGTH)
+        return bad("bad header length or row size");
+    if (b - a < 2 || a < 0 || zero < 0 || tail <= hl || tail > seg)
+        return bad("a run is two rows or more, its last row longer than its headers");
+    long long total = (b - a - 1) * (seg - hl) + tail;
+    if (total > MAX_LENGTH)
+        return bad("a merged packet longer than an IPv4 packet");
+    Py_ssize_t first = physical_row(order, (Py_ssize_t)a), last = physical_row(order, (Py_ssize_t)b - 1);
+    if (first < 0 || last < 0)
+        return NULL;
+    Py_ssize_t n_views = PyList_GET_SIZE(views);
+    if (zero + first >= n_views || zero + last >= n_views)
+        return bad("a row outside the views");
+    Py_buffer buf;
+    if (PyObject_GetBuffer(args[0], &buf, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *iov = NULL, *head = NULL;
+    const uint8_t *data = (const uint8_t *)buf.buf;
+    if ((zero + last + 1) * seg > buf.len) {
+        bad("a row outside the buffer");
+        goto done;
+    }
+    if ((head = PyBytes_FromStringAndSize(NULL, VNET_HDR_LEN + (Py_ssize_t)hl)) == NULL)
+        goto done;
+    uint8_t *v = (uint8_t *)PyBytes_AS_STRING(head), *h = v + VNET_HDR_LEN;
+    memcpy(h, data + (zero + first) * seg, (size_t)hl);
+    /* The first row's header checksum is valid (the plan checked it; inbound may have patched its
+     * TTL), so the total length going from seg to total is an RFC 1624 update: HC' = ~(~HC + ~seg + total). */
+    uint32_t x = (get16(h + 10) ^ 0xFFFFu) + ((unsigned)seg ^ 0xFFFFu) + (uint32_t)total;
+    x = (x & 0xFFFF) + (x >> 16);
+    x = (x & 0xFFFF) + (x >> 16);
+    put16(h + 2, (unsigned)total);
+    put16(h + 10, x ^ 0xFFFFu);
+    unsigned pseudo = (unsigned)((be_sum(h + 12, 8) + (uint64_t)proto + (uint64_t)total - IP_HEADER) % 0xFFFF);
+    if (proto == PROTO_UDP) {
+        put16(h + IP_HEADER + 4, (unsigned)(total - IP_HEADER));
+        put16(h + IP_HEADER + 6, pseudo);
+        put_vnet(v, VNET_GSO_UDP_L4, (unsigned)hl, (unsigned)(seg - hl), IP_HEADER, 6);
+    } else {
+        h[IP_HEADER + 13] = data[(zero + last) * seg + IP_HEADER + 13]; /* PSH as on the last row */
+        put16(h + IP_HEADER + 16, pseudo);
+        put_vnet(v, VNET_GSO_TCPV4, (unsigned)hl, (unsigned)(seg - hl), IP_HEADER, 16);
+    }
+    if ((iov = PyList_New((Py_ssize_t)(b - a + 1))) == NULL)
+        goto done;
+    PyList_SET_ITEM(iov, 0, head);
+    head = NULL;
+    for (Py_ssize_t i = (Py_ssize_t)a; i < (Py_ssize_t)b; i++) {
+        Py_ssize_t r = i == a ? first : i == b - 1 ? last : physical_row(order, i);
+        if (r < 0 || zero + r >= n_views) {
+            if (!PyErr_Occurred())
+                bad("a row outside the views");
+            Py_CLEAR(iov);
+            goto done;
+        }
+        PyObject *view = PyList_GET_ITEM(views, (Py_ssize_t)zero + r);
+        if (i == b - 1 && tail < seg)
+            view = PySequence_GetSlice(view, 0, (Py_ssize_t)(tail - hl));
+        else
+            Py_INCREF(view);
+        if (view == NULL) {
+            Py_CLEAR(iov);
+            goto done;
+        }
+        PyList_SET_ITEM(iov, i - (Py_ssize_t)a + 1, view);
+    }
+done:
+    Py_XDECREF(head);
+    PyBuffer_Release(&buf);
+    return iov;
 }
 
 static PyMethodDef methods[] = {
     {"cut", (PyCFunction)(void (*)(void))cut, METH_FASTCALL, cut_doc},
     {"check", (PyCFunction)(void (*)(void))check, METH_FASTCALL, check_doc},
+    {"plan", (PyCFunction)(void (*)(void))plan, METH_FASTCALL, plan_doc},
+    {"merge", (PyCFunction)(void (*)(void))merge, METH_FASTCALL, merge_doc},
     {NULL, NULL, 0, NULL},
 };
 

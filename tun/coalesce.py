@@ -113,9 +113,11 @@ class Plan:
         co = self._coalescer
         mv = co._mv
         first, last = (a, b - 1) if order is None else (order[a], order[b - 1])
+        tail = self._short.get(last, seg)
+        if base % seg == 0 and co._merger is not None:  # all of the below in one compiled call
+            return co._merger(co.buf, co._views(seg, hl), base // seg, order, a, b, seg, hl, proto, tail)
         at = base + first * seg
         end = base + last * seg
-        tail = self._short.get(last, seg)
         total = (b - a - 1) * (seg - hl) + tail
         h = bytearray(mv[at:at + hl])
         # The first row's header checksum is valid (plan checked it, inbound patched its TTL), so the
@@ -134,11 +136,7 @@ class Plan:
             _pack_u16(h, IPV4_MIN_HEADER + TCP_CHECKSUM, pseudo)
             iov = [vnet.tcpv4_gso(hl, seg - hl, IPV4_MIN_HEADER) + h]
         if base % seg == 0:  # payload views of the whole buffer, cached per row shape
-            views = co._payloads.get((seg, hl))
-            if views is None:
-                if len(co._payloads) > 32:
-                    co._payloads.clear()
-                views = co._payloads[(seg, hl)] = [mv[o + hl:o + seg] for o in range(0, len(mv) - seg + 1, seg)]
+            views = co._views(seg, hl)
             zero = base // seg
             if order is None:
                 iov += views[zero + a:zero + b - 1]
@@ -161,7 +159,10 @@ class Coalescer:
     write carrying a run as one GSO_TCPV4 (GSO_UDP_L4) super-packet.
 
     ``udp``: merge UDP flows too — only where the TUN takes GSO_UDP_L4 writes (USO, Linux >= 6.2).
-    ``jit``: the compiled checks (True), the numpy ones (False), or :func:`tun.kernels.choose`'s.
+    ``jit``: the compiled kernels (True), which plan a table and merge a run in one C call each
+    (flows keyed exactly, in the order they first appear); the numpy checks (False), around which
+    the plan runs in Python (flows keyed by a hash, in its order), the reference the tests hold the
+    compiled plan to; or :func:`tun.kernels.choose`'s.
     """
 
     def __init__(self, buf: bytearray, *, udp: bool = False, jit: bool | None = None) -> None:
@@ -171,6 +172,7 @@ class Coalescer:
         self.udp = udp
         self.kernels = kernels.choose(jit)
         self._check = self.kernels.new_checker()
+        self._planner, self._merger = self.kernels.planner, self.kernels.merger
         self._mv, self._u8 = memoryview(buf), np.frombuffer(buf, np.uint8)
         self._u32 = np.frombuffer(buf, np.uint32, len(buf) >> 2)
         self._payloads: dict[tuple[int, int], list] = {}
@@ -178,6 +180,17 @@ class Coalescer:
     @property
     def jit(self) -> bool:
         return self.kernels.compiled
+
+    def _views(self, seg: int, hl: int) -> list[memoryview]:
+        """Every ``seg``-byte row's payload in the buffer (after ``hl`` bytes of headers), as views
+        cached per row shape: a merge takes its rows' views from here instead of slicing."""
+        views = self._payloads.get((seg, hl))
+        if views is None:
+            if len(self._payloads) > 32:
+                self._payloads.clear()
+            mv = self._mv
+            views = self._payloads[(seg, hl)] = [mv[o + hl:o + seg] for o in range(0, len(mv) - seg + 1, seg)]
+        return views
 
     def plan(self, seg: int, sizes, *, base: int = 0, senders=None, split_after=()) -> Plan:
         """Group the table's rows by flow and cut each flow into mergeable runs and singles.
@@ -205,6 +218,14 @@ class Coalescer:
         if senders is None and split_after:
             after = set(split_after)
             senders = list(accumulate(int(j - 1 in after) for j in range(len(counts))))
+        most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
+        if proto == PROTO_UDP:
+            most = min(most, UDP_MAX_SEGMENTS)  # the kernel refuses more from a virtio_net_hdr
+        if self._planner is not None:  # all of the below in one compiled call
+            mask, step = merge_rule(hl, seg, proto)
+            plan.runs, plan.order, plan.flows, plan.breaks, plan.refused = self._planner(
+                self.buf, base, seg, hl, proto, short, counts, senders, mask, step, most)
+            return plan
         checks = None
         if senders is None or len(set(senders)) == 1:
             # One sender: check the rows as they lie first. Where nothing breaks a run but the fixed ends
@@ -227,9 +248,6 @@ class Coalescer:
         if checks is None:
             checks = self._checks(plan, rows, inner)
         cuts = self._cut_points(plan, inner, checks)
-        most = (MAX_IP_PACKET - hl) // (seg - hl)  # rows in one merged packet of at most 64 KB
-        if proto == PROTO_UDP:
-            most = min(most, UDP_MAX_SEGMENTS)  # the kernel refuses more from a virtio_net_hdr
         runs = plan.runs
         start = 0
         for end in (*cuts, rows - 1):  # each run ends after a cut, the last with the table

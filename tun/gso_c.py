@@ -9,8 +9,10 @@ start-up (numba: ~110 MB and ~0.5 s), builds with nothing but a C compiler and P
 has no architecture-specific code. The numpy kernels stay the reference and the fallback; the tests
 require the same bytes from both.
 
-The cut is the C function itself (:func:`cut`). The checks come back from C as one bytearray of 0/1
-flags, which :func:`check` shows as the numpy arrays :class:`tun.coalesce.Coalescer` reads.
+The cut is the C function itself (:func:`cut`), as are the receive side's whole plan and merge
+(:func:`plan`, :func:`merge`: :class:`tun.coalesce.Coalescer` calls them where they load). The checks
+come back from C as one bytearray of 0/1 flags, which :func:`check` shows as the numpy arrays the
+Python plan reads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tun import _gso_c
 from tun.layout import PROTO_UDP
 
 cut = _gso_c.cut
+plan = _gso_c.plan  # tun.coalesce.Coalescer.plan's work in one call (tun.kernels: a planner)
+merge = _gso_c.merge  # tun.coalesce.Plan.merge's, likewise (a merger)
 
 
 def check(buf: bytearray, u8: np.ndarray, u32: np.ndarray, base: int, rows: int, seg: int, hl: int, proto: int,

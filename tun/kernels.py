@@ -7,6 +7,12 @@ else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
   (differ, bad, psh)`` runs the GRO checks of a table of received rows; with ``order`` (intp, ``rows``
   long) logical row i is physical row ``order[i]`` (``short`` keys stay physical): one flow's rows,
   scattered over the table among other flows', are checked as consecutive.
+- a *planner* (compiled only) ``planner(buf, base, seg, hl, proto, short, counts, senders, mask, step,
+  most) -> (runs, order, flows, breaks, refused)`` does all of :meth:`tun.coalesce.Coalescer.plan`'s
+  work after the table's kind is known, in one call: grouping by flow, the checks, the cuts, the
+  runs. Without one (numpy), the coalescer plans in Python around the checker;
+- a *merger* (compiled only) ``merger(buf, views, zero, order, a, b, seg, hl, proto, tail) -> iov``
+  builds :meth:`tun.coalesce.Plan.merge`'s TUN write in one call.
 
 Chosen once per :class:`~tun.segment.Segmenter` or :class:`~tun.coalesce.Coalescer`. Lazy, though the
 extension costs little (a few hundred KB): a ``--no-fast-path`` daemon imports neither it nor numpy's
@@ -33,6 +39,8 @@ class Kernels(NamedTuple):
     description: str  # for the start-up log: "compiled (C)" or "numpy (why not compiled)"
     new_cutter: Callable[[], Callable]  # a cutter per Segmenter output buffer (the numpy one keeps views of it)
     new_checker: Callable[[], Callable]
+    planner: Callable | None = None
+    merger: Callable | None = None
 
 
 NUMPY = Kernels(False, "numpy", gso_numpy.Cutter, gso_numpy.Checker)
@@ -55,7 +63,7 @@ def load() -> Kernels | None:
         why_not = (f"the C extension tun._gso_c is not built ({exc}): install a C compiler and python3-dev, "
                    "then reinstall udpflannel")
         return None
-    _compiled = Kernels(True, "compiled (C)", lambda: gso_c.cut, lambda: gso_c.check)
+    _compiled = Kernels(True, "compiled (C)", lambda: gso_c.cut, lambda: gso_c.check, gso_c.plan, gso_c.merge)
     return _compiled
 
 
