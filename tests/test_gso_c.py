@@ -10,6 +10,7 @@ The direct tests call tun.gso_c whatever ``UDPFLANNEL_JIT`` says (it only picks 
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -66,10 +67,10 @@ def _laid_out(packets: list[tuple[bytes, int]]) -> tuple[bytearray, list[tuple[i
     return buf, items
 
 
-def _segmenter_cuts(buf: bytearray, items, capacity: int) -> dict[bool, list]:
+def _segmenter_cuts(buf: bytearray, items, capacity: int, jits=(True, False)) -> dict[bool, list]:
     """Each backend's Segmenter's results and datagrams for the same input."""
     got = {}
-    for jit in (True, False):
+    for jit in jits:
         segmenter = gso.Segmenter(capacity, jit=jit)
         results = segmenter.cut(bytearray(buf), items)
         got[jit] = [r if isinstance(r, Refused) else (r, [bytes(segmenter.out[r.start + j * r.size:r.start + j * r.size
@@ -102,6 +103,48 @@ def test_compiled_cut_for_a_narrower_path_is_the_numpy_cut(cases, largest) -> No
              for at, n, gso_type, mss in items]
     got = _segmenter_cuts(buf, items, len(buf) * 4)
     assert got[True] == got[False]
+
+
+@given(st.lists(super_packets(protocol=6, max_segments=6) | super_packets(protocol=17, max_segments=6),
+                min_size=1, max_size=6), st.data())
+@SLOW
+def test_compiled_whole_cut_of_damaged_packets_is_the_python_segmenters(cases, data) -> None:
+    """The compiled Segmenter parses and groups in C (``cut_many``): with header bytes damaged, GSO
+    types and segment sizes any a virtio_net_hdr can hold, and an output buffer too small at first,
+    it refuses the same packets for the same reasons and writes the same datagrams as the Python
+    parse around the numpy cut. (Where the Python parse fails on a segment size no IPv4 total length
+    can hold, the C one refuses the packet as a bad header.)"""
+    sizes = [data.draw(st.sampled_from([mss] * 4 + [-1, 0, 1, 2, 8, 0xFFFF - 40, 0xFFFF])) for _, mss in cases]
+    # (laid out with room for the numpy cut's padding of a last segment at the size it is cut at)
+    buf, items = _laid_out([(packet, max(mss, size)) for (packet, mss), size in zip(cases, sizes, strict=True)])
+    for i, ((at, n, gso_type, _), size) in enumerate(zip(items, sizes, strict=True)):
+        what = data.draw(st.sampled_from(["as read", "as read", "byte", "type"]))
+        if what == "byte":  # a header byte changed: version, IHL, lengths, fragment, protocol, data offset
+            k = data.draw(st.sampled_from([0, 2, 3, 6, 7, 9, 32, 33]))
+            buf[at + k] = data.draw(st.integers(0, 255))
+        elif what == "type":
+            gso_type = data.draw(st.sampled_from([0, 1, 3, 4, 5, 0x81, 0x85, 0x84, 0xFF]))
+        items[i] = (at, n, gso_type, size)
+    capacity = data.draw(st.integers(1, 4 * len(buf)))
+    try:
+        want = _segmenter_cuts(buf, items, capacity, jits=(False,))[False]
+    except struct.error:  # the Python parse packs a total length over 0xFFFF
+        assert any(mss > 0xFFFF - 60 for *_, mss in items)
+        got = _segmenter_cuts(buf, items, capacity, jits=(True,))[True]
+        assert any(r is Refused.BAD_HEADER for r in got)
+        return
+    assert _segmenter_cuts(buf, items, capacity, jits=(True,))[True] == want
+
+
+def test_compiled_whole_cut_refuses_items_outside_its_buffer() -> None:
+    """An item's offset and length must lie inside the input: ValueError, never a read past it."""
+    segmenter, buf = gso.Segmenter(4096, jit=True), bytearray(100)
+    for item in [(-1, 20, 1, 8), (0, 101, 1, 8), (90, 11, 1, 8), (2**63, 1, 1, 8), (0, -1, 1, 8)]:
+        with pytest.raises(ValueError):
+            segmenter.cut(buf, [item])
+    for items in ([(0, 20, 1)], [None], [(0, 20, 1, "8")]):
+        with pytest.raises(TypeError):
+            segmenter.cut(buf, items)
 
 
 def _numpy_cut(src: bytearray, out: bytearray, at: int, group: list[Packet]) -> bytearray:

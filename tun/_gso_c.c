@@ -36,6 +36,13 @@
 #define MAX_HEADERS 120 /* IPv4 header (<= 60) + TCP header (<= 60) */
 #define MAX_LENGTH 0xFFFF /* an IPv4 total length */
 #define ON_STACK 256 /* rows or packets described without a heap allocation */
+/* linux/virtio_net.h */
+#define VNET_HDR_LEN 10
+#define VNET_NEEDS_CSUM 1 /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_UDP_L4 5
+#define VNET_GSO_TCPV6 4
+#define VNET_GSO_ECN 0x80
 
 /* An integer argument as a long long; ValueError (not OverflowError) when it does not fit. */
 static int as_int(PyObject *obj, long long *out, const char *what)
@@ -246,6 +253,186 @@ static PyObject *cut(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     if (packets != stack)
         PyMem_Free(packets);
+    Py_XDECREF(seq);
+    if (out.obj)
+        PyBuffer_Release(&out);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+/* ---- the whole cut: parse, group, cut ------------------------------------------------------------ */
+
+enum { CUT_OK = 0, TOO_SHORT = 1, NOT_IPV4 = 2, BAD_HEADER = 3 }; /* tun.segment.Refused's values */
+#define FIN 0x01
+
+/* A super-packet as tun.segment.parse reads it: its cut (``p``, pointing at its own template) and
+ * shape (protocol, IHL, header length, segment size). */
+typedef struct {
+    packet p;
+    long long shape[4];
+    uint8_t template[MAX_HEADERS];
+} parsed;
+
+/* tun.segment.parse, exactly, for ``n`` bytes at ``b`` (inside their buffer): CUT_OK and ``out``
+ * filled, or why the packet cannot be cut. One refusal more than parse's: a segment size whose
+ * segments' total length would not fit an IPv4 header (parse fails there with struct.error; the
+ * kernel never hands one over). */
+static int parse_packet(const uint8_t *b, long long at, long long n, long long gso_type, long long gso_size,
+                        parsed *out)
+{
+    if (n < IP_HEADER)
+        return TOO_SHORT;
+    if (b[0] >> 4 != 4)
+        return NOT_IPV4;
+    long long type = gso_type & ~(long long)VNET_GSO_ECN;
+    int proto = type == VNET_GSO_TCPV4 ? PROTO_TCP : type == VNET_GSO_UDP_L4 ? PROTO_UDP : 0;
+    if (!proto)
+        return type == VNET_GSO_TCPV6 ? NOT_IPV4 : BAD_HEADER;
+    long long ihl = (b[0] & 0x0F) << 2;
+    if (ihl < IP_HEADER || (long long)get16(b + 2) != n || b[9] != proto || (get16(b + 6) & 0x3FFF) || gso_size <= 0)
+        return BAD_HEADER;
+    long long hl;
+    uint32_t seq = 0;
+    unsigned flags = 0;
+    if (proto == PROTO_TCP) {
+        if (n < ihl + 20 || b[ihl + 12] < 0x50)
+            return BAD_HEADER;
+        seq = get32(b + ihl + 4);
+        flags = b[ihl + 13];
+        hl = ihl + ((b[ihl + 12] >> 4) << 2);
+    } else {
+        hl = ihl + 8;
+    }
+    if (hl > n || hl + gso_size > MAX_LENGTH)
+        return BAD_HEADER;
+    long long count = (n - hl + gso_size - 1) / gso_size;
+    if (count == 0)
+        count = 1;
+    uint8_t *t = out->template;
+    memcpy(t, b, (size_t)hl);
+    put16(t + 2, (unsigned)(hl + gso_size)); /* a full segment's total length; ID and checksum 0 */
+    put16(t + 4, 0);
+    put16(t + 10, 0);
+    if (proto == PROTO_TCP) {
+        memset(t + ihl + 4, 0, 4);
+        t[ihl + 13] = (uint8_t)(flags & ~(unsigned)(FIN | PSH | CWR));
+        put16(t + ihl + 16, 0);
+    } else {
+        put16(t + ihl + 4, (unsigned)(8 + gso_size)); /* a full segment's UDP length; checksum 0 */
+        put16(t + ihl + 6, 0);
+    }
+    out->p = (packet){.at = at, .count = count, .last = n - hl - (count - 1) * gso_size, .ident = get16(b + 4),
+                      .flags = flags, .seq = seq, .template = t};
+    out->shape[0] = proto;
+    out->shape[1] = ihl;
+    out->shape[2] = hl;
+    out->shape[3] = gso_size;
+    return CUT_OK;
+}
+
+PyDoc_STRVAR(cut_many_doc,
+"cut_many(src, items, out, cut_type, refused) -> list | None\n--\n\n"
+"tun.segment.Segmenter.cut's whole work in one call: parse each super-packet ``(offset, length,\n"
+"gso_type, gso_size)`` of ``src``, group like neighbours, cut each group into rows from the last\n"
+"group's end (8-byte aligned, from 0), as the Python Segmenter lays them out. Returns, per item, a\n"
+"``cut_type`` (start, count, size, last) or ``refused[reason]``; None, having written nothing, if\n"
+"``out`` is too small. ValueError for an item outside ``src``.");
+
+static PyObject *cut_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "cut_many(src, items, out, cut_type, refused)");
+        return NULL;
+    }
+    PyObject *cut_type = args[3], *refused = args[4];
+    if (!PyType_Check(cut_type) || !PyType_IsSubtype((PyTypeObject *)cut_type, &PyTuple_Type)
+        || !PyTuple_Check(refused) || PyTuple_GET_SIZE(refused) != 4) {
+        PyErr_SetString(PyExc_TypeError, "cut_type is a tuple type; refused a 4-tuple (reason -> value)");
+        return NULL;
+    }
+    Py_buffer src = {0}, out = {0};
+    PyObject *seq = NULL, *result = NULL;
+    parsed *packets = NULL;
+    int *codes = NULL;
+    long long *starts = NULL;
+    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &out, PyBUF_WRITABLE) < 0)
+        goto done;
+    if ((seq = PySequence_Tuple(args[1])) == NULL)
+        goto done;
+    Py_ssize_t n_items = PyTuple_GET_SIZE(seq);
+    packets = PyMem_New(parsed, (size_t)n_items + 1);
+    codes = PyMem_New(int, (size_t)n_items + 1);
+    starts = PyMem_New(long long, (size_t)n_items + 1);
+    if (packets == NULL || codes == NULL || starts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Parse all, and lay the groups out (as Segmenter._flush: each from the last one's end + 8, rounded
+     * down to 8 bytes), before writing anything. */
+    long long at = 0, group_at = 0, group_rows = 0;
+    const long long *shape = NULL; /* the open group's */
+    for (Py_ssize_t i = 0; i < n_items; i++) {
+        PyObject *item = PyTuple_GET_ITEM(seq, i);
+        long long v[4];
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) {
+            PyErr_SetString(PyExc_TypeError, "an item is (offset, length, gso_type, gso_size)");
+            goto done;
+        }
+        for (int k = 0; k < 4; k++)
+            if (as_int(PyTuple_GET_ITEM(item, k), &v[k], "an item's field") < 0)
+                goto done;
+        if (v[0] < 0 || v[1] < 0 || v[0] > src.len || v[1] > src.len - v[0]) {
+            bad("a packet does not fit its buffer");
+            goto done;
+        }
+        codes[i] = parse_packet((const uint8_t *)src.buf + v[0], v[0], v[1], v[2], v[3], &packets[i]);
+        if (shape && (codes[i] != CUT_OK || memcmp(packets[i].shape, shape, sizeof packets[i].shape))) {
+            at = (group_at + group_rows * (shape[2] + shape[3]) + 8) & ~7LL; /* the open group ends */
+            shape = NULL;
+        }
+        if (codes[i] != CUT_OK)
+            continue;
+        if (shape == NULL) {
+            shape = packets[i].shape;
+            group_at = at;
+            group_rows = 0;
+        }
+        long long size = shape[2] + shape[3];
+        starts[i] = group_at + group_rows * size;
+        group_rows += packets[i].p.count;
+        if (group_rows > (out.len - group_at) / size) { /* the rows would not fit: the caller grows out */
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    if ((result = PyList_New(n_items)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n_items; i++) {
+        PyObject *value;
+        if (codes[i] != CUT_OK) {
+            value = Py_NewRef(PyTuple_GET_ITEM(refused, codes[i]));
+        } else {
+            const long long *s = packets[i].shape;
+            cut_packet((const uint8_t *)src.buf, (uint8_t *)out.buf + starts[i], &packets[i].p, (int)s[0],
+                       (Py_ssize_t)s[1], (Py_ssize_t)s[2], (Py_ssize_t)s[3]);
+            PyObject *fields = Py_BuildValue("((LLLL))", starts[i], packets[i].p.count, s[2] + s[3],
+                                             s[2] + packets[i].p.last);
+            value = fields ? PyTuple_Type.tp_new((PyTypeObject *)cut_type, fields, NULL) : NULL;
+            Py_XDECREF(fields);
+        }
+        if (value == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, i, value);
+    }
+done:
+    PyMem_Free(starts);
+    PyMem_Free(codes);
+    PyMem_Free(packets);
     Py_XDECREF(seq);
     if (out.obj)
         PyBuffer_Release(&out);
@@ -758,11 +945,6 @@ done:
 
 /* ---- a run merged into one TUN write ------------------------------------------------------------ */
 
-#define VNET_NEEDS_CSUM 1 /* linux/virtio_net.h: VIRTIO_NET_HDR_F_NEEDS_CSUM */
-#define VNET_GSO_TCPV4 1  /* VIRTIO_NET_HDR_GSO_TCPV4 */
-#define VNET_GSO_UDP_L4 5 /* VIRTIO_NET_HDR_GSO_UDP_L4 */
-#define VNET_HDR_LEN 10
-
 /* A virtio_net_hdr in the host's byte order (the TUN's, without TUNSETVNETLE/BE), as tun/vnet.py packs it. */
 static void put_vnet(uint8_t *v, unsigned gso_type, unsigned hdr_len, unsigned gso_size, unsigned csum_start,
                      unsigned csum_offset)
@@ -890,6 +1072,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"cut", (PyCFunction)(void (*)(void))cut, METH_FASTCALL, cut_doc},
+    {"cut_many", (PyCFunction)(void (*)(void))cut_many, METH_FASTCALL, cut_many_doc},
     {"check", (PyCFunction)(void (*)(void))check, METH_FASTCALL, check_doc},
     {"plan", (PyCFunction)(void (*)(void))plan, METH_FASTCALL, plan_doc},
     {"merge", (PyCFunction)(void (*)(void))merge, METH_FASTCALL, merge_doc},

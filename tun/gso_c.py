@@ -9,7 +9,8 @@ start-up (numba: ~110 MB and ~0.5 s), builds with nothing but a C compiler and P
 has no architecture-specific code. The numpy kernels stay the reference and the fallback; the tests
 require the same bytes from both.
 
-The cut is the C function itself (:func:`cut`), as are the receive side's whole plan and merge
+The cut is the C function itself (:func:`cut`), as are the send side's whole cut (:func:`cut_many`:
+parse, group, cut, for :class:`tun.segment.Segmenter`) and the receive side's whole plan and merge
 (:func:`plan`, :func:`merge`: :class:`tun.coalesce.Coalescer` calls them where they load). The checks
 come back from C as one bytearray of 0/1 flags, which :func:`check` shows as the numpy arrays the
 Python plan reads.
@@ -23,6 +24,7 @@ from tun import _gso_c
 from tun.layout import PROTO_UDP
 
 cut = _gso_c.cut
+cut_many = _gso_c.cut_many  # tun.segment.Segmenter.cut's work in one call (tun.kernels: a whole cutter)
 plan = _gso_c.plan  # tun.coalesce.Coalescer.plan's work in one call (tun.kernels: a planner)
 merge = _gso_c.merge  # tun.coalesce.Plan.merge's, likewise (a merger)
 

@@ -3,6 +3,9 @@ else numpy's array operations (:mod:`tun.gso_numpy`). Both behind one signature:
 
 - a *cutter* ``cutter(src, src8, src32, out, out8, at, group)`` writes a group of like super-packets'
   segments as rows from ``out[at]`` (headers, payload, checksums);
+- a *whole cutter* (compiled only) ``cut_many(src, items, out, cut_type, refused) -> list | None``
+  does all of :meth:`tun.segment.Segmenter.cut`'s work in one call: parse, group, cut (None: ``out``
+  is too small). Without one (numpy), the segmenter parses and groups in Python around the cutter;
 - a *checker* ``checker(buf, u8, u32, base, rows, seg, hl, proto, short, mask, step, order=None) ->
   (differ, bad, psh)`` runs the GRO checks of a table of received rows; with ``order`` (intp, ``rows``
   long) logical row i is physical row ``order[i]`` (``short`` keys stay physical): one flow's rows,
@@ -39,6 +42,7 @@ class Kernels(NamedTuple):
     description: str  # for the start-up log: "compiled (C)" or "numpy (why not compiled)"
     new_cutter: Callable[[], Callable]  # a cutter per Segmenter output buffer (the numpy one keeps views of it)
     new_checker: Callable[[], Callable]
+    cut_many: Callable | None = None
     planner: Callable | None = None
     merger: Callable | None = None
 
@@ -63,7 +67,8 @@ def load() -> Kernels | None:
         why_not = (f"the C extension tun._gso_c is not built ({exc}): install a C compiler and python3-dev, "
                    "then reinstall udpflannel")
         return None
-    _compiled = Kernels(True, "compiled (C)", lambda: gso_c.cut, lambda: gso_c.check, gso_c.plan, gso_c.merge)
+    _compiled = Kernels(True, "compiled (C)", lambda: gso_c.cut, lambda: gso_c.check, gso_c.cut_many, gso_c.plan,
+                        gso_c.merge)
     return _compiled
 
 

@@ -78,6 +78,7 @@ class Segmenter:
 
     def __init__(self, capacity: int = 20 * BUFFER_SIZE, *, jit: bool | None = None) -> None:
         self.kernels = kernels.choose(jit)
+        self._cut_many = self.kernels.cut_many
         self._grow(capacity)
         self._in: bytearray | None = None
         self._in_u8 = self._in_u32 = self._out_u8
@@ -90,10 +91,16 @@ class Segmenter:
         """Cut the packets ``(offset, length, gso_type, gso_size)`` of ``buf``, in order. Each needs
         room for ``gso_size`` more bytes after it in ``buf`` (its last segment is zero-padded there).
         """
+        if self._cut_many is not None:  # all of the below in one compiled call
+            results = self._cut_many(buf, items, self.out, Cut, _REFUSED)
+            if results is None:  # out is too small (it wrote nothing): grow, and cut again
+                self._grow(_room_for(items))
+                results = self._cut_many(buf, items, self.out, Cut, _REFUSED)
+            return results
         results: list = []
         group: list[Packet] = []
         at = 0
-        need = sum(n + (n // size + 2) * 128 + size for _, n, _, size in items if size > 0)  # ≥ rows × row size
+        need = _room_for(items)
         if need > len(self.out):  # grow now, never halfway (earlier cuts point into out)
             self._grow(need)
         for off, n, gso_type, gso_size in items:
@@ -134,6 +141,12 @@ class Segmenter:
 
 
 _new = tuple.__new__  # builds a Packet or a Cut without NamedTuple's Python-level __new__
+_REFUSED = (None, *Refused)  # by value, for the compiled whole cut
+
+
+def _room_for(items) -> int:
+    """Bytes of output that surely hold the cut of ``items`` (≥ rows × row size, with the groups' gaps)."""
+    return sum(n + (n // size + 2) * 128 + size for _, n, _, size in items if size > 0)
 
 # One unpack per header instead of a byte at a time (the parse runs once per super-packet, on the hot path)
 _ip_fields = struct.Struct("!BxHHHxB").unpack_from  # version/IHL, total length, ID, flags/fragment, protocol
