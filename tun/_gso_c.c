@@ -59,6 +59,15 @@ static int as_int(PyObject *obj, long long *out, const char *what)
     return 0;
 }
 
+/* 1 with TypeError (the call's usage) unless ``nargs`` is ``want``. */
+static int arity_wrong(Py_ssize_t nargs, Py_ssize_t want, const char *usage)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_SetString(PyExc_TypeError, usage);
+    return 1;
+}
+
 static PyObject *bad(const char *what)
 {
     PyErr_SetString(PyExc_ValueError, what);
@@ -179,10 +188,8 @@ PyDoc_STRVAR(cut_doc,
 static PyObject *cut(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "cut(src, src8, src32, out, out8, at, group)");
+    if (arity_wrong(nargs, 7, "cut(src, src8, src32, out, out8, at, group)"))
         return NULL;
-    }
     long long at;
     if (as_int(args[5], &at, "at") < 0)
         return NULL;
@@ -341,10 +348,8 @@ PyDoc_STRVAR(cut_many_doc,
 static PyObject *cut_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "cut_many(src, items, out, cut_type, refused)");
+    if (arity_wrong(nargs, 5, "cut_many(src, items, out, cut_type, refused)"))
         return NULL;
-    }
     PyObject *cut_type = args[3], *refused = args[4];
     if (!PyType_Check(cut_type) || !PyType_IsSubtype((PyTypeObject *)cut_type, &PyTuple_Type)
         || !PyTuple_Check(refused) || PyTuple_GET_SIZE(refused) != 4) {
@@ -591,10 +596,8 @@ PyDoc_STRVAR(check_doc,
 static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "check(buf, base, rows, seg, hl, proto, short, mask, step, order)");
+    if (arity_wrong(nargs, 10, "check(buf, base, rows, seg, hl, proto, short, mask, step, order)"))
         return NULL;
-    }
     long long base, rows, seg, hl, proto;
     if (as_int(args[1], &base, "base") < 0 || as_int(args[2], &rows, "rows") < 0 || as_int(args[3], &seg, "seg") < 0
         || as_int(args[4], &hl, "hl") < 0 || as_int(args[5], &proto, "proto") < 0)
@@ -748,10 +751,8 @@ PyDoc_STRVAR(plan_doc,
 static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "plan(buf, base, seg, hl, proto, short, counts, senders, mask, step, most)");
+    if (arity_wrong(nargs, 11, "plan(buf, base, seg, hl, proto, short, counts, senders, mask, step, most)"))
         return NULL;
-    }
     long long base, seg, hl, proto, most;
     if (as_int(args[1], &base, "base") < 0 || as_int(args[2], &seg, "seg") < 0 || as_int(args[3], &hl, "hl") < 0
         || as_int(args[4], &proto, "proto") < 0 || as_int(args[10], &most, "most") < 0)
@@ -982,10 +983,8 @@ PyDoc_STRVAR(merge_doc,
 static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "merge(buf, views, zero, order, a, b, seg, hl, proto, tail)");
+    if (arity_wrong(nargs, 10, "merge(buf, views, zero, order, a, b, seg, hl, proto, tail)"))
         return NULL;
-    }
     long long zero, a, b, seg, hl, proto, tail;
     if (as_int(args[2], &zero, "zero") < 0 || as_int(args[4], &a, "a") < 0 || as_int(args[5], &b, "b") < 0
         || as_int(args[6], &seg, "seg") < 0 || as_int(args[7], &hl, "hl") < 0 || as_int(args[8], &proto, "proto") < 0
