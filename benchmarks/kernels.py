@@ -5,7 +5,9 @@
 No root, no lab: each kernel is called in-process on the batches the fast path hands it — a cut of one
 64 KB TSO super-packet (45 TCP segments), of three consecutive ones of a flow, of 20 small ones; the GRO
 checks of a table of 44 TCP rows and of 64 UDP rows, and (C only: the numpy checks take no order) the
-same TCP table checked in a shuffled row order. C and numpy run back to back per repeat (order
+same TCP table checked in a shuffled row order; and the calls the fast path makes per batch around
+them: a segmenter's whole cut of three super-packets, a coalescer's plan of a table of 4 flows'
+504 rows and that plan's merged writes. C and numpy run back to back per repeat (order
 alternating), so drift of a shared machine hits both alike; the figures are medians over the repeats
 (min–max) of the time per call. Also what loading them costs a fresh Python process: peak RSS (VmHWM)
 and wall time of the imports and a warm-up. Writes ``kernels.md`` and ``kernels.json`` to ``--out``.
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tun import kernels, vnet
-from tun.coalesce import merge_rule
+from tun.coalesce import Coalescer, merge_rule
 from tun.layout import PROTO_TCP, PROTO_UDP
 from tun.segment import BUFFER_SIZE, Segmenter, parse
 
@@ -74,6 +76,28 @@ def check_case(proto: int, rows: int, mss: int) -> tuple:
             cut.size, hl, proto, {}, mask, step)
 
 
+def received_table(flows: int, supers: int, rows: int) -> tuple[bytearray, list[int], int]:
+    """A receive buffer as the fast path lays it out: ``supers`` rounds of one super-packet of ``rows``
+    segments from each of ``flows`` TCP flows (source ports differ), each super-packet one GRO batch.
+    (The buffer, the batches' byte counts, the row size.)"""
+    packets = []
+    for s in range(supers):
+        for f in range(flows):
+            packet = bytearray(tso_packet(rows * MSS, ident=1 + s * rows, seq=1000 + s * rows * MSS))
+            packet[21] = 0x40 + f  # the source port (the cut sums the TCP checksum)
+            packets.append(bytes(packet))
+    src, *_, group = cut_case(packets)
+    segmenter = Segmenter(len(src) * 2, jit=False)
+    cuts = segmenter.cut(src, [(p.at, p.hl + (p.count - 1) * p.mss + p.last, vnet.GSO_TCPV4, MSS) for p in group])
+    table, sizes, at = bytearray(len(src) * 2 + BUFFER_SIZE), [], 0
+    for cut in cuts:
+        n = (cut.count - 1) * cut.size + cut.last
+        table[at:at + n] = segmenter.out[cut.start:cut.start + n]
+        sizes.append(n)
+        at += cut.count * cut.size
+    return table, sizes, cuts[0].size
+
+
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
     t0 = time.perf_counter_ns()
     for _ in range(calls):
@@ -89,6 +113,9 @@ CASES = {
     "check_tcp44": "GRO checks: 44 TCP rows of 1500 B",
     "check_udp64": "GRO checks: 64 UDP rows of 1028 B",
     "check_tcp44_order": "GRO checks: 44 TCP rows of 1500 B, in a shuffled order",
+    "segmenter_3x64k": "Segmenter.cut, whole (parse, group, cut): 3 TCP super-packets of a flow",
+    "plan_4x3": "Coalescer.plan, whole: 4 flows × 3 super-packets received (504 rows)",
+    "merge_4x3": "Plan.merge: that table's 12 merged TUN writes",
 }
 
 
@@ -109,6 +136,15 @@ def calls_for(compiled) -> dict[str, Callable[[], object]]:
     for name, args in checks.items():
         checker = compiled.new_checker()
         out[name] = lambda checker=checker, args=args: checker(*args)
+    src, _, _, _, _, _, group = cuts["cut_3x64k"]
+    items = [(p.at, p.hl + (p.count - 1) * p.mss + p.last, vnet.GSO_TCPV4, MSS) for p in group]
+    segmenter = Segmenter(len(src) * 2, jit=compiled.compiled)
+    out["segmenter_3x64k"] = lambda: segmenter.cut(src, items)
+    table, sizes, seg = received_table(4, 3, 42)
+    coalescer = Coalescer(table, jit=compiled.compiled)
+    out["plan_4x3"] = lambda: coalescer.plan(seg, sizes)
+    plan = coalescer.plan(seg, sizes)
+    out["merge_4x3"] = lambda: [plan.merge(a, b) for a, b in plan.runs if b - a > 1]
     if compiled.compiled:
         order = np.random.default_rng(8285).permutation(44).astype(np.intp)
         checker, args = compiled.new_checker(), checks["check_tcp44"]
@@ -193,7 +229,9 @@ def render(results: dict, loads: dict, meta: dict) -> str:
     lines += ["", "Medians (min–max) over the repeats. The cut is one pass per row in C (headers from the "
               "template, payload copied and summed while it is in L1, checksums written) against ~20 numpy "
               "array calls per batch, each a pass over the table; the checks likewise (one loop over the rows "
-              "against a strided header read, a masked compare and an `add.reduceat`).", ""]
+              "against a strided header read, a masked compare and an `add.reduceat`). The whole cut, plan and "
+              "merge are what the fast path calls per batch: with the C kernels one C call each; with numpy, "
+              "Python (the parse, the grouping by flow, the cut points, the iovec) around the numpy kernels.", ""]
     return "\n".join(lines)
 
 
