@@ -578,3 +578,5 @@ def test_compiled_merge_refuses_runs_outside_its_buffer_or_views() -> None:
             gso_c.merge(*args)
     with pytest.raises(ValueError):  # views past the buffer's end (a buffer shrunk since)
         gso_c.merge(bytearray(2 * seg), views, 0, None, 1, 3, seg, hl, PROTO_TCP, seg)
+    with pytest.raises(ValueError):  # the first row (its headers are copied) past the end, the last inside
+        gso_c.merge(bytearray(2 * seg), views, 0, [5, 0], 0, 2, seg, hl, PROTO_TCP, seg)

@@ -1015,7 +1015,7 @@ static PyObject *merge(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *iov = NULL, *head = NULL;
     const uint8_t *data = (const uint8_t *)buf.buf;
-    if ((zero + last + 1) * seg > buf.len) {
+    if ((zero + (first > last ? first : last) + 1) * seg > buf.len) { /* the rows whose headers are read */
         bad("a row outside the buffer");
         goto done;
     }

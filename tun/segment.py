@@ -148,6 +148,7 @@ def _room_for(items) -> int:
     """Bytes of output that surely hold the cut of ``items`` (≥ rows × row size, with the groups' gaps)."""
     return sum(n + (n // size + 2) * 128 + size for _, n, _, size in items if size > 0)
 
+
 # One unpack per header instead of a byte at a time (the parse runs once per super-packet, on the hot path)
 _ip_fields = struct.Struct("!BxHHHxB").unpack_from  # version/IHL, total length, ID, flags/fragment, protocol
 _tcp_fields = struct.Struct("!4xI4xBB").unpack_from  # sequence number, data offset, flags
