@@ -495,7 +495,8 @@ def test_compiled_plan_and_merge_write_what_the_numpy_coalescer_writes(case, dat
     for seg, senders, batches in receive(interleave(data, flows_)):
         sizes = [sum(map(len, batch)) for batch in batches]
         rows = [row for batch in batches for row in batch]
-        base = 2 * data.draw(st.integers(0, seg))  # on a row boundary of the buffer, or not (a view per row)
+        # on a row boundary of the buffer (the C merge: cached payload views), or not (the Python merge)
+        base = data.draw(st.sampled_from([0, seg, 2 * seg]) | st.integers(1, seg).map(lambda k: 2 * k))
         buf = bytearray(base + len(rows) * seg + gso.BUFFER_SIZE)
         for i, row in enumerate(rows):
             buf[base + i * seg:base + i * seg + len(row)] = row
