@@ -114,6 +114,7 @@ def test_compiled_whole_cut_of_damaged_packets_is_the_python_segmenters(cases, d
     it refuses the same packets for the same reasons and writes the same datagrams as the Python
     parse around the numpy cut. (Where the Python parse fails on a segment size no IPv4 total length
     can hold, the C one refuses the packet as a bad header.)"""
+    require_compiled_kernels()  # (the Segmenter and Coalescer pick their kernels as the daemon does)
     sizes = [data.draw(st.sampled_from([mss] * 4 + [-1, 0, 1, 2, 8, 0xFFFF - 40, 0xFFFF])) for _, mss in cases]
     # (laid out with room for the numpy cut's padding of a last segment at the size it is cut at)
     buf, items = _laid_out([(packet, max(mss, size)) for (packet, mss), size in zip(cases, sizes, strict=True)])
@@ -138,6 +139,7 @@ def test_compiled_whole_cut_of_damaged_packets_is_the_python_segmenters(cases, d
 
 def test_compiled_whole_cut_refuses_items_outside_its_buffer() -> None:
     """An item's offset and length must lie inside the input: ValueError, never a read past it."""
+    require_compiled_kernels()  # (the Segmenter and Coalescer pick their kernels as the daemon does)
     segmenter, buf = gso.Segmenter(4096, jit=True), bytearray(100)
     for item in [(-1, 20, 1, 8), (0, 101, 1, 8), (90, 11, 1, 8), (2**63, 1, 1, 8), (0, -1, 1, 8)]:
         with pytest.raises(ValueError):
@@ -491,6 +493,7 @@ def test_compiled_plan_and_merge_write_what_the_numpy_coalescer_writes(case, dat
     rows. Only the order across flows may differ (the C plan keeps the flows' order of arrival; the
     Python one groups them by hash), and the C plan counts every flow where the Python one, finding no
     break, leaves a table ungrouped as one."""
+    require_compiled_kernels()  # (the Segmenter and Coalescer pick their kernels as the daemon does)
     seg_, flows_ = case
     for seg, senders, batches in receive(interleave(data, flows_)):
         sizes = [sum(map(len, batch)) for batch in batches]
