@@ -145,9 +145,15 @@ class Pinger:
 
     @property
     def lost(self) -> int:
-        """Requests sent (the highest sequence answered or not) that got no reply."""
+        """Requests that got no reply though a later one did: the gaps in the answered sequence numbers
+        (from 1). Those sent after the last reply are not counted: SIGINT comes at any moment, and the
+        last request may still be in flight then (a test that wants replies to the end checks the
+        last reply's time). With no reply at all, every request sent."""
+        seqs = {seq for _, seq in self.replies}
+        if seqs:
+            return max(seqs) - len(seqs)
         sent = re.search(r"(\d+) packets transmitted", self.output)
-        return int(sent[1]) - len({seq for _, seq in self.replies}) if sent else -1
+        return int(sent[1]) if sent else -1
 
     def longest_gap(self) -> tuple[float, float]:
         """(seconds between two consecutive replies, wall-clock time the gap began)."""
