@@ -524,17 +524,6 @@ static void check_rows(const uint8_t *data, Py_ssize_t rows, Py_ssize_t seg, Py_
     }
 }
 
-/* Why rows of ``seg`` bytes with ``hl``-byte headers of ``proto`` cannot be a GRO table; NULL if they can. */
-static const char *table_wrong(long long proto, long long hl, long long seg)
-{
-    if (proto != PROTO_TCP && proto != PROTO_UDP)
-        return "the protocol is neither TCP nor UDP";
-    if (hl % 4 || hl < (proto == PROTO_TCP ? 40 : 28) || hl > MAX_HEADERS)
-        return "bad header length";
-    if (seg < hl || seg > MAX_LENGTH || seg % 2)
-        return "bad row size";
-    return NULL;
-}
 
 /* The merge rule (``mask`` and ``step``: a uint32 per header word) copied into m and s (a buffer need
  * not be aligned). -1 with ValueError for arrays of another kind or length. */
@@ -558,6 +547,27 @@ done:
         PyBuffer_Release(&step);
     PyBuffer_Release(&mask);
     return rc;
+}
+
+/* The arguments every call over a GRO table shares: ``short`` a dict, rows of ``seg`` bytes with
+ * ``hl``-byte headers of ``proto`` that a GRO table can have, and the merge rule ``mask``/``step``
+ * copied into m and s. -1 with TypeError or ValueError. */
+static int table_args(PyObject *short_rows, long long proto, long long hl, long long seg, PyObject *mask,
+                      PyObject *step, uint32_t *m, uint32_t *s)
+{
+    if (!PyDict_Check(short_rows)) {
+        PyErr_SetString(PyExc_TypeError, "short is a dict: row -> length");
+        return -1;
+    }
+    const char *why = proto != PROTO_TCP && proto != PROTO_UDP ? "the protocol is neither TCP nor UDP"
+                      : hl % 4 || hl < (proto == PROTO_TCP ? 40 : 28) || hl > MAX_HEADERS ? "bad header length"
+                      : seg < hl || seg > MAX_LENGTH || seg % 2 ? "bad row size"
+                      : NULL;
+    if (why) {
+        bad(why);
+        return -1;
+    }
+    return read_rule(mask, step, (Py_ssize_t)hl / 4, m, s);
 }
 
 /* The short rows (a dict: physical row -> its length, below ``allowed`` and shorter than ``seg``) into
@@ -603,18 +613,11 @@ static PyObject *check(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         || as_int(args[4], &hl, "hl") < 0 || as_int(args[5], &proto, "proto") < 0)
         return NULL;
     PyObject *short_rows = args[6];
-    if (!PyDict_Check(short_rows)) {
-        PyErr_SetString(PyExc_TypeError, "short is a dict: row -> length");
+    uint32_t m[MAX_HEADERS / 4], s[MAX_HEADERS / 4];
+    if (table_args(short_rows, proto, hl, seg, args[7], args[8], m, s) < 0)
         return NULL;
-    }
-    const char *why = table_wrong(proto, hl, seg);
-    if (why)
-        return bad(why);
     if (rows < 1 || base < 0)
         return bad("bad table");
-    uint32_t m[MAX_HEADERS / 4], s[MAX_HEADERS / 4];
-    if (read_rule(args[7], args[8], (Py_ssize_t)hl / 4, m, s) < 0)
-        return NULL;
     Py_buffer buf = {0}, order = {0};
     Py_ssize_t stack[ON_STACK], *lengths = stack; /* per physical row */
     PyObject *result = NULL;
@@ -757,18 +760,13 @@ static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (as_int(args[1], &base, "base") < 0 || as_int(args[2], &seg, "seg") < 0 || as_int(args[3], &hl, "hl") < 0
         || as_int(args[4], &proto, "proto") < 0 || as_int(args[10], &most, "most") < 0)
         return NULL;
-    if (!PyDict_Check(args[5])) {
-        PyErr_SetString(PyExc_TypeError, "short is a dict: row -> length");
+    uint32_t m[MAX_HEADERS / 4], st[MAX_HEADERS / 4];
+    if (table_args(args[5], proto, hl, seg, args[8], args[9], m, st) < 0)
         return NULL;
-    }
-    const char *why = table_wrong(proto, hl, seg);
-    if (why || seg == hl) /* (rows with no payload have nothing to merge) */
-        return bad(why ? why : "bad row size");
+    if (seg == hl) /* rows with no payload have nothing to merge */
+        return bad("bad row size");
     if (base < 0 || most < 1)
         return bad("bad table");
-    uint32_t m[MAX_HEADERS / 4], st[MAX_HEADERS / 4];
-    if (read_rule(args[8], args[9], (Py_ssize_t)hl / 4, m, st) < 0)
-        return NULL;
     Py_buffer buf = {0};
     PyObject *counts = NULL, *senders = NULL, *result = NULL, *runs = NULL, *order_list = NULL;
     void *block = NULL;
@@ -813,7 +811,7 @@ static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n_rows = (Py_ssize_t)rows, slots = 2;
     while (slots < 2 * n_rows)
         slots <<= 1;
-    size_t bytes = (size_t)n_rows * (5 * sizeof(Py_ssize_t) + 5 + sizeof(flow_key)) + (size_t)slots * sizeof(Py_ssize_t);
+    size_t bytes = (size_t)n_rows * (5 * sizeof(Py_ssize_t) + 4 + sizeof(flow_key)) + (size_t)slots * sizeof(Py_ssize_t);
     if ((block = PyMem_Malloc(bytes)) == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -822,10 +820,9 @@ static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                *position = order + n_rows, *flow_rows = position + n_rows, *table = flow_rows + n_rows;
     flow_key *keys = (flow_key *)(table + slots);
     uint8_t *differ = (uint8_t *)(keys + n_rows), *bads = differ + n_rows, *psh = bads + n_rows,
-            *fixed = psh + n_rows, *short_bad = fixed + n_rows;
+            *fixed = psh + n_rows;
     for (Py_ssize_t p = 0; p < n_rows; p++)
         lengths[p] = (Py_ssize_t)seg;
-    memset(short_bad, 0, (size_t)n_rows);
     if (read_short_rows(args[5], rows, seg, lengths, rows) < 0)
         goto done;
     const uint8_t *data = (const uint8_t *)buf.buf + base;
@@ -878,20 +875,18 @@ static PyObject *plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int identity = 1;
     for (Py_ssize_t i = 0; i < n_rows && identity; i++)
         identity = order[i] == i;
+    check_rows(data, n_rows, (Py_ssize_t)seg, (Py_ssize_t)hl, (int)proto, lengths, identity ? NULL : order, m, st,
+               differ, bads, psh);
     for (Py_ssize_t r = 0; r < n_rows; r++) /* a short row ends its run; a wrong one is refused */
         if (lengths[r] < seg) {
             fixed[position[r]] = 1;
-            short_bad[position[r]] = (uint8_t)short_row_wrong(data + r * seg, lengths[r], (Py_ssize_t)hl, (int)proto);
+            bads[position[r]] |= (uint8_t)short_row_wrong(data + r * seg, lengths[r], (Py_ssize_t)hl, (int)proto);
         }
-    check_rows(data, n_rows, (Py_ssize_t)seg, (Py_ssize_t)hl, (int)proto, lengths, identity ? NULL : order, m, st,
-               differ, bads, psh);
     /* Cuts: after a flow's end or a short row (fixed), a broken rule, PSH, or a row failing its checks
      * (which ends the run before it too). */
     Py_ssize_t breaks = 0, refused = 0;
-    for (Py_ssize_t i = 0; i < n_rows; i++) {
-        bads[i] |= short_bad[i];
+    for (Py_ssize_t i = 0; i < n_rows; i++)
         refused += bads[i];
-    }
     for (Py_ssize_t i = 0; i < n_rows - 1; i++) {
         if (fixed[i])
             differ[i] = 0;

@@ -112,10 +112,11 @@ class Plan:
         base, seg, hl, proto, order = self._base, self._seg, self._hl, self._proto, self.order
         co = self._coalescer
         mv = co._mv
-        first, last = (a, b - 1) if order is None else (order[a], order[b - 1])
+        last = b - 1 if order is None else order[b - 1]
         tail = self._short.get(last, seg)
         if base % seg == 0 and co._merger is not None:  # all of the below in one compiled call
             return co._merger(co.buf, co._views(seg, hl), base // seg, order, a, b, seg, hl, proto, tail)
+        first = a if order is None else order[a]
         at = base + first * seg
         end = base + last * seg
         total = (b - a - 1) * (seg - hl) + tail
